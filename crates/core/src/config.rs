@@ -1,0 +1,870 @@
+//! `EndpointPickerConfig`: the reference EPP's configuration file, loaded into a plugin graph.
+//!
+//! Accepted exactly as users write it for llm-d (both `apiVersion`s). Loading follows the
+//! reference's rules:
+//!
+//! * each `plugins[]` entry is built by its type's factory; `name` defaults to `type`;
+//!   duplicate names, unknown types and bad `parameters` are errors;
+//! * no `schedulingProfiles` ⇒ one profile `default` with every filter, scorer and picker, in
+//!   declaration order;
+//! * a scorer referenced without `weight` gets weight 1;
+//! * a profile without a picker gets the first declared picker, else a `max-score-picker`;
+//! * no profile handler and exactly one profile ⇒ `single-profile-handler`;
+//! * the parser is `requestHandler.parsers[0]`, else the older top-level `parser`, else
+//!   `openai-parser`;
+//! * the saturation detector is `saturationDetector.pluginRef`, else `utilization-detector`;
+//! * every plugin implementing a request-control hook (data producer, admitter, pre-request,
+//!   response hooks, endpoint listener) is wired in, whether or not a profile names it.
+//!
+//! Errors name the source (file or `--config-text`), the plugin and the bad field.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::metrics::{PluginTimer, point};
+use crate::plugin::{
+    Admitter, DataProducer, EndpointListener, Parser, Plugin, PreRequest, ProfileHandler,
+    ResponseHooks, SaturationDetector,
+};
+use crate::registry::{FactoryInput, PluginHandle, Registry};
+use crate::scheduler::{Scheduler, SchedulerProfile};
+use crate::units::{parse_go_duration, parse_quantity};
+
+/// The `apiVersion`s accepted.
+pub const API_VERSIONS: [&str; 2] = [
+    "inference.networking.x-k8s.io/v1alpha1",
+    "llm-d.ai/v1alpha1",
+];
+/// The `kind`.
+pub const KIND: &str = "EndpointPickerConfig";
+
+/// The configuration used when none is given: the reference's default (queue 2,
+/// kv-cache-utilization 2, prefix-cache 3), which is also what the seed guide deploys.
+pub const DEFAULT_CONFIG_YAML: &str = "\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+";
+
+/// Feature gates llmsched implements.
+pub const SUPPORTED_FEATURE_GATES: [&str; 2] = ["flowControl", "prepareDataPlugins"];
+
+/// The raw configuration document.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointPickerConfig {
+    /// `inference.networking.x-k8s.io/v1alpha1` or `llm-d.ai/v1alpha1`.
+    pub api_version: String,
+    /// `EndpointPickerConfig`.
+    pub kind: String,
+    /// Kubernetes-style metadata (ignored).
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// Experimental features.
+    #[serde(default)]
+    pub feature_gates: Vec<String>,
+    /// Plugin instances.
+    #[serde(default)]
+    pub plugins: Vec<PluginSpec>,
+    /// Profiles.
+    #[serde(default)]
+    pub scheduling_profiles: Vec<ProfileSpec>,
+    /// Saturation detector.
+    #[serde(default)]
+    pub saturation_detector: Option<PluginRef>,
+    /// Data-layer sources.
+    #[serde(default)]
+    pub data_layer: Option<DataLayerSpec>,
+    /// Flow control (with the `flowControl` feature gate).
+    #[serde(default)]
+    pub flow_control: Option<FlowControlSpec>,
+    /// Older parser selection.
+    #[serde(default)]
+    pub parser: Option<PluginRef>,
+    /// Newer parser selection.
+    #[serde(default)]
+    pub request_handler: Option<RequestHandlerSpec>,
+}
+
+/// One `plugins[]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Registered type name.
+    #[serde(rename = "type", default)]
+    pub type_name: String,
+    /// Instance name (defaults to the type).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Type-specific parameters.
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+}
+
+/// One `schedulingProfiles[]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    /// Profile name.
+    #[serde(default)]
+    pub name: String,
+    /// Plugins of the profile.
+    #[serde(default)]
+    pub plugins: Vec<ProfilePluginRef>,
+}
+
+/// A plugin in a profile.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProfilePluginRef {
+    /// Name of a `plugins[]` entry.
+    #[serde(default)]
+    pub plugin_ref: String,
+    /// Scorer weight (default 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// `{pluginRef: name}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginRef {
+    /// Name of a `plugins[]` entry.
+    #[serde(default)]
+    pub plugin_ref: String,
+}
+
+/// `requestHandler`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestHandlerSpec {
+    /// Parsers; the first is used.
+    #[serde(default)]
+    pub parsers: Vec<PluginRef>,
+}
+
+/// `dataLayer`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataLayerSpec {
+    /// Inject the default metrics source (default true).
+    #[serde(default)]
+    pub inject_defaults: Option<bool>,
+    /// Sources and their extractors.
+    #[serde(default)]
+    pub sources: Vec<DataLayerSource>,
+    /// Discovery plugin.
+    #[serde(default)]
+    pub discovery: Option<PluginRef>,
+}
+
+/// A data-layer source.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataLayerSource {
+    /// Source plugin.
+    #[serde(default)]
+    pub plugin_ref: String,
+    /// Extractor plugins.
+    #[serde(default)]
+    pub extractors: Vec<PluginRef>,
+}
+
+/// An integer or a Kubernetes quantity string.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum QuantityValue {
+    /// A plain integer.
+    Int(u64),
+    /// A quantity such as `1Gi`.
+    Str(String),
+}
+
+impl QuantityValue {
+    fn resolve(&self) -> Result<u64, String> {
+        match self {
+            QuantityValue::Int(v) => Ok(*v),
+            QuantityValue::Str(s) => parse_quantity(s).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// `flowControl`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FlowControlSpec {
+    /// Global byte cap.
+    #[serde(default)]
+    pub max_bytes: Option<QuantityValue>,
+    /// Global request cap.
+    #[serde(default)]
+    pub max_requests: Option<QuantityValue>,
+    /// Default TTL of a queued request (Go duration).
+    #[serde(default, rename = "defaultRequestTTL")]
+    pub default_request_ttl: Option<String>,
+    /// Template for unlisted priorities.
+    #[serde(default)]
+    pub default_priority_band: Option<PriorityBandSpec>,
+    /// Explicit bands.
+    #[serde(default)]
+    pub priority_bands: Vec<PriorityBandSpec>,
+    /// Usage-limit policy plugin.
+    #[serde(default)]
+    pub usage_limit_policy_plugin_ref: Option<String>,
+}
+
+/// One priority band.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriorityBandSpec {
+    /// Priority level.
+    #[serde(default)]
+    pub priority: i32,
+    /// Byte cap.
+    #[serde(default)]
+    pub max_bytes: Option<QuantityValue>,
+    /// Request cap.
+    #[serde(default)]
+    pub max_requests: Option<QuantityValue>,
+    /// Fairness policy (`global-strict-fairness-policy` or `round-robin-fairness-policy`).
+    #[serde(default)]
+    pub fairness_policy_ref: Option<String>,
+    /// Ordering policy (`fcfs-ordering-policy` or `edf-ordering-policy`).
+    #[serde(default)]
+    pub ordering_policy_ref: Option<String>,
+}
+
+/// Flow control settings, resolved.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FlowControlSettings {
+    /// Global byte cap.
+    pub max_bytes: Option<u64>,
+    /// Global request cap.
+    pub max_requests: Option<u64>,
+    /// Default TTL (`None`: until the client gives up).
+    pub default_request_ttl: Option<Duration>,
+    /// Explicit bands, highest priority first.
+    pub bands: Vec<PriorityBand>,
+    /// Template for other priorities.
+    pub default_band: PriorityBand,
+}
+
+/// A resolved priority band.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PriorityBand {
+    /// Priority.
+    pub priority: i32,
+    /// Byte cap.
+    pub max_bytes: Option<u64>,
+    /// Request cap.
+    pub max_requests: Option<u64>,
+    /// Round-robin fairness across flows (else global strict FCFS across flows).
+    pub round_robin_fairness: bool,
+    /// Earliest-deadline-first within a flow (else FCFS).
+    pub edf_ordering: bool,
+}
+
+/// Where the configuration came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `--config-file PATH`.
+    File(String),
+    /// `--config-text`.
+    Text,
+    /// The built-in default.
+    Default,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "config file {p}"),
+            ConfigSource::Text => f.write_str("--config-text"),
+            ConfigSource::Default => f.write_str("built-in default config"),
+        }
+    }
+}
+
+/// A configuration that cannot be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {detail}")]
+pub struct ConfigError {
+    /// Where the configuration came from.
+    pub origin: ConfigSource,
+    /// What is wrong, naming the plugin and field where there is one.
+    pub detail: String,
+}
+
+/// A fully built configuration.
+pub struct LoadedConfig {
+    /// Every plugin instance by name, in declaration order (defaults appended).
+    pub plugins: Vec<(String, Arc<dyn Plugin>)>,
+    /// The scheduler.
+    pub scheduler: Scheduler,
+    /// The request parser.
+    pub parser: Arc<dyn Parser>,
+    /// Data producers, in declaration order.
+    pub data_producers: Vec<(Arc<dyn DataProducer>, PluginTimer)>,
+    /// Admission plugins.
+    pub admitters: Vec<(Arc<dyn Admitter>, PluginTimer)>,
+    /// Pre-request hooks.
+    pub pre_request: Vec<(Arc<dyn PreRequest>, PluginTimer)>,
+    /// Response hooks.
+    pub response_hooks: Vec<Arc<dyn ResponseHooks>>,
+    /// Endpoint membership listeners.
+    pub endpoint_listeners: Vec<Arc<dyn EndpointListener>>,
+    /// The saturation detector, when the registry provides one.
+    pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// Enabled feature gates.
+    pub feature_gates: BTreeSet<String>,
+    /// Flow control, when the `flowControl` gate is on.
+    pub flow_control: Option<FlowControlSettings>,
+    /// The data-layer section as written.
+    pub data_layer: Option<DataLayerSpec>,
+    /// The document after defaults were applied.
+    pub document: EndpointPickerConfig,
+}
+
+impl fmt::Debug for LoadedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedConfig")
+            .field(
+                "plugins",
+                &self.plugins.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("scheduler", &self.scheduler)
+            .field("parser", &self.parser.name())
+            .field("feature_gates", &self.feature_gates)
+            .finish()
+    }
+}
+
+/// Parses a document without building anything.
+pub fn parse_document(
+    text: &str,
+    source: &ConfigSource,
+) -> Result<EndpointPickerConfig, ConfigError> {
+    let fail = |detail: String| ConfigError {
+        origin: source.clone(),
+        detail,
+    };
+    if text.trim().is_empty() {
+        return Err(fail("the configuration is empty".into()));
+    }
+    let doc: EndpointPickerConfig =
+        serde_norway::from_str(text).map_err(|e| fail(e.to_string()))?;
+    if !API_VERSIONS.contains(&doc.api_version.as_str()) {
+        return Err(fail(format!(
+            "apiVersion '{}' is not supported (expected one of: {})",
+            doc.api_version,
+            API_VERSIONS.join(", ")
+        )));
+    }
+    if doc.kind != KIND {
+        return Err(fail(format!("kind '{}' is not {KIND}", doc.kind)));
+    }
+    Ok(doc)
+}
+
+/// Loads a configuration: parse, instantiate plugins, apply defaults, validate, build.
+pub fn load(
+    text: &str,
+    source: ConfigSource,
+    registry: &Registry,
+    handle: &PluginHandle,
+) -> Result<LoadedConfig, ConfigError> {
+    let doc = parse_document(text, &source)?;
+    Loader {
+        source,
+        registry,
+        handle,
+    }
+    .build(doc)
+}
+
+/// Loads [`DEFAULT_CONFIG_YAML`].
+pub fn load_default(
+    registry: &Registry,
+    handle: &PluginHandle,
+) -> Result<LoadedConfig, ConfigError> {
+    load(DEFAULT_CONFIG_YAML, ConfigSource::Default, registry, handle)
+}
+
+struct Loader<'a> {
+    source: ConfigSource,
+    registry: &'a Registry,
+    handle: &'a PluginHandle,
+}
+
+impl Loader<'_> {
+    fn err(&self, detail: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.source.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn instantiate(
+        &self,
+        name: &str,
+        type_name: &str,
+        parameters: Option<&serde_json::Value>,
+    ) -> Result<Arc<dyn Plugin>, ConfigError> {
+        let factory = self
+            .registry
+            .factory(type_name)
+            .map_err(|e| self.err(format!("plugin '{name}': {e}")))?;
+        factory(FactoryInput {
+            name,
+            parameters,
+            handle: self.handle,
+        })
+        .map_err(|e| self.err(format!("plugin '{name}' (type {type_name}): {e}")))
+    }
+
+    /// Instantiates `type_name` under its own name unless a plugin of that name exists.
+    fn add_default(
+        &self,
+        plugins: &mut Vec<(String, Arc<dyn Plugin>)>,
+        by_name: &mut HashMap<String, usize>,
+        type_name: &str,
+    ) -> Result<usize, ConfigError> {
+        if let Some(&i) = by_name.get(type_name) {
+            return Ok(i);
+        }
+        let p = self.instantiate(type_name, type_name, None)?;
+        by_name.insert(type_name.to_string(), plugins.len());
+        plugins.push((type_name.to_string(), p));
+        Ok(plugins.len() - 1)
+    }
+
+    fn build(&self, mut doc: EndpointPickerConfig) -> Result<LoadedConfig, ConfigError> {
+        // Feature gates.
+        for gate in &doc.feature_gates {
+            if !SUPPORTED_FEATURE_GATES.contains(&gate.as_str()) {
+                return Err(self.err(format!(
+                    "featureGates: '{gate}' is unknown or not supported by llmsched (supported: {})",
+                    SUPPORTED_FEATURE_GATES.join(", ")
+                )));
+            }
+        }
+        let feature_gates: BTreeSet<String> = doc.feature_gates.iter().cloned().collect();
+
+        // Plugins.
+        let mut plugins: Vec<(String, Arc<dyn Plugin>)> = Vec::with_capacity(doc.plugins.len() + 3);
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (i, spec) in doc.plugins.iter_mut().enumerate() {
+            if spec.type_name.is_empty() {
+                return Err(self.err(format!(
+                    "plugins[{i}]{}: missing 'type'",
+                    spec.name
+                        .as_deref()
+                        .map(|n| format!(" ('{n}')"))
+                        .unwrap_or_default()
+                )));
+            }
+            let name = spec
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| spec.type_name.clone());
+            spec.name = Some(name.clone());
+            if by_name.contains_key(&name) {
+                return Err(self.err(format!("plugins[{i}]: duplicate plugin name '{name}'")));
+            }
+            let p = self.instantiate(&name, &spec.type_name, spec.parameters.as_ref())?;
+            by_name.insert(name.clone(), plugins.len());
+            plugins.push((name, p));
+        }
+        // Profiles: default one when none is declared.
+        if doc.scheduling_profiles.is_empty() {
+            let refs = plugins
+                .iter()
+                .filter(|(_, p)| {
+                    p.clone().as_filter().is_some()
+                        || p.clone().as_scorer().is_some()
+                        || p.clone().as_picker().is_some()
+                })
+                .map(|(n, _)| ProfilePluginRef {
+                    plugin_ref: n.clone(),
+                    weight: None,
+                })
+                .collect();
+            doc.scheduling_profiles.push(ProfileSpec {
+                name: "default".into(),
+                plugins: refs,
+            });
+        }
+        let mut seen_profiles = BTreeSet::new();
+        for (i, prof) in doc.scheduling_profiles.iter().enumerate() {
+            if prof.name.is_empty() {
+                return Err(self.err(format!("schedulingProfiles[{i}] is missing a name")));
+            }
+            if !seen_profiles.insert(prof.name.clone()) {
+                return Err(self.err(format!(
+                    "schedulingProfiles[{i}] has duplicate name '{}'",
+                    prof.name
+                )));
+            }
+            for (j, r) in prof.plugins.iter().enumerate() {
+                if r.plugin_ref.is_empty() {
+                    return Err(self.err(format!(
+                        "schedulingProfiles[{}].plugins[{j}] is missing a 'pluginRef'",
+                        prof.name
+                    )));
+                }
+                if !by_name.contains_key(&r.plugin_ref) {
+                    return Err(self.err(format!(
+                        "schedulingProfiles[{}] references undefined plugin '{}'",
+                        prof.name, r.plugin_ref
+                    )));
+                }
+            }
+        }
+
+        // Default picker: the first declared picker, else max-score-picker.
+        let default_picker_idx = match plugins
+            .iter()
+            .position(|(_, p)| p.clone().as_picker().is_some())
+        {
+            Some(i) => i,
+            None => self.add_default(&mut plugins, &mut by_name, "max-score-picker")?,
+        };
+
+        // Profile handler.
+        let handlers: Vec<(String, Arc<dyn ProfileHandler>)> = plugins
+            .iter()
+            .filter_map(|(n, p)| p.clone().as_profile_handler().map(|h| (n.clone(), h)))
+            .collect();
+        let handler = match handlers.as_slice() {
+            [] if doc.scheduling_profiles.len() == 1 => {
+                let i = self.add_default(&mut plugins, &mut by_name, "single-profile-handler")?;
+                plugins[i]
+                    .1
+                    .clone()
+                    .as_profile_handler()
+                    .ok_or_else(|| self.err("single-profile-handler is not a profile handler"))?
+            }
+            [] => {
+                return Err(self.err(format!(
+                    "{} scheduling profiles need a profile handler plugin; none is configured",
+                    doc.scheduling_profiles.len()
+                )));
+            }
+            [(_, h)] => {
+                if h.type_name() == "single-profile-handler" && doc.scheduling_profiles.len() > 1 {
+                    return Err(self.err(
+                        "single-profile-handler cannot support multiple scheduling profiles",
+                    ));
+                }
+                h.clone()
+            }
+            [(a, _), (b, _), ..] => {
+                return Err(self.err(format!(
+                    "multiple profile handlers found ('{a}', '{b}'); only one is allowed"
+                )));
+            }
+        };
+
+        // Build profiles.
+        let metrics = Some(self.handle.metrics.clone());
+        let mut profiles = Vec::with_capacity(doc.scheduling_profiles.len());
+        for prof in &mut doc.scheduling_profiles {
+            let mut b = SchedulerProfile::builder(prof.name.clone(), metrics.clone());
+            for r in &mut prof.plugins {
+                let p = &plugins[by_name[&r.plugin_ref]].1;
+                let mut used = false;
+                if let Some(f) = p.clone().as_filter() {
+                    b = b.filter(f);
+                    used = true;
+                }
+                if let Some(s) = p.clone().as_scorer() {
+                    let w = *r.weight.get_or_insert(1.0);
+                    if !w.is_finite() || w < 0.0 {
+                        return Err(self.err(format!(
+                            "schedulingProfiles[{}]: weight of '{}' must be a non-negative number, got {w}",
+                            prof.name, r.plugin_ref
+                        )));
+                    }
+                    b = b.scorer(s, w);
+                    used = true;
+                }
+                if let Some(pk) = p.clone().as_picker() {
+                    if b.has_picker() {
+                        return Err(self.err(format!(
+                            "schedulingProfiles[{}]: more than one picker ('{}')",
+                            prof.name, r.plugin_ref
+                        )));
+                    }
+                    b = b.picker(pk);
+                    used = true;
+                }
+                if !used && p.clone().as_profile_handler().is_none() {
+                    // Hooks-only plugins (e.g. a data producer) may be listed in a profile;
+                    // they run as request-control plugins.
+                    tracing::debug!(plugin = %r.plugin_ref, profile = %prof.name, "plugin listed in a profile has no scheduling role");
+                }
+            }
+            if !b.has_picker() {
+                let (n, p) = &plugins[default_picker_idx];
+                let pk = p
+                    .clone()
+                    .as_picker()
+                    .ok_or_else(|| self.err(format!("default picker '{n}' is not a picker")))?;
+                b = b.picker(pk);
+                prof.plugins.push(ProfilePluginRef {
+                    plugin_ref: n.clone(),
+                    weight: None,
+                });
+            }
+            let profile = b
+                .build()
+                .ok_or_else(|| self.err(format!("profile '{}' has no picker", prof.name)))?;
+            profiles.push(profile);
+        }
+        let scheduler = Scheduler::new(profiles, handler, metrics);
+
+        // Parser.
+        let parser_ref = doc
+            .request_handler
+            .as_ref()
+            .and_then(|rh| rh.parsers.first())
+            .or(doc.parser.as_ref())
+            .map(|r| r.plugin_ref.clone());
+        let parser = match parser_ref {
+            Some(name) => {
+                let i = *by_name.get(&name).ok_or_else(|| {
+                    self.err(format!("parser references undefined plugin '{name}'"))
+                })?;
+                plugins[i]
+                    .1
+                    .clone()
+                    .as_parser()
+                    .ok_or_else(|| self.err(format!("plugin '{name}' is not a parser")))?
+            }
+            None => {
+                // A declared parser plugin is used; otherwise the OpenAI parser.
+                match plugins.iter().find_map(|(_, p)| p.clone().as_parser()) {
+                    Some(p) => p,
+                    None => {
+                        let i = self.add_default(&mut plugins, &mut by_name, "openai-parser")?;
+                        plugins[i]
+                            .1
+                            .clone()
+                            .as_parser()
+                            .ok_or_else(|| self.err("openai-parser is not a parser"))?
+                    }
+                }
+            }
+        };
+
+        // Saturation detector.
+        let saturation_detector = match &doc.saturation_detector {
+            Some(r) => {
+                if r.plugin_ref.is_empty() {
+                    return Err(self.err("saturationDetector: plugin reference is empty"));
+                }
+                let i = *by_name.get(&r.plugin_ref).ok_or_else(|| {
+                    self.err(format!(
+                        "saturation detector references undefined plugin '{}'",
+                        r.plugin_ref
+                    ))
+                })?;
+                Some(
+                    plugins[i]
+                        .1
+                        .clone()
+                        .as_saturation_detector()
+                        .ok_or_else(|| {
+                            self.err(format!(
+                                "plugin '{}' is not a saturation detector",
+                                r.plugin_ref
+                            ))
+                        })?,
+                )
+            }
+            None => match plugins
+                .iter()
+                .find_map(|(_, p)| p.clone().as_saturation_detector())
+            {
+                Some(d) => Some(d),
+                None if self.registry.supports("utilization-detector") => {
+                    let i = self.add_default(&mut plugins, &mut by_name, "utilization-detector")?;
+                    plugins[i].1.clone().as_saturation_detector()
+                }
+                None => None,
+            },
+        };
+
+        // Data layer references.
+        if let Some(dl) = &doc.data_layer {
+            if let Some(d) = &dl.discovery {
+                return Err(self.err(format!(
+                    "dataLayer.discovery ('{}') is not supported by llmsched yet; use --endpoints or --endpoints-file",
+                    d.plugin_ref
+                )));
+            }
+            for s in &dl.sources {
+                for r in
+                    std::iter::once(&s.plugin_ref).chain(s.extractors.iter().map(|e| &e.plugin_ref))
+                {
+                    if !by_name.contains_key(r) {
+                        return Err(
+                            self.err(format!("dataLayer references undefined plugin '{r}'"))
+                        );
+                    }
+                }
+            }
+        }
+
+        // Flow control.
+        let flow_control = if feature_gates.contains("flowControl") {
+            Some(self.flow_control(doc.flow_control.as_ref())?)
+        } else {
+            if doc.flow_control.is_some() {
+                tracing::warn!(
+                    "flowControl is configured but the 'flowControl' feature gate is off; it is not used"
+                );
+            }
+            None
+        };
+
+        // Request-control hooks from every plugin.
+        let m = &self.handle.metrics;
+        let timer = |pt: &str, p: &Arc<dyn Plugin>| m.plugin_timer(pt, p.type_name(), p.name());
+        let mut data_producers = Vec::new();
+        let mut admitters = Vec::new();
+        let mut pre_request = Vec::new();
+        let mut response_hooks = Vec::new();
+        let mut endpoint_listeners = Vec::new();
+        for (_, p) in &plugins {
+            if let Some(x) = p.clone().as_data_producer() {
+                data_producers.push((x, timer(point::DATA_PRODUCER, p)));
+            }
+            if let Some(x) = p.clone().as_admitter() {
+                admitters.push((x, timer(point::ADMIT_REQUEST, p)));
+            }
+            if let Some(x) = p.clone().as_pre_request() {
+                pre_request.push((x, timer(point::PRE_REQUEST, p)));
+            }
+            if let Some(x) = p.clone().as_response_hooks() {
+                response_hooks.push(x);
+            }
+            if let Some(x) = p.clone().as_endpoint_listener() {
+                endpoint_listeners.push(x);
+            }
+        }
+
+        Ok(LoadedConfig {
+            plugins,
+            scheduler,
+            parser,
+            data_producers,
+            admitters,
+            pre_request,
+            response_hooks,
+            endpoint_listeners,
+            saturation_detector,
+            feature_gates,
+            flow_control,
+            data_layer: doc.data_layer.clone(),
+            document: doc,
+        })
+    }
+
+    fn flow_control(
+        &self,
+        spec: Option<&FlowControlSpec>,
+    ) -> Result<FlowControlSettings, ConfigError> {
+        let default_spec = FlowControlSpec::default();
+        let spec = spec.unwrap_or(&default_spec);
+        let q = |v: &Option<QuantityValue>, field: &str| -> Result<Option<u64>, ConfigError> {
+            v.as_ref()
+                .map(|v| {
+                    v.resolve()
+                        .map_err(|e| self.err(format!("flowControl.{field}: {e}")))
+                })
+                .transpose()
+        };
+        if let Some(r) = &spec.usage_limit_policy_plugin_ref {
+            return Err(self.err(format!(
+                "flowControl.usageLimitPolicyPluginRef ('{r}') is not supported by llmsched yet"
+            )));
+        }
+        let band = |b: &PriorityBandSpec, field: &str| -> Result<PriorityBand, ConfigError> {
+            let round_robin_fairness = match b.fairness_policy_ref.as_deref() {
+                None | Some("global-strict-fairness-policy") => false,
+                Some("round-robin-fairness-policy") => true,
+                Some(other) => {
+                    return Err(self.err(format!(
+                        "flowControl.{field}.fairnessPolicyRef: '{other}' is not supported (use global-strict-fairness-policy or round-robin-fairness-policy)"
+                    )));
+                }
+            };
+            let edf_ordering = match b.ordering_policy_ref.as_deref() {
+                None | Some("fcfs-ordering-policy") => false,
+                Some("edf-ordering-policy") => true,
+                Some(other) => {
+                    return Err(self.err(format!(
+                        "flowControl.{field}.orderingPolicyRef: '{other}' is not supported (use fcfs-ordering-policy or edf-ordering-policy)"
+                    )));
+                }
+            };
+            Ok(PriorityBand {
+                priority: b.priority,
+                max_bytes: q(&b.max_bytes, &format!("{field}.maxBytes"))?,
+                max_requests: q(&b.max_requests, &format!("{field}.maxRequests"))?,
+                round_robin_fairness,
+                edf_ordering,
+            })
+        };
+        let mut bands = Vec::with_capacity(spec.priority_bands.len());
+        let mut seen = BTreeSet::new();
+        for (i, b) in spec.priority_bands.iter().enumerate() {
+            if !seen.insert(b.priority) {
+                return Err(self.err(format!(
+                    "flowControl.priorityBands[{i}]: duplicate priority {}",
+                    b.priority
+                )));
+            }
+            bands.push(band(b, &format!("priorityBands[{i}]"))?);
+        }
+        bands.sort_by_key(|b| std::cmp::Reverse(b.priority));
+        let default_band = match &spec.default_priority_band {
+            Some(b) => band(b, "defaultPriorityBand")?,
+            None => PriorityBand::default(),
+        };
+        let default_request_ttl = spec
+            .default_request_ttl
+            .as_deref()
+            .map(|s| {
+                parse_go_duration(s)
+                    .map_err(|e| self.err(format!("flowControl.defaultRequestTTL: {e}")))
+            })
+            .transpose()?
+            .filter(|d| !d.is_zero());
+        Ok(FlowControlSettings {
+            max_bytes: q(&spec.max_bytes, "maxBytes")?,
+            max_requests: q(&spec.max_requests, "maxRequests")?,
+            default_request_ttl,
+            bands,
+            default_band,
+        })
+    }
+}

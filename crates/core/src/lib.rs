@@ -1,0 +1,41 @@
+//! # llmsched-core
+//!
+//! The scheduling framework of llmsched, free of I/O: everything here is plain data and
+//! synchronous logic, so it can be tested and benchmarked in isolation and shared by the
+//! Envoy ext_proc server and the built-in proxy.
+//!
+//! * [`request`] — the request model (`InferenceRequest`, parsed body, headers, usage);
+//! * [`endpoint`] — endpoints with lock-free metrics snapshots and in-flight counters;
+//! * [`plugin`] — the extension points (filters, scorers, pickers, profile handlers, data
+//!   producers, admission, pre-request and response hooks, parsers);
+//! * [`scheduler`] — profiles (filters → weighted scorers → picker) and the scheduler;
+//! * [`registry`] — plugin factories keyed by the reference's type names;
+//! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
+//! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
+//! * [`metrics`] — scheduler-level Prometheus metrics with the reference's names;
+//! * [`error`] — the client-facing error model (`inference error: <Code> - <message>`);
+//! * [`units`] — Go durations and Kubernetes quantities.
+
+pub mod config;
+pub mod cycle;
+pub mod endpoint;
+pub mod error;
+pub mod metrics;
+pub mod objectives;
+pub mod plugin;
+pub mod registry;
+pub mod request;
+pub mod scheduler;
+pub mod units;
+
+#[cfg(test)]
+mod tests;
+
+pub use cycle::{CycleState, PrefixCacheMatch};
+pub use endpoint::{
+    Endpoint, EndpointId, EndpointMeta, EndpointMetrics, EndpointSet, EndpointSource,
+};
+pub use error::{ErrorCode, InferenceError};
+pub use plugin::{Candidate, Plugin, SchedulingContext};
+pub use request::{Headers, InferenceRequest, Prompt, RequestBody, ResponseInfo, Usage};
+pub use scheduler::{Scheduler, SchedulerProfile, SchedulingResult};
