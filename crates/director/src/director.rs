@@ -1,0 +1,669 @@
+//! The [`Director`]: one request's way from bytes to a routing decision.
+//!
+//! ```text
+//! route(headers, body, subset hint)
+//!   parse (config's parser; Skip ⇒ random endpoint, body forwarded unchanged)
+//!   → model check (400 "model not found in request body")
+//!   → target model: x-llm-d-model-name-rewrite header, else InferenceModelRewrite choice
+//!   → priority from x-llm-d-inference-objective (default 0)
+//!   → admission: flow control when enabled, else shed priority < 0 when saturated (429)
+//!   → candidates from the subset hint (503 when none)
+//!   → data producers → admitters → scheduler (429 on failure) → pre-request hooks
+//!   → in-flight accounting on the primary target → Routed
+//! ```
+//!
+//! Everything transport-specific (ext_proc messages, HTTP proxying, chunking, header echo)
+//! stays in the transports; both call the same `route` and drive the same [`Routed`].
+//!
+//! The request path takes no lock: configuration, objectives and endpoints are `ArcSwap`
+//! snapshots, metrics are atomics (label families take a read lock inside
+//! prometheus-client). The body is a `Bytes` handed to the parser without copying, and the
+//! forwarded body is either that same buffer (model unchanged) or one splice of the model
+//! value (`RequestBody::with_model`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use llmsched_core::CycleState;
+use llmsched_core::config::LoadedConfig;
+use llmsched_core::endpoint::{Endpoint, EndpointSet, EndpointSource};
+use llmsched_core::error::InferenceError;
+use llmsched_core::metrics::{PluginTimer, SchedulerMetrics, point};
+use llmsched_core::objectives::Objectives;
+use llmsched_core::plugin::{Candidate, ParseOutcome, ResponseHooks};
+use llmsched_core::request::{Headers, InferenceRequest, Prompt, SloTargets, header};
+use rand::Rng;
+
+use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, SaturationProbe};
+use crate::headers::{ensure_request_id, parse_ms};
+use crate::metrics::{
+    EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, RewriteLabels,
+};
+use crate::routed::{RouteKind, Routed, RoutedParts};
+
+/// Message of a request rejected because its body names no model.
+pub const MSG_MODEL_NOT_FOUND: &str = "model not found in request body";
+/// Message when the subset hint (or an empty pool) leaves no candidate.
+pub const MSG_NO_CANDIDATES: &str = "failed to find endpoint candidates for serving the request";
+/// Message when a header-only or unparsed request finds no endpoint.
+pub const MSG_NO_PODS: &str = "no pods available in datastore";
+/// Message when a sheddable request meets a saturated pool.
+pub const MSG_SHED: &str = "system saturated, sheddable request dropped";
+
+/// Parsers whose output is not an OpenAI JSON body: no model is required from them.
+const MODEL_OPTIONAL_PARSERS: [&str; 2] = ["passthrough-parser", "vllmgrpc-parser"];
+
+/// Director settings.
+#[derive(Debug, Clone)]
+pub struct DirectorOptions {
+    /// Ignore the gateway's subset hint (`--disable-endpoint-subset-filter`).
+    pub disable_endpoint_subset_filter: bool,
+    /// Pool name used in flow-control metrics.
+    pub pool_name: String,
+    /// Flow-control dispatch tick (the reference's 1 ms).
+    pub flow_control_tick: Duration,
+}
+
+impl Default for DirectorOptions {
+    fn default() -> Self {
+        Self {
+            disable_endpoint_subset_filter: false,
+            pool_name: String::new(),
+            flow_control_tick: DEFAULT_TICK,
+        }
+    }
+}
+
+/// What the transport collected of a request.
+#[derive(Debug, Clone)]
+pub struct IncomingRequest {
+    /// Request headers (lowercase names); `x-request-id` is added when missing.
+    pub headers: Headers,
+    /// The complete body.
+    pub body: Bytes,
+    /// The gateway's subset hint: `None` = no hint (all endpoints); `Some(list)` = only
+    /// endpoints whose IP is in the list (ports ignored), so an empty list matches nothing.
+    pub subset_hint: Option<Vec<String>>,
+    /// When the request's headers arrived (request duration is measured from here).
+    pub received_at: Instant,
+}
+
+impl IncomingRequest {
+    /// A request received now, without a subset hint.
+    pub fn new(headers: Headers, body: Bytes) -> Self {
+        Self {
+            headers,
+            body,
+            subset_hint: None,
+            received_at: Instant::now(),
+        }
+    }
+
+    /// Sets the subset hint.
+    pub fn with_subset_hint(mut self, hint: Option<Vec<String>>) -> Self {
+        self.subset_hint = hint;
+        self
+    }
+
+    /// Sets the arrival time.
+    pub fn received_at(mut self, at: Instant) -> Self {
+        self.received_at = at;
+        self
+    }
+}
+
+/// Response hooks with their duration histograms (resolved once per configuration).
+pub(crate) struct HookSet {
+    pub(crate) hooks: Vec<(Arc<dyn ResponseHooks>, [PluginTimer; 3])>,
+}
+
+/// A configuration plus what the director derives from it.
+pub(crate) struct ActiveConfig {
+    pub(crate) config: Arc<LoadedConfig>,
+    pub(crate) hooks: Arc<HookSet>,
+    pub(crate) flow: Option<FlowController>,
+}
+
+/// State shared by the director and every [`Routed`] it hands out.
+pub(crate) struct Shared {
+    pub(crate) metrics: EppMetrics,
+    pub(crate) endpoints: Arc<dyn EndpointSource>,
+}
+
+/// The request lifecycle, shared by every transport. Cheap to share (`Arc<Director>`).
+pub struct Director {
+    active: ArcSwap<ActiveConfig>,
+    config_cell: Arc<ArcSwap<LoadedConfig>>,
+    endpoints: Arc<dyn EndpointSource>,
+    objectives: Arc<ArcSwap<Objectives>>,
+    scheduler_metrics: Option<Arc<SchedulerMetrics>>,
+    shared: Arc<Shared>,
+    options: DirectorOptions,
+}
+
+impl std::fmt::Debug for Director {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Director")
+            .field("config", &self.active.load().config)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// Builds a [`Director`].
+pub struct DirectorBuilder {
+    config: Arc<LoadedConfig>,
+    endpoints: Arc<dyn EndpointSource>,
+    objectives: Option<Arc<ArcSwap<Objectives>>>,
+    metrics: Option<EppMetrics>,
+    scheduler_metrics: Option<Arc<SchedulerMetrics>>,
+    options: DirectorOptions,
+}
+
+impl DirectorBuilder {
+    /// Objectives and rewrites, shared with whoever reloads them.
+    pub fn objectives(mut self, objectives: Arc<ArcSwap<Objectives>>) -> Self {
+        self.objectives = Some(objectives);
+        self
+    }
+
+    /// Metrics (default: unregistered metrics).
+    pub fn metrics(mut self, metrics: EppMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The scheduler metrics the configuration was loaded with; used to time the response
+    /// hooks (`inference_extension_plugin_duration_seconds{extension_point="Response*"}`).
+    pub fn scheduler_metrics(mut self, metrics: Arc<SchedulerMetrics>) -> Self {
+        self.scheduler_metrics = Some(metrics);
+        self
+    }
+
+    /// Options.
+    pub fn options(mut self, options: DirectorOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The director.
+    pub fn build(self) -> Director {
+        let shared = Arc::new(Shared {
+            metrics: self.metrics.unwrap_or_default(),
+            endpoints: self.endpoints.clone(),
+        });
+        let config_cell = Arc::new(ArcSwap::new(self.config.clone()));
+        let mut d = Director {
+            active: ArcSwap::from_pointee(ActiveConfig {
+                config: self.config.clone(),
+                hooks: Arc::new(HookSet { hooks: Vec::new() }),
+                flow: None,
+            }),
+            config_cell,
+            endpoints: self.endpoints,
+            objectives: self
+                .objectives
+                .unwrap_or_else(|| Arc::new(ArcSwap::from_pointee(Objectives::default()))),
+            scheduler_metrics: self.scheduler_metrics,
+            shared,
+            options: self.options,
+        };
+        let active = d.activate(self.config, None);
+        d.active = ArcSwap::from_pointee(active);
+        d
+    }
+}
+
+fn saturation_probe(
+    config: Arc<ArcSwap<LoadedConfig>>,
+    endpoints: Arc<dyn EndpointSource>,
+) -> SaturationProbe {
+    Arc::new(move || {
+        let cfg = config.load();
+        let Some(det) = &cfg.saturation_detector else {
+            return 0.0;
+        };
+        let snap = endpoints.snapshot();
+        let cands: Vec<Candidate<'_>> = snap.endpoints.iter().collect();
+        det.saturation(&cands, Instant::now())
+    })
+}
+
+impl Director {
+    /// A builder over `config` and `endpoints`.
+    pub fn builder(
+        config: Arc<LoadedConfig>,
+        endpoints: Arc<dyn EndpointSource>,
+    ) -> DirectorBuilder {
+        DirectorBuilder {
+            config,
+            endpoints,
+            objectives: None,
+            metrics: None,
+            scheduler_metrics: None,
+            options: DirectorOptions::default(),
+        }
+    }
+
+    fn activate(&self, config: Arc<LoadedConfig>, previous: Option<&ActiveConfig>) -> ActiveConfig {
+        let timer = |pt: &str, h: &Arc<dyn ResponseHooks>| {
+            self.scheduler_metrics
+                .as_ref()
+                .map(|m| m.plugin_timer(pt, h.type_name(), h.name()))
+                .unwrap_or_default()
+        };
+        let hooks = config
+            .response_hooks
+            .iter()
+            .map(|h| {
+                (
+                    h.clone(),
+                    [
+                        timer(point::RESPONSE_RECEIVED, h),
+                        timer(point::RESPONSE_STREAMING, h),
+                        timer(point::RESPONSE_COMPLETE, h),
+                    ],
+                )
+            })
+            .collect();
+        self.config_cell.store(config.clone());
+        let flow = match (&config.flow_control, previous.and_then(|p| p.flow.as_ref())) {
+            (None, _) => None,
+            (Some(s), Some(prev)) if prev.settings() == s => Some(prev.clone()),
+            (Some(s), _) => Some(FlowController::new(
+                s.clone(),
+                saturation_probe(self.config_cell.clone(), self.endpoints.clone()),
+                self.shared.metrics.clone(),
+                self.options.pool_name.clone(),
+                self.options.flow_control_tick,
+            )),
+        };
+        if let Some(prev) = previous.and_then(|p| p.flow.as_ref())
+            && flow
+                .as_ref()
+                .is_none_or(|f| f.settings() != prev.settings())
+        {
+            // Requests already queued there keep waiting on their TTL; new ones use the new
+            // controller.
+            prev.notify();
+        }
+        ActiveConfig {
+            config,
+            hooks: Arc::new(HookSet { hooks }),
+            flow,
+        }
+    }
+
+    /// Replaces the configuration (plugins, scheduler, flow control). Requests in flight
+    /// finish with the configuration they were routed with.
+    pub fn set_config(&self, config: Arc<LoadedConfig>) {
+        let prev = self.active.load_full();
+        let next = self.activate(config, Some(&prev));
+        self.active.store(Arc::new(next));
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> Arc<LoadedConfig> {
+        self.active.load().config.clone()
+    }
+
+    /// The endpoint source.
+    pub fn endpoints(&self) -> &Arc<dyn EndpointSource> {
+        &self.endpoints
+    }
+
+    /// The objectives cell (store a new `Objectives` to reload).
+    pub fn objectives(&self) -> &Arc<ArcSwap<Objectives>> {
+        &self.objectives
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &EppMetrics {
+        &self.shared.metrics
+    }
+
+    /// The options.
+    pub fn options(&self) -> &DirectorOptions {
+        &self.options
+    }
+
+    /// The flow controller, when the `flowControl` gate is on.
+    pub fn flow_controller(&self) -> Option<FlowController> {
+        self.active.load().flow.clone()
+    }
+
+    fn random_endpoint(snap: &EndpointSet) -> Option<Arc<Endpoint>> {
+        if snap.endpoints.is_empty() {
+            return None;
+        }
+        let i = rand::rng().random_range(0..snap.endpoints.len());
+        Some(snap.endpoints[i].clone())
+    }
+
+    fn fallback(
+        &self,
+        active: &Arc<ActiveConfig>,
+        mut headers: Headers,
+        body: Option<Bytes>,
+        received_at: Instant,
+    ) -> Result<Routed, InferenceError> {
+        let request_id = ensure_request_id(&mut headers);
+        let snap = self.endpoints.snapshot();
+        let Some(target) = Self::random_endpoint(&snap) else {
+            let e = InferenceError::internal(MSG_NO_PODS);
+            self.shared.metrics.record_error("", "", e.code.as_str());
+            return Err(e);
+        };
+        let forward_body = body.clone().unwrap_or_default();
+        let request = InferenceRequest::new(
+            request_id,
+            headers,
+            body.map(llmsched_core::request::RequestBody::raw),
+        );
+        Ok(Routed::new(RoutedParts {
+            kind: RouteKind::Fallback,
+            request,
+            cycle: CycleState::new(),
+            result: None,
+            destination: target.hostport().to_string(),
+            targets: vec![target],
+            forward_body,
+            headers_to_set: Vec::new(),
+            received_at,
+            tokens: 0,
+            active: active.clone(),
+            shared: self.shared.clone(),
+        }))
+    }
+
+    /// A request without a body (headers with end of stream): a random endpoint, as the
+    /// reference does; 500 `no pods available in datastore` when there is none. No scheduling,
+    /// hooks or in-flight accounting.
+    pub fn route_without_body(
+        &self,
+        headers: Headers,
+        received_at: Instant,
+    ) -> Result<Routed, InferenceError> {
+        let active = self.active.load_full();
+        self.fallback(&active, headers, None, received_at)
+    }
+
+    /// Routes a complete request (see the module documentation for the pipeline).
+    pub async fn route(&self, incoming: IncomingRequest) -> Result<Routed, InferenceError> {
+        let t_route = Instant::now();
+        let metrics = &self.shared.metrics;
+        let IncomingRequest {
+            mut headers,
+            body,
+            subset_hint,
+            received_at,
+        } = incoming;
+        let request_id = ensure_request_id(&mut headers);
+        let active = self.active.load_full();
+        let config = &active.config;
+
+        // Parse.
+        let t = Instant::now();
+        let parsed = config.parser.parse_request(body.clone(), &headers);
+        metrics.observe_phase(Phase::Parse, t.elapsed());
+        let parsed = match parsed {
+            Ok(ParseOutcome::Parsed(b)) => b,
+            Ok(ParseOutcome::Skip) => {
+                return self.fallback(&active, headers, Some(body), received_at);
+            }
+            Err(e) => {
+                metrics.record_error("", "", e.code.as_str());
+                return Err(e);
+            }
+        };
+        if parsed.model.is_empty()
+            && parsed.model_span.is_none()
+            && !MODEL_OPTIONAL_PARSERS.contains(&config.parser.type_name())
+        {
+            let e = InferenceError::bad_request(MSG_MODEL_NOT_FOUND);
+            metrics.record_error("", "", e.code.as_str());
+            return Err(e);
+        }
+
+        // Target model, priority, fairness, objectives.
+        let mut request = InferenceRequest::new(request_id, headers, Some(parsed));
+        let objectives = self.objectives.load();
+        if let Some(rewrite) = request.headers.get_control(header::MODEL_NAME_REWRITE) {
+            request.target_model = rewrite.to_string();
+        } else if let Some(rule) = objectives.rewrite_for(&request.incoming_model)
+            && let Some(target) = rule.choose(rand::random::<u64>())
+        {
+            request.target_model = target.to_string();
+            metrics
+                .rewrite_decisions
+                .get_or_create(&RewriteLabels {
+                    model_rewrite_name: rule.rewrite_name.clone(),
+                    model_name: request.incoming_model.clone(),
+                    target_model: request.target_model.clone(),
+                })
+                .inc();
+        }
+        if let Some(obj) = request.headers.get_control(header::OBJECTIVE) {
+            request.priority = objectives.priority(obj).unwrap_or(0);
+            request.objective = Some(obj.to_string());
+        }
+        drop(objectives);
+        if let Some(f) = request.headers.get_control(header::FAIRNESS_ID) {
+            request.fairness_id = f.to_string();
+        }
+        request.slo = SloTargets {
+            ttft_ms: parse_ms(request.headers.get_control(header::SLO_TTFT_MS)),
+            tpot_ms: parse_ms(request.headers.get_control(header::SLO_TPOT_MS)),
+        };
+        let fail = |e: InferenceError, request: &InferenceRequest| {
+            metrics.record_error(
+                &request.incoming_model,
+                &request.target_model,
+                e.code.as_str(),
+            );
+            e
+        };
+
+        // Admission.
+        let t = Instant::now();
+        if let Some(flow) = &active.flow {
+            let fr = FlowRequest {
+                fairness_id: request.fairness_id.clone(),
+                priority: request.priority,
+                bytes: request.size_bytes as u64,
+                model_name: request.incoming_model.clone(),
+                target_model_name: request.target_model.clone(),
+            };
+            if let Err(e) = flow.enqueue_and_wait(&fr).await {
+                metrics.observe_phase(Phase::Admission, t.elapsed());
+                return Err(fail(e, &request));
+            }
+        }
+        let snap = self.endpoints.snapshot();
+        let candidates = self.candidates(&snap, subset_hint.as_deref());
+        if active.flow.is_none()
+            && request.priority < 0
+            && let Some(det) = &config.saturation_detector
+            && det.saturation(&candidates, Instant::now()) >= 1.0
+        {
+            metrics.observe_phase(Phase::Admission, t.elapsed());
+            return Err(fail(InferenceError::resource_exhausted(MSG_SHED), &request));
+        }
+        metrics.observe_phase(Phase::Admission, t.elapsed());
+
+        // Candidates → producers → admitters → scheduler → pre-request.
+        let t = Instant::now();
+        if candidates.is_empty() {
+            return Err(fail(
+                InferenceError::service_unavailable(MSG_NO_CANDIDATES),
+                &request,
+            ));
+        }
+        let mut cycle = CycleState::new();
+        for (p, timer) in &config.data_producers {
+            let t0 = Instant::now();
+            p.produce(&request, &mut cycle, &candidates);
+            timer.record(t0.elapsed());
+        }
+        let now = Instant::now();
+        for (a, timer) in &config.admitters {
+            let t0 = Instant::now();
+            let r = a.admit(&request, &candidates, now);
+            timer.record(t0.elapsed());
+            if let Err(e) = r {
+                tracing::debug!(plugin = a.name(), error = %e, "admission plugin rejected the request");
+                metrics.observe_phase(Phase::Scheduling, t.elapsed());
+                return Err(fail(e, &request));
+            }
+        }
+        let result = match config.scheduler.schedule(&request, &cycle, &candidates) {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.observe_phase(Phase::Scheduling, t.elapsed());
+                return Err(fail(e, &request));
+            }
+        };
+        drop(candidates);
+        let mut headers_to_set = Vec::new();
+        for (h, timer) in &config.pre_request {
+            let t0 = Instant::now();
+            h.pre_request(&request, &cycle, &result, &mut headers_to_set);
+            timer.record(t0.elapsed());
+        }
+        metrics.observe_phase(Phase::Scheduling, t.elapsed());
+
+        let targets: Vec<Arc<Endpoint>> = result.targets().to_vec();
+        let destination = join_hostports(&targets);
+        let forward_body = request.forward_body();
+        let tokens = estimate_tokens(&request);
+
+        metrics
+            .request_total
+            .get_or_create(&PriorityLabels {
+                model_name: request.incoming_model.clone(),
+                target_model_name: request.target_model.clone(),
+                priority: request.priority.to_string(),
+            })
+            .inc();
+        metrics
+            .request_sizes
+            .get_or_create(&ModelLabels {
+                model_name: request.incoming_model.clone(),
+                target_model_name: request.target_model.clone(),
+            })
+            .observe(forward_body.len() as f64);
+        if !request.incoming_model.is_empty() {
+            metrics
+                .running_requests
+                .get_or_create(&ModelNameLabel {
+                    model_name: request.incoming_model.clone(),
+                })
+                .inc();
+        }
+        tracing::debug!(
+            request_id = %request.request_id,
+            model = %request.incoming_model,
+            target_model = %request.target_model,
+            priority = request.priority,
+            destination = %destination,
+            "request scheduled"
+        );
+        let routed = Routed::new(RoutedParts {
+            kind: RouteKind::Scheduled,
+            request,
+            cycle,
+            result: Some(result),
+            destination,
+            targets,
+            forward_body,
+            headers_to_set,
+            received_at,
+            tokens,
+            active: active.clone(),
+            shared: self.shared.clone(),
+        });
+        metrics.observe_phase(Phase::Route, t_route.elapsed());
+        Ok(routed)
+    }
+
+    /// Candidate endpoints for a subset hint (`None` ⇒ all).
+    fn candidates<'a>(&self, snap: &'a EndpointSet, hint: Option<&[String]>) -> Vec<Candidate<'a>> {
+        match hint {
+            Some(list) if !self.options.disable_endpoint_subset_filter => {
+                let ips: Vec<std::net::IpAddr> = list.iter().filter_map(|s| hint_ip(s)).collect();
+                snap.endpoints
+                    .iter()
+                    .filter(|e| ips.contains(&e.meta().address))
+                    .collect()
+            }
+            _ => snap.endpoints.iter().collect(),
+        }
+    }
+}
+
+/// The IP of a subset-hint entry (`ip:port`, `ip`, `[v6]:port` or `[v6]`); `None` for junk.
+fn hint_ip(entry: &str) -> Option<std::net::IpAddr> {
+    let s = entry.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    let host = match s.rfind(':') {
+        Some(i) => &s[..i],
+        None => s,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// `ip:port[,ip:port...]`.
+pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
+    let mut out = String::with_capacity(targets.len() * 22);
+    for (i, t) in targets.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(t.hostport());
+    }
+    out
+}
+
+/// A rough token count for in-flight token accounting: prompt characters / 4 (token ids
+/// counted exactly) plus `max_tokens` when given.
+pub fn estimate_tokens(request: &InferenceRequest) -> u64 {
+    let prompt = match request.prompt() {
+        Prompt::TokenIds(ids) => ids.len() as u64,
+        p => (p.text_len() as u64).div_ceil(4),
+    };
+    let max = request
+        .body
+        .as_ref()
+        .and_then(|b| b.max_tokens)
+        .unwrap_or(0);
+    prompt.saturating_add(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_hint_entries() {
+        assert_eq!(hint_ip("10.0.0.1:8000"), "10.0.0.1".parse().ok());
+        assert_eq!(hint_ip("10.0.0.1"), "10.0.0.1".parse().ok());
+        assert_eq!(hint_ip("[::1]:8000"), "::1".parse().ok());
+        assert_eq!(hint_ip("[::1]"), "::1".parse().ok());
+        assert_eq!(hint_ip("::1"), "::1".parse().ok());
+        assert_eq!(hint_ip("pod-a:80"), None);
+        assert_eq!(hint_ip(""), None);
+    }
+}

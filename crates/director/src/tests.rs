@@ -1,0 +1,567 @@
+//! Director behaviour tests with the test plugins of [`crate::testing`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use llmsched_core::endpoint::{EndpointMetrics, StaticEndpoints};
+use llmsched_core::objectives::parse_manifests;
+use llmsched_core::request::Headers;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+
+use crate::testing::*;
+use crate::{Director, DirectorOptions, EppMetrics, IncomingRequest, RouteKind};
+
+fn director(
+    config: Arc<llmsched_core::config::LoadedConfig>,
+    eps: Arc<StaticEndpoints>,
+) -> Director {
+    Director::builder(config, eps).build()
+}
+
+fn skip_config() -> Arc<llmsched_core::config::LoadedConfig> {
+    basic_config(
+        1,
+        "- type: test-skip-parser\nparser: {pluginRef: test-skip-parser}\n",
+    )
+}
+
+fn req(body: Bytes) -> IncomingRequest {
+    IncomingRequest::new(post_headers("/v1/completions"), body)
+}
+
+#[tokio::test]
+async fn routes_to_the_least_loaded_endpoint_without_copying_the_body() {
+    let eps = endpoints(3);
+    set_queue(&eps.0.endpoints[0], 5);
+    set_queue(&eps.0.endpoints[1], 0);
+    set_queue(&eps.0.endpoints[2], 3);
+    let d = director(basic_config(1, ""), eps.clone());
+    let body = completion_body("m", "hello", false);
+    let routed = d.route(req(body.clone())).await.unwrap();
+    assert_eq!(routed.kind(), RouteKind::Scheduled);
+    assert_eq!(routed.destination(), "10.0.0.2:8000");
+    assert_eq!(
+        routed.forward_body().as_ptr(),
+        body.as_ptr(),
+        "zero-copy forward"
+    );
+    assert_eq!(
+        routed.headers_to_set(),
+        &[("x-test-target".to_string(), "10.0.0.2:8000".to_string())]
+    );
+    assert_eq!(routed.request_id().len(), 36, "generated request id");
+    assert_eq!(
+        routed.request().headers.get("x-request-id"),
+        Some(routed.request_id())
+    );
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 1);
+    assert!(eps.0.endpoints[1].inflight_tokens() > 0);
+    routed.finish();
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 0);
+    assert_eq!(eps.0.endpoints[1].inflight_tokens(), 0);
+}
+
+#[tokio::test]
+async fn fallback_destinations_follow_max_num_of_endpoints() {
+    let eps = endpoints(3);
+    set_queue(&eps.0.endpoints[0], 9);
+    set_queue(&eps.0.endpoints[1], 1);
+    set_queue(&eps.0.endpoints[2], 0);
+    let d = director(basic_config(2, ""), eps.clone());
+    let routed = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(routed.destination(), "10.0.0.3:8000,10.0.0.2:8000");
+    assert_eq!(routed.targets().len(), 2);
+    // Only the primary is charged.
+    assert_eq!(eps.0.endpoints[2].inflight_requests(), 1);
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 0);
+}
+
+#[tokio::test]
+async fn client_errors_have_the_reference_texts() {
+    let d = director(basic_config(1, ""), endpoints(2));
+    let e = d
+        .route(req(Bytes::from_static(b"{not json")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    assert!(
+        e.body()
+            .starts_with("inference error: BadRequest - error unmarshaling request body"),
+        "{}",
+        e.body()
+    );
+    let e = d
+        .route(req(Bytes::from_static(br#"{"prompt":"hi"}"#)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    assert_eq!(
+        e.body(),
+        "inference error: BadRequest - model not found in request body"
+    );
+    // A non-string model is no model either.
+    let e = d
+        .route(req(Bytes::from_static(br#"{"model":7,"prompt":"hi"}"#)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+}
+
+#[tokio::test]
+async fn passthrough_parser_needs_no_model() {
+    let cfg = basic_config(
+        1,
+        "- type: passthrough-parser\nparser: {pluginRef: passthrough-parser}\n",
+    );
+    let d = director(cfg, endpoints(1));
+    let body = Bytes::from_static(b"\x00binary");
+    let routed = d.route(req(body.clone())).await.unwrap();
+    assert_eq!(routed.forward_body(), &body);
+}
+
+#[tokio::test]
+async fn subset_hints_restrict_candidates_by_ip() {
+    let eps = endpoints(3);
+    set_queue(&eps.0.endpoints[0], 0);
+    set_queue(&eps.0.endpoints[1], 1);
+    set_queue(&eps.0.endpoints[2], 7);
+    let d = director(basic_config(1, ""), eps.clone());
+    let hint = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    // Match (port ignored): only .3 is allowed even though it is the busiest.
+    let r = d
+        .route(req(completion_body("m", "x", false)).with_subset_hint(hint(&["10.0.0.3:9999"])))
+        .await
+        .unwrap();
+    assert_eq!(r.destination(), "10.0.0.3:8000");
+    for h in [hint(&[]), hint(&["10.9.9.9:8000", "junk"])] {
+        let e = d
+            .route(req(completion_body("m", "x", false)).with_subset_hint(h))
+            .await
+            .unwrap_err();
+        assert_eq!(e.http_status(), 503);
+        assert_eq!(
+            e.body(),
+            "inference error: ServiceUnavailable - failed to find endpoint candidates for serving the request"
+        );
+    }
+    // The flag turns hints off.
+    let d = Director::builder(basic_config(1, ""), eps)
+        .options(DirectorOptions {
+            disable_endpoint_subset_filter: true,
+            ..Default::default()
+        })
+        .build();
+    let r = d
+        .route(req(completion_body("m", "x", false)).with_subset_hint(hint(&[])))
+        .await
+        .unwrap();
+    assert_eq!(r.destination(), "10.0.0.1:8000");
+}
+
+#[tokio::test]
+async fn empty_pool_errors() {
+    let eps = Arc::new(StaticEndpoints::from_addrs(&[]));
+    let d = director(basic_config(1, ""), eps);
+    let e = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 503);
+    let e = d
+        .route_without_body(post_headers("/v1/models"), std::time::Instant::now())
+        .unwrap_err();
+    assert_eq!(e.http_status(), 500);
+    assert_eq!(
+        e.body(),
+        "inference error: Internal - no pods available in datastore"
+    );
+}
+
+#[tokio::test]
+async fn header_only_and_skipped_requests_go_to_a_random_endpoint_unaccounted() {
+    let eps = endpoints(2);
+    let d = director(skip_config(), eps.clone());
+    let r = d
+        .route_without_body(Headers::new(), std::time::Instant::now())
+        .unwrap();
+    assert_eq!(r.kind(), RouteKind::Fallback);
+    assert!(eps.0.by_hostport(r.destination()).is_some());
+    assert!(r.forward_body().is_empty());
+    let mut h = post_headers("/v1/completions");
+    h.insert("x-test-parse", "skip");
+    let body = completion_body("m", "x", false);
+    let r = d
+        .route(IncomingRequest::new(h, body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.kind(), RouteKind::Fallback);
+    assert_eq!(r.forward_body(), &body);
+    assert!(eps.0.endpoints.iter().all(|e| e.inflight_requests() == 0));
+}
+
+fn objectives(yaml: &str) -> Arc<ArcSwap<llmsched_core::objectives::Objectives>> {
+    Arc::new(ArcSwap::from_pointee(parse_manifests(yaml, "t").unwrap()))
+}
+
+const OBJECTIVES: &str = r#"
+apiVersion: llm-d.ai/v1alpha1
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -1}
+---
+apiVersion: llm-d.ai/v1alpha1
+kind: InferenceObjective
+metadata: {name: critical}
+spec: {priority: 10}
+---
+apiVersion: llm-d.ai/v1alpha1
+kind: InferenceModelRewrite
+metadata: {name: canary}
+spec:
+  rules:
+  - matches: [{model: {value: food-review}}]
+    targets: [{modelRewrite: food-review-v2, weight: 100}, {modelRewrite: never, weight: 0}]
+"#;
+
+#[tokio::test]
+async fn rewrites_splice_the_model_and_the_header_wins() {
+    let mut reg = Registry::default();
+    let metrics = EppMetrics::register(&mut reg, "c", "v");
+    let d = Director::builder(basic_config(1, ""), endpoints(1))
+        .objectives(objectives(OBJECTIVES))
+        .metrics(metrics)
+        .build();
+    let body = completion_body("food-review", "the food-review prompt", false);
+    let r = d.route(req(body.clone())).await.unwrap();
+    assert_eq!(r.request().incoming_model, "food-review");
+    assert_eq!(r.request().target_model, "food-review-v2");
+    let v: serde_json::Value = serde_json::from_slice(r.forward_body()).unwrap();
+    assert_eq!(v["model"], "food-review-v2");
+    assert_eq!(v["prompt"], "the food-review prompt");
+    // The response's model name goes back to what the client asked for.
+    assert_eq!(
+        &*r.rewrite_response_model(br#"{"model":"food-review-v2","x":1}"#),
+        br#"{"model":"food-review","x":1}"#
+    );
+    drop(r);
+    for name in ["x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite"] {
+        let mut h = post_headers("/v1/completions");
+        h.insert(name, "from-header");
+        let r = d
+            .route(IncomingRequest::new(h, body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(r.request().target_model, "from-header", "{name}");
+        let v: serde_json::Value = serde_json::from_slice(r.forward_body()).unwrap();
+        assert_eq!(v["model"], "from-header");
+    }
+    let mut out = String::new();
+    encode(&mut out, &reg).unwrap();
+    assert!(out.contains("inference_extension_model_rewrite_decisions_total{model_rewrite_name=\"canary\",model_name=\"food-review\",target_model=\"food-review-v2\"} 1"), "{out}");
+}
+
+fn saturated_config() -> Arc<llmsched_core::config::LoadedConfig> {
+    basic_config(
+        1,
+        "- type: test-saturation-detector\n  parameters: {queueDepthThreshold: 2}\n",
+    )
+}
+
+#[tokio::test]
+async fn sheddable_requests_are_dropped_when_saturated() {
+    let eps = endpoints(2);
+    let d = Director::builder(saturated_config(), eps.clone())
+        .objectives(objectives(OBJECTIVES))
+        .build();
+    let with_objective = |header: &str, name: &str| {
+        let mut h = post_headers("/v1/completions");
+        h.insert(header, name);
+        IncomingRequest::new(h, completion_body("m", "x", false))
+    };
+    // Not saturated: everyone passes; priorities come from the objective.
+    let r = d
+        .route(with_objective("x-llm-d-inference-objective", "batch"))
+        .await
+        .unwrap();
+    assert_eq!(r.request().priority, -1);
+    assert_eq!(r.request().objective.as_deref(), Some("batch"));
+    drop(r);
+    let r = d
+        .route(with_objective("x-gateway-inference-objective", "critical"))
+        .await
+        .unwrap();
+    assert_eq!(r.request().priority, 10);
+    drop(r);
+    let r = d
+        .route(with_objective("x-llm-d-inference-objective", "unknown"))
+        .await
+        .unwrap();
+    assert_eq!(r.request().priority, 0);
+    drop(r);
+    for e in &eps.0.endpoints {
+        set_queue(e, 4);
+    }
+    let e = d
+        .route(with_objective("x-llm-d-inference-objective", "batch"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 429);
+    assert_eq!(
+        e.body(),
+        "inference error: ResourceExhausted - system saturated, sheddable request dropped"
+    );
+    assert!(
+        d.route(with_objective("x-llm-d-inference-objective", "critical"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn admitter_rejections_and_scheduler_failures() {
+    let d = director(
+        basic_config(1, "- type: test-deny-admitter\n"),
+        endpoints(1),
+    );
+    let mut h = post_headers("/v1/completions");
+    h.insert("x-test-deny", "1");
+    let e = d
+        .route(IncomingRequest::new(h, completion_body("m", "x", false)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 403);
+    assert_eq!(
+        e.body(),
+        "inference error: Forbidden - denied by test admitter"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_counts_are_released_on_drop_and_follow_the_served_endpoint() {
+    let eps = endpoints(2);
+    set_queue(&eps.0.endpoints[1], 3);
+    let d = director(basic_config(2, ""), eps.clone());
+    let mut r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(r.destination(), "10.0.0.1:8000,10.0.0.2:8000");
+    assert_eq!(eps.0.endpoints[0].inflight_requests(), 1);
+    r.set_served_endpoint("10.0.0.2:8000");
+    assert_eq!(eps.0.endpoints[0].inflight_requests(), 0);
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 1);
+    assert_eq!(r.served_endpoint().unwrap().hostport(), "10.0.0.2:8000");
+    r.set_served_endpoint("10.7.7.7:1");
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 1);
+    let id = r.request_id().to_string();
+    drop(r);
+    assert_eq!(eps.0.endpoints[1].inflight_requests(), 0);
+    assert_eq!(eps.0.endpoints[1].inflight_tokens(), 0);
+    // Response-complete hooks ran even though the request never finished.
+    assert_eq!(hook_events(&id), vec!["complete:0:-:10.0.0.2:8000"]);
+}
+
+#[tokio::test]
+async fn streaming_usage_split_across_chunks_and_hooks() {
+    let mut reg = Registry::default();
+    let metrics = EppMetrics::register(&mut reg, "c", "v");
+    let eps = endpoints(1);
+    let d = Director::builder(basic_config(1, ""), eps)
+        .metrics(metrics)
+        .build();
+    let mut r = d.route(req(completion_body("m", "x", true))).await.unwrap();
+    assert!(r.is_streaming());
+    let id = r.request_id().to_string();
+    let h: Headers = [(":status", "200"), ("content-type", "text/event-stream")]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        r.on_response_headers(200, &h),
+        vec![("x-test-hook".to_string(), "seen".to_string())]
+    );
+    let sse = "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":30,\"total_tokens\":42,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\ndata: [DONE]\n\n";
+    let (a, b) = sse.split_at(70);
+    r.on_response_body(a.as_bytes(), false);
+    assert!(r.usage().is_none());
+    r.on_response_body(b.as_bytes(), true);
+    let u = r.usage().unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        (12, 30, 8)
+    );
+    r.finish();
+    assert_eq!(
+        hook_events(&id),
+        vec![
+            "received:200".to_string(),
+            format!("chunk:{}", a.len()),
+            format!("chunk:{}", b.len()),
+            "complete:200:30:10.0.0.1:8000".to_string()
+        ]
+    );
+    let mut out = String::new();
+    encode(&mut out, &reg).unwrap();
+    for needle in [
+        "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\",priority=\"0\"} 1",
+        "inference_objective_input_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 12",
+        "inference_objective_output_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 30",
+        "inference_objective_prompt_cached_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 8",
+        "inference_objective_normalized_time_per_output_token_seconds_count{model_name=\"m\",target_model_name=\"m\"} 1",
+        "inference_objective_request_duration_seconds_count{model_name=\"m\",target_model_name=\"m\"} 1",
+        "inference_objective_response_sizes_sum{model_name=\"m\",target_model_name=\"m\"} ",
+        "inference_objective_running_requests{model_name=\"m\"} 0",
+    ] {
+        assert!(out.contains(needle), "missing {needle} in\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn non_streaming_usage_and_model_server_errors() {
+    let mut reg = Registry::default();
+    let metrics = EppMetrics::register(&mut reg, "c", "v");
+    let d = Director::builder(basic_config(1, ""), endpoints(1))
+        .metrics(metrics)
+        .build();
+    let mut r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    assert!(!r.is_streaming());
+    r.on_response_headers(
+        200,
+        &[("content-type", "application/json")].into_iter().collect(),
+    );
+    let body =
+        br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+    r.on_response_body(&body[..20], false);
+    r.on_response_body(&body[20..], true);
+    assert_eq!(r.usage().unwrap().total_tokens, 7);
+    r.finish();
+    // Not JSON: no usage, no panic; a 500 counts as a model-server error.
+    let mut r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    r.on_response_headers(500, &Headers::new());
+    r.on_response_body(b"upstream exploded", true);
+    assert!(r.usage().is_none());
+    r.finish();
+    let mut out = String::new();
+    encode(&mut out, &reg).unwrap();
+    assert!(out.contains("inference_objective_request_error_total{model_name=\"m\",target_model_name=\"m\",error_code=\"ModelServerError\"} 1"), "{out}");
+    assert!(
+        out.contains(
+            "inference_objective_output_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 4"
+        ),
+        "{out}"
+    );
+    // No cached-token details were reported: nothing observed.
+    assert!(
+        !out.contains("inference_objective_prompt_cached_tokens_count{"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn lora_affinity_prefers_the_endpoint_running_the_adapter() {
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: lora-affinity-scorer\n- type: max-score-picker\n";
+    let cfg = load_config(yaml).unwrap();
+    let eps = endpoints(3);
+    let lora = |e: &llmsched_core::Endpoint, running: &[&str], max: u32| {
+        e.set_metrics(EndpointMetrics {
+            running_lora_adapters: running.iter().map(|s| s.to_string()).collect(),
+            max_lora: max,
+            updated_at: Some(std::time::Instant::now()),
+            ..Default::default()
+        })
+    };
+    lora(&eps.0.endpoints[0], &["a", "b"], 2);
+    lora(&eps.0.endpoints[1], &["sql-lora"], 2);
+    lora(&eps.0.endpoints[2], &[], 0);
+    let d = director(cfg, eps.clone());
+    let r = d
+        .route(req(completion_body("sql-lora", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(r.destination(), "10.0.0.2:8000");
+    drop(r);
+    let r = d
+        .route(req(completion_body("new-lora", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.destination(),
+        "10.0.0.2:8000",
+        "room to load: first of the 0.8s"
+    );
+}
+
+#[tokio::test]
+async fn flow_control_rejects_over_capacity_and_expires_queued_requests() {
+    tokio::time::pause();
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nflowControl:\n  maxRequests: 1\n  defaultRequestTTL: 5s\nplugins:\n- type: queue-scorer\n- type: test-saturation-detector\n  parameters: {queueDepthThreshold: 1}\n";
+    let eps = endpoints(1);
+    let d = Arc::new(director(load_config(yaml).unwrap(), eps.clone()));
+    // Unsaturated: straight through.
+    assert!(d.route(req(completion_body("m", "x", false))).await.is_ok());
+    set_queue(&eps.0.endpoints[0], 3);
+    let d2 = d.clone();
+    let queued = tokio::spawn(async move { d2.route(req(completion_body("m", "x", false))).await });
+    let fc = d.flow_controller().unwrap();
+    while fc.queued() != 1 {
+        tokio::task::yield_now().await;
+    }
+    let e = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 429);
+    assert_eq!(
+        e.headers,
+        vec![(
+            "x-llm-d-request-dropped-reason".to_string(),
+            "rejected-saturated".to_string()
+        )]
+    );
+    let e = queued.await.unwrap().unwrap_err();
+    assert_eq!(e.http_status(), 503);
+    assert_eq!(e.headers[0].1, "rejected-ttl-expired");
+    // Capacity frees up once the pool drains.
+    set_queue(&eps.0.endpoints[0], 0);
+    let d2 = d.clone();
+    set_queue(&eps.0.endpoints[0], 3);
+    let queued = tokio::spawn(async move { d2.route(req(completion_body("m", "x", false))).await });
+    while fc.queued() != 1 {
+        tokio::task::yield_now().await;
+    }
+    set_queue(&eps.0.endpoints[0], 0);
+    fc.notify();
+    let r = queued.await.unwrap().unwrap();
+    assert_eq!(r.destination(), "10.0.0.1:8000");
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn set_config_swaps_the_pipeline() {
+    let eps = endpoints(2);
+    let d = director(basic_config(1, ""), eps.clone());
+    let r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(r.targets().len(), 1);
+    drop(r);
+    d.set_config(basic_config(2, ""));
+    let r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    assert_eq!(r.targets().len(), 2);
+    assert_eq!(d.endpoints().snapshot().len(), 2);
+}

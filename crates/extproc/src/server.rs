@@ -1,0 +1,230 @@
+//! Listeners: the ext_proc gRPC server (TLS or plaintext) and the Prometheus `/metrics`
+//! endpoint.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use llmsched_director::Director;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::HealthHandle;
+use crate::service::{ExtProcOptions, ExtProcService};
+use crate::tls::TlsConfig;
+
+/// Largest ext_proc message accepted from Envoy.
+const MAX_MESSAGE: usize = 64 << 20;
+/// A TLS handshake must finish within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC transport failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Socket trouble.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn accept_loop<F, Fut, T>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tx: tokio::sync::mpsc::Sender<Result<T, std::io::Error>>,
+    wrap: F,
+) where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let wrap = Arc::new(wrap);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                let _ = sock.set_nodelay(true);
+                let tx = tx.clone();
+                let wrap = wrap.clone();
+                tokio::spawn(async move {
+                    match wrap(sock).await {
+                        Some(conn) => {
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                        None => tracing::debug!(%peer, "connection dropped before serving"),
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Accepted plaintext connections (TCP_NODELAY set).
+pub(crate) fn tcp_incoming(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(accept_loop(
+        listener,
+        shutdown,
+        tx,
+        |s| async move { Some(s) },
+    ));
+    ReceiverStream::new(rx)
+}
+
+/// Accepted TLS connections; handshakes run concurrently and failures are only logged.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, shutdown, tx, move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    None
+                }
+            }
+        }
+    }));
+    ReceiverStream::new(rx)
+}
+
+/// Serves `envoy.service.ext_proc.v3.ExternalProcessor` on `listener` until `shutdown`:
+/// over TLS when `tls` is given (the default of the EPP), else plaintext. With `health`, the
+/// gRPC health service is served on this port too (the reference's `--health-checking`).
+pub async fn serve_ext_proc(
+    listener: TcpListener,
+    director: Arc<Director>,
+    tls: Option<TlsConfig>,
+    health: Option<HealthHandle>,
+    options: ExtProcOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let svc = ExternalProcessorServer::new(ExtProcService::new(director, options))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let mut builder = tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let router = match health {
+        Some(h) => builder.add_service(svc).add_service(h.service()),
+        None => builder.add_service(svc),
+    };
+    let signal = shutdown.clone().cancelled_owned();
+    match tls {
+        Some(tls) => {
+            tls.spawn_reloader(shutdown.clone());
+            let acceptor = TlsAcceptor::from(tls.server_config());
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, acceptor, shutdown), signal)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(tcp_incoming(listener, shutdown), signal)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// Content type of the OpenMetrics text exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn metrics_handler(
+    registry: Arc<Registry>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = http::HeaderValue::from_str(ctype) {
+            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+        Ok(r)
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        );
+    }
+    let mut out = String::with_capacity(16 * 1024);
+    match prometheus_client::encoding::text::encode(&mut out, &registry) {
+        Ok(()) => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, out),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("encoding metrics failed: {e}\n"),
+        ),
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text of `registry`) over HTTP/1.1 on `listener` until
+/// `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    loop {
+        let (sock, _) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| metrics_handler(registry.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "metrics connection failed");
+                },
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}

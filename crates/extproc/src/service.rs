@@ -1,0 +1,483 @@
+//! The `envoy.service.ext_proc.v3.ExternalProcessor/Process` service: one bidirectional
+//! stream per HTTP request, request and response bodies in `FULL_DUPLEX_STREAMED` mode.
+//!
+//! Per stream, in order:
+//!
+//! 1. `request_headers`: headers collected (`x-request-id` generated when missing). With
+//!    `end_of_stream` (no body) the director picks a random endpoint and the headers response
+//!    goes out at once; otherwise nothing is sent until the body ends.
+//! 2. `request_body` chunks are appended (pre-sized from `content-length`); at
+//!    `end_of_stream` (or at `request_trailers`) the director routes the request and the
+//!    stream answers with the headers response (destination header + `envoy.lb` metadata,
+//!    `Content-Length`, echoed headers, hook headers) followed by the body re-chunked at
+//!    62,000 bytes. A request the parser skipped is answered the same way and the stream then
+//!    closes, as the reference does. Errors become an `ImmediateResponse` and end the stream.
+//! 3. `response_headers`: answered with `x-went-into-resp-headers: true` plus the echoed
+//!    headers and the response hooks' headers.
+//! 4. `response_body`: streaming responses pass chunk by chunk (model name rewritten back);
+//!    other bodies are buffered to the end and then sent (re-chunked). Usage is accounted.
+//! 5. `response_trailers` (or the response body's end) finishes the request.
+//!
+//! A stream that ends early (client gone, Envoy reset) drops its [`Routed`], which releases
+//! the in-flight counts. Messages out of order (a body before headers, headers twice, a
+//! response before the request was routed) end the stream with `INVALID_ARGUMENT`.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
+};
+use futures::Stream;
+use llmsched_core::request::Headers;
+use llmsched_director::headers::is_system_owned;
+use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::messages::{
+    Direction, body_responses, headers_from, immediate_response, request_headers_response,
+    response_headers_response, served_endpoint, set_header, subset_hint, trailers_response,
+};
+
+/// Options of the ext_proc service.
+#[derive(Debug, Clone)]
+pub struct ExtProcOptions {
+    /// Upper bound of the body buffer pre-allocated from `content-length` (request and
+    /// response); larger bodies still work, they grow the buffer as they arrive.
+    pub max_prealloc_bytes: usize,
+}
+
+impl Default for ExtProcOptions {
+    fn default() -> Self {
+        Self {
+            max_prealloc_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The ext_proc service over a [`Director`].
+#[derive(Debug, Clone)]
+pub struct ExtProcService {
+    director: Arc<Director>,
+    options: ExtProcOptions,
+}
+
+impl ExtProcService {
+    /// A service routing with `director`.
+    pub fn new(director: Arc<Director>, options: ExtProcOptions) -> Self {
+        Self { director, options }
+    }
+}
+
+type Item = Result<ProcessingResponse, Status>;
+
+/// The response stream of one `Process` call. The state machine runs inside it: tonic polls
+/// it for the next response, it reads the next request message when it has nothing queued.
+/// No task per stream, no channel hop; when Envoy resets the stream tonic drops it, and
+/// with it any [`Routed`] (releasing in-flight counts) or flow-control wait.
+pub type ProcessStream = Pin<Box<dyn Stream<Item = Item> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = ProcessStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let handler = StreamHandler {
+            director: self.director.clone(),
+            options: self.options.clone(),
+            out: VecDeque::new(),
+            stage: Stage::AwaitHeaders,
+            hint: None,
+            done: false,
+        };
+        let stream = futures::stream::unfold(
+            (handler, request.into_inner()),
+            |(mut h, mut inbound)| async move {
+                loop {
+                    if let Some(item) = h.out.pop_front() {
+                        return Some((item, (h, inbound)));
+                    }
+                    if h.done {
+                        return None;
+                    }
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return None,
+                        Err(s) => {
+                            tracing::debug!(status = %s, "ext_proc stream ended");
+                            return None;
+                        }
+                    };
+                    match h.handle(msg).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Close) => h.done = true,
+                        Err(status) => {
+                            tracing::warn!(error = %status.message(), "ext_proc protocol error");
+                            h.out.push_back(Err(status));
+                            h.done = true;
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A malformed message sequence: the stream fails with `INVALID_ARGUMENT`.
+fn protocol(msg: &str) -> Status {
+    Status::invalid_argument(msg.to_string())
+}
+
+enum Resp {
+    AwaitHeaders,
+    Streaming,
+    Buffering(Vec<u8>),
+    Done,
+}
+
+enum Stage {
+    AwaitHeaders,
+    Body {
+        headers: Headers,
+        buf: Vec<u8>,
+        received_at: Instant,
+    },
+    Forwarded {
+        // Boxed: a routed request is large and the other stages are small.
+        routed: Option<Box<Routed>>,
+        resp: Resp,
+    },
+}
+
+struct StreamHandler {
+    director: Arc<Director>,
+    options: ExtProcOptions,
+    out: VecDeque<Item>,
+    stage: Stage,
+    hint: Option<Vec<String>>,
+    done: bool,
+}
+
+/// Whether the stream continues after a message.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl StreamHandler {
+    fn send(&mut self, r: ProcessingResponse) {
+        self.out.push_back(Ok(r));
+    }
+
+    fn send_all(&mut self, rs: impl Iterator<Item = ProcessingResponse>) {
+        self.out.extend(rs.map(Ok));
+    }
+
+    async fn handle(&mut self, msg: ProcessingRequest) -> Result<Flow, Status> {
+        let md = msg.metadata_context.as_ref();
+        if let Some(h) = subset_hint(md) {
+            self.hint = Some(h);
+        }
+        if let Some(served) = served_endpoint(md)
+            && let Stage::Forwarded {
+                routed: Some(r), ..
+            } = &mut self.stage
+        {
+            r.set_served_endpoint(&served);
+        }
+        use processing_request::Request as R;
+        match msg.request {
+            Some(R::RequestHeaders(h)) => self.request_headers(h).await,
+            Some(R::RequestBody(b)) => self.request_body(b).await,
+            Some(R::RequestTrailers(_)) => self.request_trailers().await,
+            Some(R::ResponseHeaders(h)) => self.response_headers(h).await,
+            Some(R::ResponseBody(b)) => self.response_body(b).await,
+            Some(R::ResponseTrailers(_)) => self.response_trailers().await,
+            None => Ok(Flow::Continue),
+        }
+    }
+
+    async fn request_headers(&mut self, h: HttpHeaders) -> Result<Flow, Status> {
+        if !matches!(self.stage, Stage::AwaitHeaders) {
+            return Err(protocol("request headers received more than once"));
+        }
+        let received_at = Instant::now();
+        let headers = headers_from(h.headers.as_ref());
+        if h.end_of_stream {
+            return match self.director.route_without_body(headers, received_at) {
+                Ok(routed) => {
+                    let r = headers_response(&routed, 0);
+                    self.stage = Stage::Forwarded {
+                        routed: Some(Box::new(routed)),
+                        resp: Resp::AwaitHeaders,
+                    };
+                    self.send(r);
+                    Ok(Flow::Continue)
+                }
+                Err(e) => {
+                    self.send(immediate_response(&e));
+                    Ok(Flow::Close)
+                }
+            };
+        }
+        let cap = headers
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(self.options.max_prealloc_bytes);
+        self.stage = Stage::Body {
+            headers,
+            buf: Vec::with_capacity(cap),
+            received_at,
+        };
+        Ok(Flow::Continue)
+    }
+
+    async fn request_body(&mut self, b: HttpBody) -> Result<Flow, Status> {
+        let Stage::Body { buf, .. } = &mut self.stage else {
+            return Err(protocol(match self.stage {
+                Stage::AwaitHeaders => "request body received before request headers",
+                _ => "request body received after the request body ended",
+            }));
+        };
+        let body = b.body;
+        if !b.end_of_stream {
+            buf.extend_from_slice(&body);
+            return Ok(Flow::Continue);
+        }
+        let whole = if buf.is_empty() {
+            body
+        } else {
+            buf.extend_from_slice(&body);
+            std::mem::take(buf)
+        };
+        self.route(Bytes::from(whole), false).await
+    }
+
+    async fn request_trailers(&mut self) -> Result<Flow, Status> {
+        match &mut self.stage {
+            Stage::Body { buf, .. } => {
+                let whole = std::mem::take(buf);
+                self.route(Bytes::from(whole), true).await
+            }
+            Stage::AwaitHeaders => {
+                Err(protocol("request trailers received before request headers"))
+            }
+            Stage::Forwarded { .. } => {
+                self.send(trailers_response(Direction::Request));
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// Routes the buffered request and sends the headers and body responses.
+    async fn route(&mut self, body: Bytes, trailers: bool) -> Result<Flow, Status> {
+        let Stage::Body {
+            headers,
+            received_at,
+            ..
+        } = std::mem::replace(&mut self.stage, Stage::AwaitHeaders)
+        else {
+            return Err(protocol("no request to route"));
+        };
+        self.director
+            .metrics()
+            .observe_phase(Phase::BodyBuffering, received_at.elapsed());
+        let incoming = IncomingRequest {
+            headers,
+            body,
+            subset_hint: self.hint.clone(),
+            received_at,
+        };
+        // When Envoy gives up while the request waits (flow control), tonic drops this
+        // stream and with it this future, which takes the request out of its queue.
+        let result = self.director.route(incoming).await;
+        let routed = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "request rejected");
+                self.send(immediate_response(&e));
+                return Ok(Flow::Close);
+            }
+        };
+        let body = routed.forward_body().clone();
+        let skipped = routed.kind() == RouteKind::Fallback;
+        self.send(headers_response(&routed, body.len()));
+        self.stage = Stage::Forwarded {
+            routed: Some(Box::new(routed)),
+            resp: Resp::AwaitHeaders,
+        };
+        self.send_all(body_responses(Direction::Request, &body, !trailers));
+        if trailers {
+            self.send(trailers_response(Direction::Request));
+        }
+        if skipped {
+            // As the reference: an unparsed request is handed back to Envoy and the stream
+            // closes, so no response phase reaches the EPP.
+            return Ok(Flow::Close);
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn response_headers(&mut self, h: HttpHeaders) -> Result<Flow, Status> {
+        let Stage::Forwarded { routed, resp } = &mut self.stage else {
+            return Err(protocol(
+                "response headers received before the request was routed",
+            ));
+        };
+        if !matches!(resp, Resp::AwaitHeaders) {
+            return Err(protocol("response headers received more than once"));
+        }
+        let headers = headers_from(h.headers.as_ref());
+        let status = headers
+            .get(":status")
+            .or_else(|| headers.get("status"))
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(200);
+        let Some(r) = routed.as_mut() else {
+            return Err(protocol(
+                "response headers received after the response completed",
+            ));
+        };
+        let extra = r.on_response_headers(status, &headers);
+        let mut set = echo(&headers);
+        merge(&mut set, extra);
+        let streaming = r.is_streaming();
+        *resp = if h.end_of_stream {
+            if let Some(r) = routed.take() {
+                r.finish();
+            }
+            Resp::Done
+        } else if streaming {
+            Resp::Streaming
+        } else {
+            let cap = headers
+                .get("content-length")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+                .min(self.options.max_prealloc_bytes);
+            Resp::Buffering(Vec::with_capacity(cap))
+        };
+        self.send(response_headers_response(set));
+        Ok(Flow::Continue)
+    }
+
+    async fn response_body(&mut self, b: HttpBody) -> Result<Flow, Status> {
+        let Stage::Forwarded { routed, resp } = &mut self.stage else {
+            return Err(protocol(
+                "response body received before the request was routed",
+            ));
+        };
+        let Some(r) = routed.as_mut() else {
+            return Err(protocol(
+                "response body received after the response completed",
+            ));
+        };
+        let eos = b.end_of_stream;
+        match resp {
+            Resp::Streaming => {
+                r.on_response_body(&b.body, eos);
+                let out = r.rewrite_response_model(&b.body).into_owned();
+                if eos {
+                    if let Some(r) = routed.take() {
+                        r.finish();
+                    }
+                    *resp = Resp::Done;
+                }
+                self.send_all(body_responses(Direction::Response, &out, eos));
+            }
+            Resp::Buffering(buf) => {
+                if buf.is_empty() && eos {
+                    *buf = b.body;
+                } else {
+                    buf.extend_from_slice(&b.body);
+                }
+                if !eos {
+                    return Ok(Flow::Continue);
+                }
+                let whole = std::mem::take(buf);
+                r.on_response_body(&whole, true);
+                let out = r.rewrite_response_model(&whole).into_owned();
+                if let Some(r) = routed.take() {
+                    r.finish();
+                }
+                *resp = Resp::Done;
+                self.send_all(body_responses(Direction::Response, &out, true));
+            }
+            Resp::AwaitHeaders => {
+                return Err(protocol("response body received before response headers"));
+            }
+            Resp::Done => {
+                return Err(protocol(
+                    "response body received after the response completed",
+                ));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn response_trailers(&mut self) -> Result<Flow, Status> {
+        let Stage::Forwarded { routed, resp } = &mut self.stage else {
+            return Err(protocol(
+                "response trailers received before the request was routed",
+            ));
+        };
+        let mut pending = None;
+        if let Resp::Buffering(buf) = resp {
+            let whole = std::mem::take(buf);
+            if let Some(r) = routed.as_mut() {
+                r.on_response_body(&whole, true);
+                pending = Some(r.rewrite_response_model(&whole).into_owned());
+            }
+        }
+        if let Some(r) = routed.take() {
+            r.finish();
+        }
+        *resp = Resp::Done;
+        if let Some(body) = pending {
+            self.send_all(body_responses(Direction::Response, &body, false));
+        }
+        self.send(trailers_response(Direction::Response));
+        Ok(Flow::Continue)
+    }
+}
+
+/// Every header that is not system-owned, echoed back as a `set`.
+fn echo(headers: &Headers) -> Vec<HeaderValueOption> {
+    headers
+        .iter()
+        .filter(|(k, _)| !is_system_owned(k))
+        .map(|(k, v)| set_header(k, v.as_bytes()))
+        .collect()
+}
+
+/// Adds hook headers to `set`, replacing echoed values of the same name.
+fn merge(set: &mut Vec<HeaderValueOption>, extra: Vec<(String, String)>) {
+    for (k, v) in extra {
+        let existing = set.iter_mut().find(|o| {
+            o.header
+                .as_ref()
+                .is_some_and(|h| h.key.eq_ignore_ascii_case(&k))
+        });
+        match existing {
+            Some(o) => *o = set_header(k, v.into_bytes()),
+            None => set.push(set_header(k, v.into_bytes())),
+        }
+    }
+}
+
+fn headers_response(routed: &Routed, content_length: usize) -> ProcessingResponse {
+    let mut set = echo(&routed.request().headers);
+    merge(&mut set, routed.headers_to_set().to_vec());
+    request_headers_response(routed.destination(), content_length, set)
+}
