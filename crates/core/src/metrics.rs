@@ -117,17 +117,17 @@ impl SchedulerMetrics {
         let m = Self::default();
         registry.register(
             "inference_extension_scheduler_e2e_duration_seconds",
-            "End-to-end scheduling latency distribution in seconds.",
+            "End-to-end scheduling latency distribution in seconds",
             m.e2e.clone(),
         );
         registry.register(
             "inference_extension_scheduler_attempts",
-            "Total number of scheduling attempts.",
+            "Total number of scheduling attempts",
             m.attempts.clone(),
         );
         registry.register(
             "inference_extension_plugin_duration_seconds",
-            "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.",
+            "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name",
             m.plugin_duration.clone(),
         );
         m.prefix.register(registry);
@@ -209,22 +209,22 @@ impl PrefixIndexerMetrics {
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "inference_extension_prefix_indexer_size",
-            "Size of the prefix indexer.",
+            "Size of the prefix indexer",
             self.size.clone(),
         );
         registry.register(
             "inference_extension_prefix_indexer_hit_ratio",
-            "Ratio of prefix length matched to total prefix length in the cache lookup.",
+            "Ratio of prefix length matched to total prefix length in the cache lookup",
             self.hit_ratio.clone(),
         );
         registry.register(
             "inference_extension_prefix_indexer_hit_bytes",
-            "Length of the prefix match in number of bytes in the cache lookup.",
+            "Length of the prefix match in number of bytes in the cache lookup",
             self.hit_bytes.clone(),
         );
         registry.register(
             "llmsched_prefix_indexer_memory_bytes",
-            "Estimated memory held by the prefix indexer, in bytes.",
+            "Estimated memory held by the prefix indexer, in bytes",
             self.memory_bytes.clone(),
         );
     }

@@ -51,12 +51,23 @@ pub mod header {
     /// Default fairness id.
     pub const DEFAULT_FAIRNESS_ID: &str = "default-flow";
 
-    /// Headers the EPP owns and therefore never echoes back to the gateway.
+    /// Headers the EPP owns and therefore never echoes back to the gateway: pseudo-headers,
+    /// framing headers, the destination headers and both families of control headers.
     pub fn is_system_owned(name: &str) -> bool {
-        name.starts_with(':')
-            || name.eq_ignore_ascii_case("content-length")
-            || name.eq_ignore_ascii_case(DESTINATION_ENDPOINT)
-            || name.eq_ignore_ascii_case("transfer-encoding")
+        const OWNED: [&str; 11] = [
+            "content-length",
+            "transfer-encoding",
+            DESTINATION_ENDPOINT,
+            DESTINATION_ENDPOINT_SERVED,
+            DESTINATION_ENDPOINT_SUBSET,
+            OBJECTIVE.0,
+            OBJECTIVE.1,
+            MODEL_NAME_REWRITE.0,
+            MODEL_NAME_REWRITE.1,
+            FAIRNESS_ID.0,
+            FAIRNESS_ID.1,
+        ];
+        name.starts_with(':') || OWNED.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 }
 
@@ -417,6 +428,25 @@ mod tests {
         assert_eq!(h.get_control(header::MODEL_NAME_REWRITE), Some("old"));
         let h: Headers = [("x-llm-d-model-name-rewrite", "")].into_iter().collect();
         assert_eq!(h.get_control(header::MODEL_NAME_REWRITE), None);
+    }
+
+    #[test]
+    fn system_owned_headers_cover_both_control_families() {
+        for h in [
+            ":path",
+            "Content-Length",
+            "x-gateway-destination-endpoint",
+            "x-gateway-destination-endpoint-served",
+            "x-llm-d-model-name-rewrite",
+            "X-Gateway-Model-Name-Rewrite",
+            "x-gateway-inference-objective",
+            "x-llm-d-inference-fairness-id",
+        ] {
+            assert!(header::is_system_owned(h), "{h}");
+        }
+        for h in ["x-request-id", "authorization", "x-session-token", "content-type"] {
+            assert!(!header::is_system_owned(h), "{h}");
+        }
     }
 
     #[test]

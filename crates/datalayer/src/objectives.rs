@@ -13,7 +13,7 @@ use llmsched_core::objectives::{Objectives, parse_manifests};
 /// Objectives and model rewrites in effect.
 #[derive(Debug, Default)]
 pub struct ObjectivesStore {
-    current: ArcSwap<Objectives>,
+    current: Arc<ArcSwap<Objectives>>,
     version: AtomicU64,
 }
 
@@ -26,7 +26,7 @@ impl ObjectivesStore {
     /// A store holding `objectives`.
     pub fn new(objectives: Objectives) -> Self {
         Self {
-            current: ArcSwap::from_pointee(objectives),
+            current: Arc::new(ArcSwap::from_pointee(objectives)),
             version: AtomicU64::new(0),
         }
     }
@@ -34,6 +34,11 @@ impl ObjectivesStore {
     /// The objectives in effect (a cheap, lock-free load).
     pub fn load(&self) -> Arc<Objectives> {
         self.current.load_full()
+    }
+
+    /// The swappable snapshot itself, for readers that hold it directly (the director).
+    pub fn shared(&self) -> Arc<ArcSwap<Objectives>> {
+        self.current.clone()
     }
 
     /// Replaces the objectives.

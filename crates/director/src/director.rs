@@ -430,9 +430,12 @@ impl Director {
         // Target model, priority, fairness, objectives.
         let mut request = InferenceRequest::new(request_id, headers, Some(parsed));
         let objectives = self.objectives.load();
+        // As in the reference: the rewrite header sets the target, and a matching
+        // InferenceModelRewrite rule (looked up by the requested model) overrides it.
         if let Some(rewrite) = request.headers.get_control(header::MODEL_NAME_REWRITE) {
             request.target_model = rewrite.to_string();
-        } else if let Some(rule) = objectives.rewrite_for(&request.incoming_model)
+        }
+        if let Some(rule) = objectives.rewrite_for(&request.incoming_model)
             && let Some(target) = rule.choose(rand::random::<u64>())
         {
             request.target_model = target.to_string();

@@ -14,26 +14,8 @@ pub fn ensure_request_id(headers: &mut Headers) -> String {
     id
 }
 
-/// Headers the EPP owns and therefore never echoes back to the gateway: pseudo-headers,
-/// `content-length`, `transfer-encoding`, the destination headers (set or reported by the
-/// gateway), the subset-hint key, and the control headers of both families (`x-llm-d-*` and
-/// the older `x-gateway-*` names), which the reference treats as input-only.
-pub fn is_system_owned(name: &str) -> bool {
-    if header::is_system_owned(name) {
-        return true;
-    }
-    let owned = [
-        header::DESTINATION_ENDPOINT_SERVED,
-        header::DESTINATION_ENDPOINT_SUBSET,
-        header::OBJECTIVE.0,
-        header::OBJECTIVE.1,
-        header::MODEL_NAME_REWRITE.0,
-        header::MODEL_NAME_REWRITE.1,
-        header::FAIRNESS_ID.0,
-        header::FAIRNESS_ID.1,
-    ];
-    owned.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
+/// Headers the EPP owns and never echoes back (one definition, in core).
+pub use llmsched_core::request::header::is_system_owned;
 
 /// True when a `content-type` value announces a server-sent-event stream.
 pub fn is_event_stream(content_type: &str) -> bool {

@@ -230,7 +230,7 @@ spec:
 "#;
 
 #[tokio::test]
-async fn rewrites_splice_the_model_and_the_header_wins() {
+async fn rewrites_splice_the_model_and_rules_override_the_header() {
     let mut reg = Registry::default();
     let metrics = EppMetrics::register(&mut reg, "c", "v");
     let d = Director::builder(basic_config(1, ""), endpoints(1))
@@ -250,20 +250,28 @@ async fn rewrites_splice_the_model_and_the_header_wins() {
         br#"{"model":"food-review","x":1}"#
     );
     drop(r);
+    // The rewrite header sets the target for models without a rule...
+    let plain = completion_body("plain-model", "a prompt", false);
     for name in ["x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite"] {
         let mut h = post_headers("/v1/completions");
         h.insert(name, "from-header");
         let r = d
-            .route(IncomingRequest::new(h, body.clone()))
+            .route(IncomingRequest::new(h, plain.clone()))
             .await
             .unwrap();
         assert_eq!(r.request().target_model, "from-header", "{name}");
         let v: serde_json::Value = serde_json::from_slice(r.forward_body()).unwrap();
         assert_eq!(v["model"], "from-header");
     }
+    // ...and, as in the reference, a matching InferenceModelRewrite rule overrides it.
+    let mut h = post_headers("/v1/completions");
+    h.insert("x-llm-d-model-name-rewrite", "from-header");
+    let r = d.route(IncomingRequest::new(h, body.clone())).await.unwrap();
+    assert_eq!(r.request().target_model, "food-review-v2");
+    drop(r);
     let mut out = String::new();
     encode(&mut out, &reg).unwrap();
-    assert!(out.contains("inference_extension_model_rewrite_decisions_total{model_rewrite_name=\"canary\",model_name=\"food-review\",target_model=\"food-review-v2\"} 1"), "{out}");
+    assert!(out.contains("inference_extension_model_rewrite_decisions_total{model_rewrite_name=\"canary\",model_name=\"food-review\",target_model=\"food-review-v2\"} 2"), "{out}");
 }
 
 fn saturated_config() -> Arc<llmsched_core::config::LoadedConfig> {

@@ -1,0 +1,408 @@
+//! The composition root of `llmsched epp`: loads the configuration, starts the data layer,
+//! builds the director and serves ext_proc, health, metrics (and the proxy, when asked).
+//!
+//! [`start`] binds every listener before returning, so callers (tests, the demo) learn the
+//! real addresses, including ephemeral ports (`--grpc-port=0`). [`run`] is the subcommand:
+//! start, then wait for Ctrl-C or a server failure, then shut down cleanly.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use llmsched_core::config::{self, ConfigSource, LoadedConfig};
+use llmsched_core::metrics::SchedulerMetrics;
+use llmsched_core::objectives::Objectives;
+use llmsched_core::registry::{Extensions, PluginHandle};
+use llmsched_core::EndpointSource;
+use llmsched_datalayer::{
+    DataLayerConfig, DataLayerHandle, EndpointStore, MetricOverrides, parse_endpoints_flag,
+};
+use llmsched_director::{Director, DirectorOptions, EppMetrics, PoolCollector};
+use llmsched_extproc::{
+    ExtProcOptions, HealthHandle, ServeError, TlsConfig, serve_ext_proc, serve_health,
+    serve_metrics, spawn_readiness_watch,
+};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{Args, ArgsError};
+
+/// Why the EPP cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EppError {
+    /// A flag combination is invalid.
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    /// The configuration file cannot be read.
+    #[error("cannot read config file {path}: {error}")]
+    ConfigRead {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Endpoints, objectives or scraping settings are invalid.
+    #[error(transparent)]
+    DataLayer(#[from] llmsched_datalayer::DataLayerError),
+    /// `--endpoints` is malformed.
+    #[error("--endpoints: {0}")]
+    Endpoints(#[from] llmsched_datalayer::DiscoveryError),
+    /// TLS material is unusable.
+    #[error("secure serving: {0}")]
+    Tls(#[from] llmsched_extproc::TlsError),
+    /// A port cannot be bound.
+    #[error("cannot listen on {addr} (--{flag}): {error}")]
+    Bind {
+        /// The flag naming the port.
+        flag: &'static str,
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A server failed while running.
+    #[error("{server} server failed: {error}")]
+    Serve {
+        /// Which server.
+        server: &'static str,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The running EPP.
+#[derive(Debug)]
+pub struct EppHandle {
+    /// ext_proc gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// gRPC health address.
+    pub health_addr: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_addr: SocketAddr,
+    /// Built-in proxy address, when `--proxy-port` was given.
+    pub proxy_addr: Option<SocketAddr>,
+    /// PEM of the ext_proc server certificate, when serving TLS.
+    pub tls_certificate_pem: Option<Vec<u8>>,
+    director: Arc<Director>,
+    store: Arc<EndpointStore>,
+    health: HealthHandle,
+    cancel: CancellationToken,
+    servers: JoinSet<(&'static str, Result<(), String>)>,
+    datalayer: Option<DataLayerHandle>,
+}
+
+impl EppHandle {
+    /// The director (shared by every transport).
+    pub fn director(&self) -> &Arc<Director> {
+        &self.director
+    }
+
+    /// The endpoint store.
+    pub fn store(&self) -> &Arc<EndpointStore> {
+        &self.store
+    }
+
+    /// The health handle.
+    pub fn health(&self) -> &HealthHandle {
+        &self.health
+    }
+
+    /// Waits until a server stops on its own (an error) or `shutdown` is cancelled.
+    pub async fn wait(&mut self, shutdown: CancellationToken) -> Result<(), EppError> {
+        tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            Some(joined) = self.servers.join_next() => {
+                let (server, outcome) = match joined {
+                    Ok(v) => v,
+                    Err(e) => ("(task)", Err(e.to_string())),
+                };
+                match outcome {
+                    Ok(()) => Err(EppError::Serve { server, error: "stopped unexpectedly".into() }),
+                    Err(error) => Err(EppError::Serve { server, error }),
+                }
+            }
+        }
+    }
+
+    /// Stops every server and background task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.servers.join_next().await.is_some() {}
+        if let Some(dl) = self.datalayer.take() {
+            dl.shutdown().await;
+        }
+    }
+}
+
+impl Drop for EppHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Loads the configuration named by the flags (file, text, or the built-in default).
+pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
+    let registry = llmsched_plugins::default_registry();
+    if let Some(path) = &args.config_file {
+        let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
+            path: path.display().to_string(),
+            error,
+        })?;
+        return Ok(config::load(
+            &text,
+            ConfigSource::File(path.display().to_string()),
+            &registry,
+            handle,
+        )?);
+    }
+    if let Some(text) = &args.config_text {
+        return Ok(config::load(text, ConfigSource::Text, &registry, handle)?);
+    }
+    Ok(config::load_default(&registry, handle)?)
+}
+
+fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
+    let static_endpoints = match &args.endpoints {
+        Some(s) => parse_endpoints_flag(s, &args.endpoint_target_ports)?,
+        None => Vec::new(),
+    };
+    let changed = |value: &str, default: &str| (value != default).then(|| value.to_string());
+    Ok(DataLayerConfig {
+        refresh_interval: args.refresh_metrics_interval,
+        staleness_threshold: args.metrics_staleness_threshold,
+        metrics_path: args.model_server_metrics_path.clone(),
+        metrics_port: (args.model_server_metrics_port != 0).then_some(args.model_server_metrics_port),
+        metric_overrides: MetricOverrides {
+            total_queued_requests: changed(&args.total_queued_requests_metric, "vllm:num_requests_waiting"),
+            total_running_requests: changed(&args.total_running_requests_metric, "vllm:num_requests_running"),
+            kv_cache_usage_percentage: changed(&args.kv_cache_usage_percentage_metric, "vllm:kv_cache_usage_perc"),
+            lora_info: changed(&args.lora_info_metric, "vllm:lora_requests_info"),
+            cache_info: changed(&args.cache_info_metric, "vllm:cache_config_info"),
+        },
+        static_endpoints,
+        endpoints_file: args.endpoints_file.clone(),
+        target_ports: args.endpoint_target_ports.clone(),
+        objectives_file: args.objectives_file.clone(),
+        ..DataLayerConfig::default()
+    })
+}
+
+async fn bind(args: &Args, port: u16, flag: &'static str) -> Result<TcpListener, EppError> {
+    let addr = format!("{}:{port}", bracket(&args.bind_address));
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|error| EppError::Bind { flag, addr, error })
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn local_addr(l: &TcpListener, flag: &'static str) -> Result<SocketAddr, EppError> {
+    l.local_addr().map_err(|error| EppError::Bind {
+        flag,
+        addr: "?".into(),
+        error,
+    })
+}
+
+fn tls_config(args: &Args) -> Result<Option<TlsConfig>, EppError> {
+    if !args.secure_serving {
+        return Ok(None);
+    }
+    Ok(Some(match &args.cert_path {
+        Some(dir) => TlsConfig::from_cert_dir(Path::new(dir), args.enable_cert_reload)?,
+        None => TlsConfig::self_signed()?,
+    }))
+}
+
+/// Starts the EPP: every listener is bound and every task spawned when this returns.
+pub async fn start(args: Args) -> Result<EppHandle, EppError> {
+    args.validate()?;
+    let cancel = CancellationToken::new();
+
+    // Metrics registry shared by scheduler, plugins, director and data layer.
+    let mut registry = Registry::default();
+    let scheduler_metrics = Arc::new(SchedulerMetrics::register(&mut registry));
+    let epp_metrics = EppMetrics::register(
+        &mut registry,
+        option_env!("LLMSCHED_COMMIT").unwrap_or("unknown"),
+        env!("CARGO_PKG_VERSION"),
+    );
+    let dl_metrics = llmsched_datalayer::register_metrics(&mut registry);
+
+    // Configuration (plugins see the store and the runtime).
+    let store = Arc::new(EndpointStore::new());
+    let mut extensions = Extensions::default();
+    extensions.insert(tokio::runtime::Handle::current());
+    let handle = PluginHandle {
+        metrics: scheduler_metrics.clone(),
+        endpoints: Some(store.clone() as Arc<dyn EndpointSource>),
+        extensions,
+    };
+    let config = Arc::new(load_config(&args, &handle)?);
+    for listener in &config.endpoint_listeners {
+        store.add_listener(listener.clone());
+    }
+    tracing::info!(
+        profiles = ?config.scheduler.profiles().iter().map(|p| p.name()).collect::<Vec<_>>(),
+        plugins = ?config.plugins.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        parser = config.parser.name(),
+        "configuration loaded"
+    );
+
+    // TLS before binding anything, so a bad certificate fails fast.
+    let tls = tls_config(&args)?;
+    let tls_certificate_pem = tls.as_ref().map(|t| t.certificate_pem().to_vec());
+
+    // Listeners.
+    let grpc = bind(&args, args.grpc_port, "grpc-port").await?;
+    let health_l = bind(&args, args.grpc_health_port, "grpc-health-port").await?;
+    let metrics_l = bind(&args, args.metrics_port, "metrics-port").await?;
+    let proxy_l = match args.proxy_port {
+        Some(p) => Some(bind(&args, p, "proxy-port").await?),
+        None => None,
+    };
+    let grpc_addr = local_addr(&grpc, "grpc-port")?;
+    let health_addr = local_addr(&health_l, "grpc-health-port")?;
+    let metrics_addr = local_addr(&metrics_l, "metrics-port")?;
+    let proxy_addr = proxy_l
+        .as_ref()
+        .map(|l| local_addr(l, "proxy-port"))
+        .transpose()?;
+
+    // Data layer: endpoints, objectives, scraping.
+    let dl = llmsched_datalayer::start(
+        data_layer_config(&args)?,
+        store.clone(),
+        dl_metrics,
+        cancel.clone(),
+    )
+    .await?;
+    let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
+
+    let pool_name = args.pool_name.clone().unwrap_or_else(|| "llmsched".into());
+    PoolCollector::new(
+        store.clone() as Arc<dyn EndpointSource>,
+        pool_name.clone(),
+        args.metrics_staleness_threshold,
+    )
+    .register(&mut registry);
+
+    let director = Arc::new(
+        Director::builder(config, store.clone() as Arc<dyn EndpointSource>)
+            .objectives(objectives)
+            .metrics(epp_metrics)
+            .scheduler_metrics(scheduler_metrics)
+            .options(DirectorOptions {
+                disable_endpoint_subset_filter: args.disable_endpoint_subset_filter,
+                pool_name,
+                ..DirectorOptions::default()
+            })
+            .build(),
+    );
+
+    // Servers.
+    let registry = Arc::new(registry);
+    let health = HealthHandle::new().await;
+    spawn_readiness_watch(
+        health.clone(),
+        store.clone() as Arc<dyn EndpointSource>,
+        Duration::from_millis(100),
+        cancel.clone(),
+    );
+    let mut servers = JoinSet::new();
+    let err = |e: ServeError| e.to_string();
+    {
+        let (d, c, h) = (director.clone(), cancel.clone(), health.clone());
+        let health_on_grpc = args.health_checking.then_some(h);
+        servers.spawn(async move {
+            let r = serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
+            ("ext_proc", r.map_err(err))
+        });
+    }
+    {
+        let (h, c) = (health.clone(), cancel.clone());
+        servers.spawn(async move { ("health", serve_health(health_l, h, c).await.map_err(err)) });
+    }
+    {
+        let (r, c) = (registry.clone(), cancel.clone());
+        servers.spawn(async move { ("metrics", serve_metrics(metrics_l, r, c).await.map_err(err)) });
+    }
+    if let Some(listener) = proxy_l {
+        crate::proxy::spawn(&mut servers, listener, director.clone(), &args, cancel.clone());
+    }
+
+    tracing::info!(
+        grpc = %grpc_addr,
+        health = %health_addr,
+        metrics = %metrics_addr,
+        proxy = ?proxy_addr,
+        secure_serving = args.secure_serving,
+        endpoints = store.snapshot().len(),
+        "llmsched EPP started"
+    );
+    Ok(EppHandle {
+        grpc_addr,
+        health_addr,
+        metrics_addr,
+        proxy_addr,
+        tls_certificate_pem,
+        director,
+        store,
+        health,
+        cancel,
+        servers,
+        datalayer: Some(dl),
+    })
+}
+
+/// `llmsched epp`: runs until Ctrl-C (or SIGTERM) or a server fails.
+pub async fn run(args: Args) -> Result<(), EppError> {
+    let mut epp = start(args).await?;
+    let shutdown = CancellationToken::new();
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            s.cancel();
+        });
+    }
+    let outcome = epp.wait(shutdown).await;
+    tracing::info!("shutting down");
+    epp.shutdown().await;
+    outcome
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

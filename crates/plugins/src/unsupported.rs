@@ -1,0 +1,133 @@
+//! Reference plugin types llmsched does not implement (yet). Registering them makes a
+//! configuration that uses one fail with `plugin type 'X' is not supported by llmsched yet:
+//! <reason>` instead of `unknown plugin type`.
+//!
+//! The list covers every type name registered by the reference's `register.go` and its
+//! runner, minus the ones this crate implements.
+
+use llmsched_core::registry::Registry;
+
+const PD: &str = "P/D (and E/P/D) disaggregation is not implemented yet";
+const LATENCY: &str = "latency prediction / SLO-aware scheduling is not implemented yet";
+
+/// `(type name, reason)` of every unsupported reference type.
+pub const UNSUPPORTED: &[(&str, &str)] = &[
+    // Profile handlers and deciders.
+    ("disagg-profile-handler", PD),
+    ("pd-profile-handler", PD),
+    ("disagg-headers-handler", PD),
+    ("prefill-header-handler", PD),
+    ("prefix-based-pd-decider", PD),
+    ("always-disagg-pd-decider", PD),
+    ("always-disagg-multimodal-decider", PD),
+    (
+        "data-parallel-profile-handler",
+        "data-parallel profile handling is not implemented yet",
+    ),
+    // Scorers and filters.
+    (
+        "precise-prefix-cache-scorer",
+        "the precise (KV-event) prefix cache scorer is not implemented yet; use prefix-cache-scorer",
+    ),
+    (
+        "context-length-aware",
+        "context-length-aware scoring is not implemented yet",
+    ),
+    (
+        "prefix-cache-affinity-filter",
+        "the prefix-cache affinity filter is not implemented yet",
+    ),
+    ("slo-headroom-tier-filter", LATENCY),
+    ("latency-scorer", LATENCY),
+    // Request control.
+    ("latency-slo-admitter", LATENCY),
+    ("predicted-latency-producer", LATENCY),
+    (
+        "token-producer",
+        "request tokenization as a data producer is not implemented yet",
+    ),
+    (
+        "tokenizer",
+        "request tokenization as a data producer is not implemented yet",
+    ),
+    (
+        "request-attribute-reporter",
+        "request attribute reporting is not implemented yet",
+    ),
+    // Parsers.
+    (
+        "vllmgrpc-parser",
+        "the vLLM gRPC parser is not implemented yet; use openai-parser",
+    ),
+    (
+        "vertexai-parser",
+        "the Vertex AI parser is not implemented yet; use openai-parser",
+    ),
+    // Data layer.
+    (
+        "models-data-source",
+        "the models data source is not implemented yet",
+    ),
+    (
+        "models-data-extractor",
+        "the models data extractor is not implemented yet",
+    ),
+    (
+        "k8s-notification-source",
+        "Kubernetes notification sources are not implemented yet",
+    ),
+    (
+        "endpoint-notification-source",
+        "endpoint notification sources are not implemented yet",
+    ),
+    // Flow control.
+    (
+        "slo-deadline-ordering-policy",
+        "SLO-deadline ordering is not implemented yet; use fcfs-ordering-policy or edf-ordering-policy",
+    ),
+    (
+        "static-usage-limit-policy",
+        "usage-limit policies are not implemented yet",
+    ),
+    (
+        "sheddable-eviction-filter",
+        "flow-control eviction is not implemented yet",
+    ),
+    (
+        "priority-then-time-eviction-order-policy",
+        "flow-control eviction is not implemented yet",
+    ),
+    // Conformance-test helpers.
+    (
+        "header-based-testing-filter",
+        "reference conformance-test plugin",
+    ),
+    (
+        "destination-endpoint-served-verifier",
+        "reference conformance-test plugin",
+    ),
+];
+
+/// Registers every unsupported type.
+pub fn register(r: &mut Registry) {
+    for (t, reason) in UNSUPPORTED {
+        r.register_unsupported(t, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_reports_unsupported_and_none_shadows_a_supported_type() {
+        let r = crate::default_registry();
+        for (t, reason) in UNSUPPORTED {
+            let e = r.factory(t).unwrap_err().to_string();
+            assert!(
+                e.contains("not supported by llmsched yet") && e.contains(reason),
+                "{t}: {e}"
+            );
+        }
+    }
+}
