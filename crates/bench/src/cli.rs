@@ -173,13 +173,18 @@ pub async fn run(args: Args) -> Result<(), BenchError> {
 
 /// `reports-YYYYMMDD-HHMMSS`, inference-perf's default folder name.
 pub fn default_output_dir() -> PathBuf {
+    timestamped_dir("reports")
+}
+
+/// `<prefix>-YYYYMMDD-HHMMSS` (UTC), a fresh result folder name.
+pub fn timestamped_dir(prefix: &str) -> PathBuf {
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let digits: String = stamp
         .chars()
         .filter(|c| c.is_ascii_digit() || *c == 'T')
         .map(|c| if c == 'T' { '-' } else { c })
         .collect();
-    PathBuf::from(format!("reports-{digits}"))
+    PathBuf::from(format!("{prefix}-{digits}"))
 }
 
 async fn run_command(args: RunArgs) -> Result<(), BenchError> {

@@ -444,7 +444,12 @@ mod tests {
         ] {
             assert!(header::is_system_owned(h), "{h}");
         }
-        for h in ["x-request-id", "authorization", "x-session-token", "content-type"] {
+        for h in [
+            "x-request-id",
+            "authorization",
+            "x-session-token",
+            "content-type",
+        ] {
             assert!(!header::is_system_owned(h), "{h}");
         }
     }

@@ -266,7 +266,10 @@ async fn rewrites_splice_the_model_and_rules_override_the_header() {
     // ...and, as in the reference, a matching InferenceModelRewrite rule overrides it.
     let mut h = post_headers("/v1/completions");
     h.insert("x-llm-d-model-name-rewrite", "from-header");
-    let r = d.route(IncomingRequest::new(h, body.clone())).await.unwrap();
+    let r = d
+        .route(IncomingRequest::new(h, body.clone()))
+        .await
+        .unwrap();
     assert_eq!(r.request().target_model, "food-review-v2");
     drop(r);
     let mut out = String::new();

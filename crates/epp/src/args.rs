@@ -18,7 +18,9 @@ fn go_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn port(s: &str) -> Result<u16, String> {
-    let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a port number"))?;
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a port number"))?;
     u16::try_from(v).map_err(|_| format!("port {v} is out of range (0-65535)"))
 }
 
@@ -27,7 +29,11 @@ fn port(s: &str) -> Result<u16, String> {
 #[command(
     name = "epp",
     about = "Run the Endpoint Picker: Envoy ext_proc server (and optionally an OpenAI-compatible proxy)",
-    long_about = None
+    long_about = None,
+    // Go's flag package lets a later flag override an earlier one; deployments rely on it.
+    args_override_self = true,
+    // The reference's flag names are long; descriptions read better on their own line.
+    next_line_help = true
 )]
 pub struct Args {
     // --- Ports and serving -------------------------------------------------------------
@@ -234,7 +240,10 @@ impl Args {
             );
         }
         if self.enable_pprof == Some(true) {
-            return unsupported("enable-pprof", "pprof is Go-only; pass --enable-pprof=false");
+            return unsupported(
+                "enable-pprof",
+                "pprof is Go-only; pass --enable-pprof=false",
+            );
         }
         if self.metrics_endpoint_auth == Some(true) {
             return unsupported(
@@ -281,7 +290,9 @@ impl Args {
             ));
         }
         if self.refresh_metrics_interval.is_zero() {
-            return Err(ArgsError("--refresh-metrics-interval must be positive".into()));
+            return Err(ArgsError(
+                "--refresh-metrics-interval must be positive".into(),
+            ));
         }
         let ports = [
             ("grpc-port", Some(self.grpc_port)),
@@ -323,9 +334,15 @@ mod tests {
         assert_eq!(a.metrics_port, 9090);
         assert!(a.secure_serving);
         assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
-        assert_eq!(a.refresh_prometheus_metrics_interval, Duration::from_secs(5));
+        assert_eq!(
+            a.refresh_prometheus_metrics_interval,
+            Duration::from_secs(5)
+        );
         assert_eq!(a.metrics_staleness_threshold, Duration::from_secs(2));
-        assert_eq!(a.kv_cache_usage_percentage_metric, "vllm:kv_cache_usage_perc");
+        assert_eq!(
+            a.kv_cache_usage_percentage_metric,
+            "vllm:kv_cache_usage_perc"
+        );
         assert_eq!(a.total_queued_requests_metric, "vllm:num_requests_waiting");
         assert_eq!(a.pool_group, "inference.networking.k8s.io");
     }
@@ -355,22 +372,58 @@ mod tests {
     fn bad_and_unsupported_flags_are_rejected_with_reasons() {
         let cases: &[(&[&str], &str)] = &[
             (&["--endpoints=a:1", "--grpc-port=99999"], "out of range"),
-            (&["--endpoints=a:1", "--refresh-metrics-interval=50"], "missing unit"),
+            (
+                &["--endpoints=a:1", "--refresh-metrics-interval=50"],
+                "missing unit",
+            ),
             (&["--endpoints=a:1", "--no-such-flag"], "no-such-flag"),
-            (&["--endpoints=a:1", "--pool-name=p"], "Kubernetes InferencePool discovery"),
-            (&["--endpoints=a:1", "--endpoint-selector=app=x"], "not supported by llmsched yet"),
-            (&["--endpoints=a:1", "--ha-enable-leader-election"], "ha-enable-leader-election"),
+            (
+                &["--endpoints=a:1", "--pool-name=p"],
+                "Kubernetes InferencePool discovery",
+            ),
+            (
+                &["--endpoints=a:1", "--endpoint-selector=app=x"],
+                "not supported by llmsched yet",
+            ),
+            (
+                &["--endpoints=a:1", "--ha-enable-leader-election"],
+                "ha-enable-leader-election",
+            ),
             (&["--endpoints=a:1", "--tracing"], "--tracing=false"),
-            (&["--endpoints=a:1", "--metrics-endpoint-auth=true"], "TokenReview"),
-            (&["--endpoints=a:1", "--model-server-metrics-scheme=ftp"], "can only be set to 'http' or 'https'"),
-            (&["--endpoints=a:1", "--model-server-metrics-scheme=https"], "http only"),
+            (
+                &["--endpoints=a:1", "--metrics-endpoint-auth=true"],
+                "TokenReview",
+            ),
+            (
+                &["--endpoints=a:1", "--model-server-metrics-scheme=ftp"],
+                "can only be set to 'http' or 'https'",
+            ),
+            (
+                &["--endpoints=a:1", "--model-server-metrics-scheme=https"],
+                "http only",
+            ),
             (&[], "no endpoints"),
-            (&["--endpoints=a:1", "--endpoints-file=x"], "cannot be used together"),
-            (&["--endpoints=a:1", "--config-file=a", "--config-text=b"], "cannot be used with"),
+            (
+                &["--endpoints=a:1", "--endpoints-file=x"],
+                "cannot be used together",
+            ),
+            (
+                &["--endpoints=a:1", "--config-file=a", "--config-text=b"],
+                "cannot be used with",
+            ),
             (&["--endpoints=a:1", "--metrics-port=9002"], "both 9002"),
-            (&["--endpoints=a:1", "--baseline=round-robin"], "--proxy-port"),
-            (&["--endpoints=a:1", "--proxy-port=8080", "--baseline=fastest"], "fastest"),
-            (&["--endpoints=a:1", "--secure-serving", "false"], "unexpected argument"),
+            (
+                &["--endpoints=a:1", "--baseline=round-robin"],
+                "--proxy-port",
+            ),
+            (
+                &["--endpoints=a:1", "--proxy-port=8080", "--baseline=fastest"],
+                "fastest",
+            ),
+            (
+                &["--endpoints=a:1", "--secure-serving", "false"],
+                "unexpected argument",
+            ),
         ];
         for (args, needle) in cases {
             let e = parse(args).unwrap_err();

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use llmsched_core::EndpointSource;
 use llmsched_core::config::{self, ConfigSource, LoadedConfig};
 use llmsched_core::metrics::SchedulerMetrics;
 use llmsched_core::objectives::Objectives;
 use llmsched_core::registry::{Extensions, PluginHandle};
-use llmsched_core::EndpointSource;
 use llmsched_datalayer::{
     DataLayerConfig, DataLayerHandle, EndpointStore, MetricOverrides, parse_endpoints_flag,
 };
@@ -131,15 +131,28 @@ impl EppHandle {
         }
     }
 
-    /// Stops every server and background task and waits for them.
+    /// Stops every server and background task and waits for them. Open streams (Envoy keeps
+    /// ext_proc streams and proxy clients keep connections) get [`DRAIN_TIMEOUT`] to finish,
+    /// then they are cut.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        while self.servers.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while self.servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "open streams did not finish in time; closing them");
+            self.servers.abort_all();
+            while self.servers.join_next().await.is_some() {}
+        }
         if let Some(dl) = self.datalayer.take() {
             dl.shutdown().await;
         }
     }
 }
+
+/// How long [`EppHandle::shutdown`] waits for open streams before cutting them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Drop for EppHandle {
     fn drop(&mut self) {
@@ -178,11 +191,21 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
         refresh_interval: args.refresh_metrics_interval,
         staleness_threshold: args.metrics_staleness_threshold,
         metrics_path: args.model_server_metrics_path.clone(),
-        metrics_port: (args.model_server_metrics_port != 0).then_some(args.model_server_metrics_port),
+        metrics_port: (args.model_server_metrics_port != 0)
+            .then_some(args.model_server_metrics_port),
         metric_overrides: MetricOverrides {
-            total_queued_requests: changed(&args.total_queued_requests_metric, "vllm:num_requests_waiting"),
-            total_running_requests: changed(&args.total_running_requests_metric, "vllm:num_requests_running"),
-            kv_cache_usage_percentage: changed(&args.kv_cache_usage_percentage_metric, "vllm:kv_cache_usage_perc"),
+            total_queued_requests: changed(
+                &args.total_queued_requests_metric,
+                "vllm:num_requests_waiting",
+            ),
+            total_running_requests: changed(
+                &args.total_running_requests_metric,
+                "vllm:num_requests_running",
+            ),
+            kv_cache_usage_percentage: changed(
+                &args.kv_cache_usage_percentage_metric,
+                "vllm:kv_cache_usage_perc",
+            ),
             lora_info: changed(&args.lora_info_metric, "vllm:lora_requests_info"),
             cache_info: changed(&args.cache_info_metric, "vllm:cache_config_info"),
         },
@@ -246,6 +269,10 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     let store = Arc::new(EndpointStore::new());
     let mut extensions = Extensions::default();
     extensions.insert(tokio::runtime::Handle::current());
+    // KV-event ingestion counters of the precise prefix-cache scorer.
+    extensions.insert(llmsched_plugins::scorer::PreciseMetrics::register(
+        &mut registry,
+    ));
     let handle = PluginHandle {
         metrics: scheduler_metrics.clone(),
         endpoints: Some(store.clone() as Arc<dyn EndpointSource>),
@@ -328,7 +355,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         let (d, c, h) = (director.clone(), cancel.clone(), health.clone());
         let health_on_grpc = args.health_checking.then_some(h);
         servers.spawn(async move {
-            let r = serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
+            let r =
+                serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
             ("ext_proc", r.map_err(err))
         });
     }
@@ -338,10 +366,17 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     }
     {
         let (r, c) = (registry.clone(), cancel.clone());
-        servers.spawn(async move { ("metrics", serve_metrics(metrics_l, r, c).await.map_err(err)) });
+        servers
+            .spawn(async move { ("metrics", serve_metrics(metrics_l, r, c).await.map_err(err)) });
     }
     if let Some(listener) = proxy_l {
-        crate::proxy::spawn(&mut servers, listener, director.clone(), &args, cancel.clone());
+        crate::proxy::spawn(
+            &mut servers,
+            listener,
+            director.clone(),
+            &args,
+            cancel.clone(),
+        );
     }
 
     tracing::info!(

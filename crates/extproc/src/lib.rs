@@ -39,6 +39,9 @@ pub mod server;
 pub mod service;
 pub mod tls;
 
+#[cfg(feature = "test-util")]
+pub mod testing;
+
 pub use health::{HealthHandle, serve_health, spawn_readiness_watch};
 pub use server::{ServeError, serve_ext_proc, serve_metrics};
 pub use service::{ExtProcOptions, ExtProcService};

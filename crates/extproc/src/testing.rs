@@ -1,12 +1,21 @@
-//! An Envoy stand-in: a real tonic client on loopback speaking ext_proc the way Envoy's
-//! `FULL_DUPLEX_STREAMED` filter does, plus helpers to read the EPP's answers.
+//! Test support (feature `test-util`): an Envoy stand-in, i.e. a real tonic client on
+//! loopback speaking ext_proc the way Envoy's `FULL_DUPLEX_STREAMED` filter does, plus
+//! helpers to read the EPP's answers. Used by this crate's tests and benches and by the
+//! EPP's integration tests. Helpers panic on unexpected protocol states: they are for tests.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::{ExtProcOptions, TlsConfig, serve_ext_proc};
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
@@ -19,7 +28,6 @@ use llmsched_core::config::LoadedConfig;
 use llmsched_core::endpoint::EndpointSource;
 use llmsched_core::objectives::Objectives;
 use llmsched_director::{Director, EppMetrics};
-use llmsched_extproc::{ExtProcOptions, TlsConfig, serve_ext_proc};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

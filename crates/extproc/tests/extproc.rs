@@ -1,12 +1,10 @@
 //! The EPP driven over a real gRPC socket the way Envoy drives it.
 
-mod support;
-
 use std::sync::Arc;
 
 use llmsched_core::endpoint::{EndpointMetrics, StaticEndpoints};
 use llmsched_director::testing::*;
-use support::*;
+use llmsched_extproc::testing::*;
 
 fn body_json(model: &str, prompt: &str, stream: bool) -> Vec<u8> {
     completion_body(model, prompt, stream).to_vec()
@@ -328,14 +326,28 @@ async fn rewrites_by_header_and_objectives_with_the_response_rewritten_back() {
         .start()
         .await;
     let mut client = epp.client().await;
-    for (extra, want) in [
-        (vec![("x-llm-d-model-name-rewrite", "hdr-new")], "hdr-new"),
-        (vec![("x-gateway-model-name-rewrite", "hdr-old")], "hdr-old"),
-        (vec![], "food-review-v2"),
+    // The header sets the target; as in the reference, a matching rewrite rule overrides it.
+    for (extra, model, want) in [
+        (
+            vec![("x-llm-d-model-name-rewrite", "hdr-new")],
+            "plain",
+            "hdr-new",
+        ),
+        (
+            vec![("x-gateway-model-name-rewrite", "hdr-old")],
+            "plain",
+            "hdr-old",
+        ),
+        (vec![], "food-review", "food-review-v2"),
+        (
+            vec![("x-llm-d-model-name-rewrite", "hdr-new")],
+            "food-review",
+            "food-review-v2",
+        ),
     ] {
         let mut c = Conv::open(&mut client).await;
         c.send(headers_msg(&post(&extra), false)).await;
-        c.send_body(&body_json("food-review", "p", true), 2).await;
+        c.send_body(&body_json(model, "p", true), 2).await;
         let (_, set) = headers_of(&c.next().await).unwrap();
         assert_eq!(get(&set, "x-llm-d-model-name-rewrite"), None);
         let (fwd, _) = c.read_request_body().await;
@@ -355,7 +367,7 @@ async fn rewrites_by_header_and_objectives_with_the_response_rewritten_back() {
         assert!(!eos);
         assert_eq!(
             String::from_utf8_lossy(b),
-            "data: {\"model\":\"food-review\",\"choices\":[{\"text\":\"x\"}]}\n\n"
+            format!("data: {{\"model\":\"{model}\",\"choices\":[{{\"text\":\"x\"}}]}}\n\n")
         );
         c.send(response_body_msg(b"data: [DONE]\n\n", true)).await;
         let r = c.next().await;

@@ -1,16 +1,14 @@
 //! gRPC health transitions, the `/metrics` endpoint and certificate loading/reload.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use llmsched_core::endpoint::{EndpointSet, EndpointSource};
 use llmsched_director::testing::*;
+use llmsched_extproc::testing::*;
 use llmsched_extproc::tls::{CERT_FILE, KEY_FILE, generate_self_signed};
 use llmsched_extproc::*;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::HealthCheckRequest;

@@ -8,13 +8,18 @@
 //! * [`publisher`]: a ZMQ PUB publisher (`[topic, seq, payload]` messages) with vLLM's replay
 //!   ROUTER socket.
 //!
-//! The subscriber side (SUB sockets, ingestion into an index) lives in its own module, added
-//! separately; it only needs [`wire`].
+//! * [`subscriber`]: ZMQ SUB sockets (bound centrally or dialling each endpoint) with
+//!   per-source ordered processing, sequence-gap detection and replay, restart detection and
+//!   reconnection, handing decoded batches to an [`EventSink`].
 
 pub mod publisher;
+pub mod subscriber;
 pub mod wire;
 
 pub use publisher::{ConnectMode, KvEventPublisher, PublisherConfig, PublisherError};
+pub use subscriber::{
+    EventSink, KvEventSubscriber, Source, SubscriberConfig, SubscriberError, SubscriberStats,
+};
 pub use wire::{
     BlockHash, BlockRemoved, BlockStored, EncodeOptions, EventBatch, KvEvent, Layout, MEDIUM_GPU,
     REPLAY_END_SEQ, WireError, WireMessage, decode_batch, encode_batch,

@@ -5,7 +5,7 @@
 //!
 //! | kind | types |
 //! | --- | --- |
-//! | scorers | `queue-scorer`, `running-requests-size-scorer`, `kv-cache-utilization-scorer`, `load-aware-scorer`, `active-request-scorer`, `token-load-scorer`, `lora-affinity-scorer`, `session-affinity-scorer`, `prefix-cache-scorer`, `no-hit-lru-scorer` |
+//! | scorers | `queue-scorer`, `running-requests-size-scorer`, `kv-cache-utilization-scorer`, `load-aware-scorer`, `active-request-scorer`, `token-load-scorer`, `lora-affinity-scorer`, `session-affinity-scorer`, `prefix-cache-scorer`, `precise-prefix-cache-scorer`, `no-hit-lru-scorer` |
 //! | data producers | `approx-prefix-cache-producer` (also built into `prefix-cache-scorer`) |
 //! | filters | `decode-filter`, `prefill-filter`, `encode-filter`, `label-selector-filter` (alias `by-label-selector`), `by-label` |
 //! | pickers | `max-score-picker`, `random-picker`, `weighted-random-picker` |
@@ -179,11 +179,6 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_types_are_distinguished() {
         let r = default_registry();
-        let e = r
-            .factory("precise-prefix-cache-scorer")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("not supported by llmsched yet"), "{e}");
         let e = r.factory("disagg-profile-handler").unwrap_err().to_string();
         assert!(e.contains("not supported by llmsched yet"), "{e}");
         let e = r.factory("no-such-plugin").unwrap_err().to_string();
@@ -198,6 +193,7 @@ mod tests {
             "lora-affinity-scorer",
             "session-affinity-scorer",
             "prefix-cache-scorer",
+            "precise-prefix-cache-scorer",
             "approx-prefix-cache-producer",
             "no-hit-lru-scorer",
             "decode-filter",

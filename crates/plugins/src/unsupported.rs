@@ -26,10 +26,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     // Scorers and filters.
     (
-        "precise-prefix-cache-scorer",
-        "the precise (KV-event) prefix cache scorer is not implemented yet; use prefix-cache-scorer",
-    ),
-    (
         "context-length-aware",
         "context-length-aware scoring is not implemented yet",
     ),

@@ -1,14 +1,98 @@
 //! # llmsched-proxy
 //!
-//! PLACEHOLDER API (being implemented): the built-in OpenAI-compatible proxy.
+//! The built-in OpenAI-compatible HTTP proxy of `llmsched epp --proxy-port PORT`: standalone
+//! mode without a gateway, the way users run SGLang's or vLLM's routers. Each request goes
+//! through the very same [`Director`] as the Envoy ext_proc path (parse, rewrite, objective,
+//! admission and flow control, subset hint, scheduling, pre-request hooks, response hooks,
+//! usage accounting, metrics); only the transport differs.
+//!
+//! ```no_run
+//! # async fn demo(director: std::sync::Arc<llmsched_director::Director>) -> Result<(), Box<dyn std::error::Error>> {
+//! use llmsched_proxy::{ProxyOptions, serve};
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! serve(listener, director, ProxyOptions::default(), shutdown).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## What a request does
+//!
+//! | request | what happens |
+//! | --- | --- |
+//! | with a body (`POST /v1/completions`, `/v1/chat/completions`, any other path) | body collected (pre-sized from `content-length`, the single-frame case without a copy), then `Director::route`; the forwarded body is the director's (model rewritten when a rewrite applies) |
+//! | without a body (`GET /v1/models`, `/health`, …) | `Director::route_without_body`: a random endpoint, exactly as the ext_proc path does for a header-only request; so `/v1/models` is **forwarded to one endpoint** (every endpoint of a pool serves the same models), not aggregated |
+//! | director error | the error's status, body `inference error: <Code> - <message>`, its headers and `content-type: text/plain` — the ext_proc path's immediate response |
+//!
+//! The forwarded request keeps the client's method, path, query and headers (hop-by-hop
+//! headers removed, `host` kept) and gets what Envoy would send after the EPP's header
+//! mutation: `x-request-id` (generated when missing), `x-gateway-destination-endpoint`,
+//! `content-length` of the forwarded body and the pre-request hooks' headers. Responses get
+//! the response hooks' headers and `x-went-into-resp-headers: true` (the reference EPP's
+//! marker; not on requests the parser skipped, whose ext_proc stream closes after routing).
+//!
+//! The director's `:path`, `:method`, `:authority` and `:scheme` pseudo-headers are filled
+//! in as Envoy fills them, so the parser picks the API from the path in both transports.
+//!
+//! Subset hint: a gateway passes it as `envoy.lb.subset_hint` metadata; the proxy has no
+//! gateway, so it reads the same list from the request header
+//! `x-gateway-destination-endpoint-subset: ip[:port],…` (on by default,
+//! [`ProxyOptions::subset_hint_header`]; the header is never forwarded). The generated Envoy
+//! bootstrap of `llmsched-gateway` can turn that header into the metadata, so both front
+//! doors answer a hint the same way.
+//!
+//! ## Responses
+//!
+//! Bodies are relayed frame by frame with backpressure and no buffering of their own
+//! ([`ProxyBody`]); `text/event-stream` chunks reach the client as the model server writes
+//! them. A client that disconnects drops the response body: the upstream request is
+//! cancelled (its connection is closed) and the routed request is dropped, which releases the
+//! in-flight counts. Only a non-streaming response whose model name must be rewritten back
+//! (a rewrite changed the model) is read whole first, as the ext_proc path does.
+//!
+//! ## Upstream connections and fallbacks
+//!
+//! One keep-alive connection pool per endpoint (hyper-util's client; HTTP/1.1 by default,
+//! h2c with [`UpstreamProtocol::H2c`]). The targets of [`llmsched_director::Routed::targets`]
+//! are tried in order when connecting fails (never after the request may have reached a model
+//! server); the endpoint that served is reported with `Routed::set_served_endpoint`. When no
+//! target can be reached the client gets `503` and a body starting with
+//! `upstream connect error or disconnect/reset before headers`, as Envoy answers.
+//!
+//! ## Baselines
+//!
+//! [`Baseline::RoundRobin`] and [`Baseline::Random`] (flag `--baseline`) replace the
+//! scheduler by a naive choice over every endpoint of the pool, for comparisons. A baseline
+//! request uses the same listener, the same body collection, the same forwarding,
+//! connection pools and relaying as a scheduled one, and the same fallback rule (on a connect
+//! failure the next endpoints in turn are tried, up to [`ProxyOptions::baseline_attempts`]).
+//! It charges the chosen endpoint's in-flight counters (`Endpoint::dispatch`/`complete`:
+//! `dispatched_total`, in-flight requests; tokens are not estimated). It does **not** parse
+//! the body (invalid JSON reaches the model server, which answers 400 itself), rewrite the
+//! model, apply objectives, admission or flow control, honour the subset hint, run the
+//! scheduler or any hook, or record the EPP's request metrics — it is what a Kubernetes
+//! Service behind a plain proxy does, so a comparison isolates the scheduling decision.
+//!
+//! ## Protocols
+//!
+//! HTTP/1.1 (keep-alive) and h2c (prior knowledge) on the same port; no TLS, no upgrades.
+//! Request trailers are not forwarded; response trailers are.
+
+mod body;
+mod handler;
+mod headers;
+mod server;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use llmsched_director::Director;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A naive routing policy used instead of the scheduler, for comparisons.
+pub use body::ProxyBody;
+
+/// A naive routing policy used instead of the scheduler, for comparisons (see the crate
+/// documentation for exactly what a baseline does and does not do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Baseline {
     /// Endpoints in turn.
@@ -17,27 +101,73 @@ pub enum Baseline {
     Random,
 }
 
+/// How the proxy talks to the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive (vLLM's default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (InferencePool `appProtocol:
+    /// kubernetes.io/h2c`).
+    H2c,
+}
+
 /// Proxy settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProxyOptions {
     /// Route with a baseline instead of the scheduler.
     pub baseline: Option<Baseline>,
+    /// Largest request body accepted (413 beyond it); also the limit of a non-streaming
+    /// response read whole for a model-name rewrite. Default 64 MiB.
+    pub max_body_bytes: usize,
+    /// Read the subset hint from the `x-gateway-destination-endpoint-subset` request header.
+    /// Default on.
+    pub subset_hint_header: bool,
+    /// Protocol to the endpoints.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Connect timeout to an endpoint (then the next target is tried). Default 5 s.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this long. Default 90 s.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per endpoint. Default unlimited.
+    pub pool_max_idle_per_host: usize,
+    /// Endpoints a baseline request tries when connecting fails. Default 3.
+    pub baseline_attempts: usize,
+    /// On shutdown, connections get this long to finish their requests. Default 10 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            baseline: None,
+            max_body_bytes: 64 << 20,
+            subset_hint_header: true,
+            upstream_protocol: UpstreamProtocol::Http1,
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: usize::MAX,
+            baseline_attempts: 3,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Why the proxy stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// Not available in this build.
-    #[error("the built-in proxy is not implemented yet")]
-    Unavailable,
+    /// The listening socket is unusable.
+    #[error("proxy listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// Serves the proxy on `listener` until `shutdown`.
+/// Serves the proxy on `listener` until `shutdown`; then stops accepting, lets open
+/// connections finish for up to [`ProxyOptions::shutdown_grace`] and returns.
 pub async fn serve(
-    _listener: TcpListener,
-    _director: Arc<Director>,
-    _options: ProxyOptions,
-    _shutdown: CancellationToken,
+    listener: TcpListener,
+    director: Arc<Director>,
+    options: ProxyOptions,
+    shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    Err(ProxyError::Unavailable)
+    server::serve(listener, director, options, shutdown).await
 }

@@ -12,8 +12,23 @@
 //!   deterministically. `encode(decode(ids)) == ids` for every id below the vocabulary size.
 //! * [`HfTokenizer`], a Hugging Face `tokenizer.json` loaded from a local file (no downloads),
 //!   for matching a real engine's tokenization.
+//!
+//! Around them, for the precise prefix scorer (which must tokenize every request exactly as
+//! the engine will):
+//!
+//! * [`chat`] renders chat messages to the prompt text, with the model's Jinja chat template
+//!   (`tokenizer_config.json`) or with the simulator's built-in format;
+//! * [`cache`] remembers the token ids of recent prompt prefixes, so a long prompt that shares
+//!   its beginning with an earlier one is only tokenized from where they differ.
 
 use std::path::Path;
+
+pub mod cache;
+pub mod chat;
+pub mod testing;
+
+pub use cache::{CacheStats, PrefixTokenCache, PrefixTokenCacheConfig};
+pub use chat::{ChatTemplate, ChatTemplateError, SIM_CHAT_TEMPLATE, render_sim_chat};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -37,6 +52,20 @@ pub enum TokenizerError {
 pub trait Tokenizer: Send + Sync {
     /// Appends the token ids of `text` to `out`.
     fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError>;
+
+    /// Appends the token ids of `text` to `ids` and, when the tokenizer can report them, the
+    /// byte range of `text` each token came from to `offsets` (same length as the ids
+    /// appended); returns whether offsets were written. The default reports none.
+    fn encode_with_offsets(
+        &self,
+        text: &str,
+        ids: &mut Vec<u32>,
+        offsets: &mut Vec<(usize, usize)>,
+    ) -> Result<bool, TokenizerError> {
+        let _ = offsets;
+        self.encode_into(text, ids)?;
+        Ok(false)
+    }
 
     /// The token ids of `text`.
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
@@ -125,6 +154,32 @@ impl Tokenizer for SimTokenizer {
         Ok(())
     }
 
+    fn encode_with_offsets(
+        &self,
+        text: &str,
+        ids: &mut Vec<u32>,
+        offsets: &mut Vec<(usize, usize)>,
+    ) -> Result<bool, TokenizerError> {
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i].is_ascii_whitespace() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            // ASCII whitespace never occurs inside a multi-byte UTF-8 sequence, so both ends
+            // are char boundaries and the slice cannot fail.
+            let word = text.get(start..i).unwrap_or_default();
+            ids.push(self.word_id(word));
+            offsets.push((start, i));
+        }
+        Ok(true)
+    }
+
     fn decode(&self, ids: &[u32]) -> String {
         let mut s = String::with_capacity(ids.len() * 5);
         for (i, &id) in ids.iter().enumerate() {
@@ -153,7 +208,9 @@ pub struct HfTokenizer {
 
 impl std::fmt::Debug for HfTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HfTokenizer").field("name", &self.name).finish()
+        f.debug_struct("HfTokenizer")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -165,11 +222,10 @@ impl HfTokenizer {
         } else {
             path.to_path_buf()
         };
-        let inner =
-            tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
-                path: file.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             inner,
             name: file.display().to_string(),
@@ -185,6 +241,22 @@ impl Tokenizer for HfTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         out.extend_from_slice(enc.get_ids());
         Ok(())
+    }
+
+    fn encode_with_offsets(
+        &self,
+        text: &str,
+        ids: &mut Vec<u32>,
+        offsets: &mut Vec<(usize, usize)>,
+    ) -> Result<bool, TokenizerError> {
+        // `encode` (unlike `encode_fast`) tracks byte offsets; the ids are the same.
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        ids.extend_from_slice(enc.get_ids());
+        offsets.extend_from_slice(enc.get_offsets());
+        Ok(true)
     }
 
     fn decode(&self, ids: &[u32]) -> String {
@@ -249,8 +321,22 @@ mod tests {
     }
 
     #[test]
+    fn sim_offsets_cover_each_word() {
+        let t = SimTokenizer::default();
+        let text = "  Hello, wörld!\n\tthe  cat ";
+        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        assert!(t.encode_with_offsets(text, &mut ids, &mut offsets).unwrap());
+        assert_eq!(ids, t.encode(text).unwrap());
+        let words: Vec<&str> = offsets.iter().map(|&(s, e)| &text[s..e]).collect();
+        assert_eq!(words, ["Hello,", "wörld!", "the", "cat"]);
+    }
+
+    #[test]
     fn missing_hf_tokenizer_file_is_a_clear_error() {
         let err = HfTokenizer::from_path(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/tokenizer.json"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/tokenizer.json"),
+            "{err}"
+        );
     }
 }

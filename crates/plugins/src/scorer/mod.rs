@@ -6,6 +6,7 @@ pub mod kv_cache_utilization_scorer;
 pub mod load_aware_scorer;
 pub mod lora_affinity_scorer;
 pub mod no_hit_lru_scorer;
+pub mod precise_prefix_cache_scorer;
 pub mod prefix_cache_scorer;
 pub mod queue_scorer;
 pub mod running_requests_size_scorer;
@@ -19,6 +20,7 @@ pub use kv_cache_utilization_scorer::KvCacheUtilizationScorer;
 pub use load_aware_scorer::LoadAwareScorer;
 pub use lora_affinity_scorer::LoraAffinityScorer;
 pub use no_hit_lru_scorer::NoHitLruScorer;
+pub use precise_prefix_cache_scorer::{PreciseMetrics, PreciseScorer};
 pub use prefix_cache_scorer::PrefixCacheScorer;
 pub use queue_scorer::QueueScorer;
 pub use running_requests_size_scorer::RunningRequestsSizeScorer;
@@ -46,6 +48,10 @@ pub fn register(r: &mut Registry) {
     );
     r.register(prefix_cache_scorer::TYPE, prefix_cache_scorer::factory);
     r.register(no_hit_lru_scorer::TYPE, no_hit_lru_scorer::factory);
+    r.register(
+        precise_prefix_cache_scorer::TYPE,
+        precise_prefix_cache_scorer::factory,
+    );
 }
 
 /// Parameters of plugins that take none: only `{}` or `null` is accepted.

@@ -1,0 +1,105 @@
+//! `llmsched`: an intelligent inference scheduler for LLM serving.
+//!
+//! One binary, four jobs:
+//!
+//! * `llmsched epp` — the Endpoint Picker: Envoy ext_proc server, a drop-in replacement for
+//!   llm-d's EPP (same flags, config file, headers, metrics), optionally with a built-in
+//!   OpenAI-compatible proxy (`--proxy-port`) for use without a gateway;
+//! * `llmsched sim` — simulated vLLM replicas (API, metrics, KV events) for laptops without GPUs;
+//! * `llmsched bench` — a load generator reading inference-perf configs, with reports,
+//!   comparison tables and plots;
+//! * `llmsched demo` — the whole story in one command.
+//!
+//! This file is the binary's edge: it parses arguments, sets up logging and turns library
+//! errors into a non-zero exit status with a readable message.
+
+mod demo;
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "llmsched", version, about = "Intelligent inference scheduling for LLM serving", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Endpoint Picker (Envoy ext_proc server, optional OpenAI proxy).
+    Epp(Box<llmsched_epp::Args>),
+    /// Run simulated vLLM replicas.
+    Sim(Box<llmsched_sim::cli::Args>),
+    /// Run a benchmark, or compare / plot results.
+    Bench(Box<llmsched_bench::cli::Args>),
+    /// The seed guide's comparison on a simulated cluster: round robin vs llmsched.
+    Demo(Box<demo::Args>),
+    /// Print or write an Envoy bootstrap (ext_proc EPP or round-robin baseline).
+    EnvoyConfig(Box<llmsched_gateway::cli::Args>),
+}
+
+/// Logging to stderr: `RUST_LOG` wins; otherwise `verbosity` picks the level.
+fn init_logging(verbosity: u8, json: bool) {
+    let default = match verbosity {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The demo prints its own progress; logs only report problems unless `RUST_LOG` says more.
+fn init_logging_quiet() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Epp(args) => {
+                init_logging(args.verbosity, args.log_format == "json");
+                llmsched_epp::run(*args).await.context("llmsched epp")
+            }
+            Command::Sim(args) => {
+                init_logging(0, false);
+                llmsched_sim::cli::run(*args).await.context("llmsched sim")
+            }
+            Command::Bench(args) => {
+                init_logging(0, false);
+                llmsched_bench::cli::run(*args)
+                    .await
+                    .context("llmsched bench")
+            }
+            Command::Demo(args) => {
+                init_logging_quiet();
+                demo::run(*args).await.context("llmsched demo")
+            }
+            Command::EnvoyConfig(args) => {
+                llmsched_gateway::cli::run(*args).context("llmsched envoy-config")
+            }
+        }
+    })
+}

@@ -1,0 +1,1240 @@
+//! `precise-prefix-cache-scorer`: prefers endpoints whose KV cache really holds the longest
+//! prefix of the prompt, as the engines report it in their KV-cache events.
+//!
+//! ## Formula
+//!
+//! ```text
+//! keys      = request block keys of the prompt's tokens (blockSize tokens per block)
+//! held(e)   = the longest run k₀ … k_{m-1} of leading keys endpoint e holds (m = 0 if none)
+//! score(e)  = Σ_{i<m} w(e, kᵢ) / |keys|        ∈ [0, 1]
+//! w(e, k)   = weight of the best tier e holds k in: GPU 1.0, CPU 0.8 (kvCacheBackendConfigs);
+//!             speculative entries (see below) count 1.0
+//! ```
+//!
+//! 0 for every endpoint when the prompt has no full block (or could not be tokenized).
+//!
+//! ## Where the data comes from
+//!
+//! * **Tokens.** The prompt is tokenized as the engine will: chat `messages` are rendered
+//!   with the chat template first (`add_generation_prompt = true`), completions prompts are
+//!   taken as they are (the first of a list of strings; token-id prompts directly). The
+//!   default tokenizer is the simulator's (`llmsched_tokenizer::SimTokenizer`) so the stack
+//!   works without model files; `tokenizerPath` (a `tokenizer.json` or a directory holding
+//!   one, plus `tokenizer_config.json` for the chat template) selects a Hugging Face
+//!   tokenizer. Nothing is ever downloaded. Recent prompt prefixes are cached
+//!   (`llmsched_tokenizer::PrefixTokenCache`) so repeated prefixes are not re-tokenized.
+//! * **Keys.** `llmsched_kvindex::BlockKeyer` chains xxh3 over blocks of `blockSize` token
+//!   ids, rooted at `hashSeed` and the request's target model (see `llmsched_kvindex::precise`).
+//! * **Index.** `llmsched_kvindex::PreciseIndex`, fed by `BlockStored` / `BlockRemoved` /
+//!   `AllBlocksCleared` events received by `llmsched_kvevents::KvEventSubscriber`: engine
+//!   hashes are mapped to request keys as the events arrive (chaining from the parent).
+//!   Events of a topic `kv@<ip>:<port>@<model>` belong to the endpoint `<ip>:<port>` (for a
+//!   data-parallel rank `r > 0`, the endpoint `<ip>:<port + r>` when there is one).
+//! * **Speculation.** After the pick (pre-request hook) the request's keys are recorded for
+//!   the chosen endpoint (and the prefill endpoint, if any) as speculative entries that expire
+//!   after `speculativeTTL`, so a burst of requests sharing a new prefix follows the first one
+//!   before the engine's events confirm it.
+//! * **Endpoints leaving** are removed from the index (and their socket closed in
+//!   `discoverPods` mode).
+//!
+//! ## Parameters (reference structure; unknown names are an error)
+//!
+//! ```yaml
+//! - type: precise-prefix-cache-scorer
+//!   parameters:
+//!     tokenProcessorConfig: { blockSize: 16, hashSeed: "" }      # also accepted inside indexerConfig
+//!     indexerConfig:
+//!       kvBlockIndexConfig:
+//!         inMemoryConfig: { size: 100000000, podCacheSize: 10 }  # keys bound, endpoints per key
+//!         enableMetrics: true                                    # accepted; metrics are always on
+//!       kvCacheBackendConfigs: [{name: gpu, weight: 1.0}, {name: cpu, weight: 0.8}]
+//!       tokenizersPoolConfig: { modelName: "" }                  # base model when topics carry none
+//!     kvEventsConfig:
+//!       zmqEndpoint: "tcp://*:5557"    # central mode: bind here, engines dial in
+//!       topicFilter: "kv@"
+//!       concurrency: 4                 # event workers
+//!       discoverPods: false            # true: dial tcp://<endpoint ip>:<socketPort> per endpoint
+//!       podDiscoveryConfig: { socketPort: 5557 }
+//!       replayPort: 0                  # llmsched: publishers' replay ROUTER port (0 = off)
+//!     # llmsched extensions:
+//!     tokenizerPath: /models/qwen      # tokenizer.json file or directory (default: simulator)
+//!     speculativeIndexing: true
+//!     speculativeTTL: 2s
+//! ```
+//!
+//! Other reference fields (`prefixStoreConfig`, `tokenizersPoolConfig.{workersCount,
+//! minPrefixOverlapRatio, hf, local, uds}`, `kvBlockIndexConfig.metricsLoggingInterval`) are
+//! accepted and ignored. Engines should publish with the same block size (vLLM: 16).
+//!
+//! ## Metrics
+//!
+//! The shared prefix-indexer gauges (`inference_extension_prefix_indexer_size` = entries,
+//! `llmsched_prefix_indexer_memory_bytes` = index memory) are refreshed every second, and
+//! [`PreciseMetrics`] counts messages, malformed messages, gaps, replays, restarts and events
+//! of unknown endpoints.
+//!
+//! Category: affinity. A lookup takes each index shard's read lock at most once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use llmsched_core::Plugin;
+use llmsched_core::cycle::{CycleState, PrefixCacheMatch};
+use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSource};
+use llmsched_core::metrics::PrefixIndexerMetrics;
+use llmsched_core::plugin::{
+    Candidate, DataProducer, EndpointListener, PreRequest, SchedulingContext, Scorer,
+    ScorerCategory,
+};
+use llmsched_core::registry::{FactoryInput, PluginError};
+use llmsched_core::request::{InferenceRequest, Prompt};
+use llmsched_core::scheduler::SchedulingResult;
+use llmsched_kvevents::subscriber::{topic_hostport, topic_model};
+use llmsched_kvevents::{
+    EventBatch, EventSink, KvEvent, KvEventSubscriber, Source, SubscriberConfig, SubscriberStats,
+};
+use llmsched_kvindex::{PreciseIndex, PreciseIndexConfig, PreciseMatches, StoredBlocks};
+use llmsched_tokenizer::{
+    ChatTemplate, HfTokenizer, PrefixTokenCache, PrefixTokenCacheConfig, SimTokenizer, Tokenizer,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry as PromRegistry;
+
+use crate::common::{impl_plugin, invalid, opt_go_duration, params};
+
+/// Type name.
+pub const TYPE: &str = "precise-prefix-cache-scorer";
+
+/// `tokenProcessorConfig`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TokenProcessorConfig {
+    /// Tokens per block (default 16, vLLM's).
+    pub block_size: u32,
+    /// Seed of the key chain (default "").
+    pub hash_seed: String,
+}
+
+impl Default for TokenProcessorConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            hash_seed: String::new(),
+        }
+    }
+}
+
+/// `indexerConfig.kvBlockIndexConfig.inMemoryConfig`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct InMemoryConfig {
+    /// Bound on distinct keys.
+    pub size: usize,
+    /// Bound on endpoints per key.
+    pub pod_cache_size: usize,
+}
+
+impl Default for InMemoryConfig {
+    fn default() -> Self {
+        let d = PreciseIndexConfig::default();
+        Self {
+            size: d.max_keys,
+            pod_cache_size: d.max_holders_per_key,
+        }
+    }
+}
+
+/// `indexerConfig.kvBlockIndexConfig`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KvBlockIndexConfig {
+    /// Index bounds.
+    pub in_memory_config: InMemoryConfig,
+    /// Accepted (metrics are always on).
+    pub enable_metrics: Option<bool>,
+    /// Accepted and ignored.
+    pub metrics_logging_interval: Option<serde_json::Value>,
+}
+
+/// One `indexerConfig.kvCacheBackendConfigs` entry: a storage tier and its weight.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendConfig {
+    /// Medium name as the engine reports it (`gpu`, `cpu`; case-insensitive).
+    pub name: String,
+    /// Weight in [0, 1].
+    pub weight: f64,
+}
+
+/// `indexerConfig.tokenizersPoolConfig` (only `modelName` is used).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TokenizersPoolConfig {
+    /// Base model name, used for events whose topic names no model.
+    pub model_name: Option<String>,
+    /// Accepted and ignored.
+    pub workers_count: Option<u32>,
+    /// Accepted and ignored.
+    pub min_prefix_overlap_ratio: Option<f64>,
+    /// Accepted and ignored (no downloads).
+    pub hf: Option<serde_json::Value>,
+    /// Accepted and ignored (use `tokenizerPath`).
+    pub local: Option<serde_json::Value>,
+    /// Accepted and ignored.
+    pub uds: Option<serde_json::Value>,
+}
+
+/// `indexerConfig`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct IndexerConfig {
+    /// Older layout of `tokenProcessorConfig`.
+    pub token_processor_config: Option<TokenProcessorConfig>,
+    /// Index bounds.
+    pub kv_block_index_config: KvBlockIndexConfig,
+    /// Storage tiers (default gpu 1.0, cpu 0.8).
+    pub kv_cache_backend_configs: Option<Vec<BackendConfig>>,
+    /// Tokenizer pool settings.
+    pub tokenizers_pool_config: TokenizersPoolConfig,
+    /// Accepted and ignored (the prefix token cache has its own defaults).
+    pub prefix_store_config: Option<serde_json::Value>,
+}
+
+/// `kvEventsConfig.podDiscoveryConfig`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PodDiscoveryConfig {
+    /// The engines' PUB port (vLLM default 5557).
+    pub socket_port: u16,
+}
+
+impl Default for PodDiscoveryConfig {
+    fn default() -> Self {
+        Self { socket_port: 5557 }
+    }
+}
+
+/// `kvEventsConfig`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KvEventsConfig {
+    /// Central SUB endpoint to bind (default `tcp://*:5557`).
+    pub zmq_endpoint: String,
+    /// Topic prefix (default `kv@`).
+    pub topic_filter: String,
+    /// Event workers (default 4).
+    pub concurrency: usize,
+    /// Dial every endpoint instead of binding.
+    pub discover_pods: bool,
+    /// Per-endpoint dialling settings.
+    pub pod_discovery_config: PodDiscoveryConfig,
+    /// llmsched: the publishers' replay port (0 = no replay).
+    pub replay_port: u16,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        Self {
+            zmq_endpoint: "tcp://*:5557".into(),
+            topic_filter: "kv@".into(),
+            concurrency: 4,
+            discover_pods: false,
+            pod_discovery_config: PodDiscoveryConfig::default(),
+            replay_port: 0,
+        }
+    }
+}
+
+/// Parameters of the scorer.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Params {
+    /// Block size and hash seed.
+    pub token_processor_config: Option<TokenProcessorConfig>,
+    /// Index settings.
+    pub indexer_config: IndexerConfig,
+    /// Event ingestion.
+    pub kv_events_config: KvEventsConfig,
+    /// llmsched: a local `tokenizer.json` (file or directory); default: the simulator's.
+    pub tokenizer_path: Option<String>,
+    /// llmsched: write speculative entries at routing time (default true).
+    pub speculative_indexing: bool,
+    /// llmsched: lifetime of speculative entries (default 2s).
+    #[serde(rename = "speculativeTTL", deserialize_with = "opt_go_duration")]
+    pub speculative_ttl: Option<Duration>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            token_processor_config: None,
+            indexer_config: IndexerConfig::default(),
+            kv_events_config: KvEventsConfig::default(),
+            tokenizer_path: None,
+            speculative_indexing: true,
+            speculative_ttl: None,
+        }
+    }
+}
+
+/// Counters of the KV-event ingestion, exported as Prometheus metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PreciseMetrics {
+    /// `llmsched_kv_events_messages_total`.
+    pub messages: Counter,
+    /// `llmsched_kv_events_malformed_total`.
+    pub malformed: Counter,
+    /// `llmsched_kv_events_gaps_total`.
+    pub gaps: Counter,
+    /// `llmsched_kv_events_missed_total`.
+    pub missed: Counter,
+    /// `llmsched_kv_events_replayed_total`.
+    pub replayed: Counter,
+    /// `llmsched_kv_events_publisher_restarts_total`.
+    pub restarts: Counter,
+    /// `llmsched_kv_events_events_total`.
+    pub events: Counter,
+    /// `llmsched_kv_events_unknown_endpoint_total`: batches for endpoints not in the pool.
+    pub unknown_endpoint: Counter,
+    /// `llmsched_kv_events_dropped_blocks_total`: `BlockStored` events dropped (unknown
+    /// parent or inconsistent).
+    pub dropped_stores: Counter,
+}
+
+impl PreciseMetrics {
+    /// Creates and registers the counters.
+    pub fn register(registry: &mut PromRegistry) -> Self {
+        let m = Self::default();
+        let reg = |r: &mut PromRegistry, name: &str, help: &str, c: &Counter| {
+            r.register(name, help, c.clone());
+        };
+        reg(
+            registry,
+            "llmsched_kv_events_messages",
+            "KV-event messages received",
+            &m.messages,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_malformed",
+            "Malformed KV-event messages skipped",
+            &m.malformed,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_gaps",
+            "KV-event sequence gaps detected",
+            &m.gaps,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_missed",
+            "KV-event batches lost and not recovered",
+            &m.missed,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_replayed",
+            "KV-event batches recovered by replay",
+            &m.replayed,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_publisher_restarts",
+            "KV-event publisher restarts detected",
+            &m.restarts,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_events",
+            "KV events applied to the precise index",
+            &m.events,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_unknown_endpoint",
+            "KV-event batches of endpoints not in the pool",
+            &m.unknown_endpoint,
+        );
+        reg(
+            registry,
+            "llmsched_kv_events_dropped_blocks",
+            "BlockStored events dropped (unknown parent or inconsistent)",
+            &m.dropped_stores,
+        );
+        m
+    }
+}
+
+/// Applies events to the index; shared by the subscriber and the scorer.
+struct IndexSink {
+    index: Arc<PreciseIndex>,
+    endpoints: Option<Arc<dyn EndpointSource>>,
+    default_model: String,
+    unknown_endpoint: AtomicU64,
+    dropped_stores: AtomicU64,
+}
+
+impl IndexSink {
+    fn resolve(&self, source: &Source<'_>) -> Option<u32> {
+        let endpoints = self.endpoints.as_ref()?;
+        let snap = endpoints.snapshot();
+        let hostport = source.peer.or_else(|| topic_hostport(source.topic))?;
+        if let Some(rank) = source.data_parallel_rank.filter(|&r| r > 0)
+            && let Some((host, port)) = hostport.rsplit_once(':')
+            && let Ok(port) = port.parse::<i64>()
+            && let Some(e) = snap.by_hostport(&format!("{host}:{}", port + rank))
+        {
+            return Some(e.id().0);
+        }
+        snap.by_hostport(hostport).map(|e| e.id().0)
+    }
+}
+
+impl EventSink for IndexSink {
+    fn apply(&self, source: &Source<'_>, batch: &EventBatch) {
+        let Some(ep) = self.resolve(source) else {
+            self.unknown_endpoint.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let model = topic_model(source.topic)
+            .filter(|m| !m.is_empty())
+            .unwrap_or(&self.default_model);
+        for ev in &batch.events {
+            match ev {
+                KvEvent::BlockStored(s) => {
+                    let out = self.index.block_stored(
+                        ep,
+                        &StoredBlocks {
+                            engine_hashes: &s.block_hashes,
+                            parent: s.parent_block_hash,
+                            tokens: &s.token_ids,
+                            engine_block_size: s.block_size,
+                            model,
+                            lora_name: s.lora_name.as_deref(),
+                            medium: s.medium.as_deref(),
+                        },
+                    );
+                    if !matches!(out, llmsched_kvindex::StoreOutcome::Stored(_)) {
+                        self.dropped_stores.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                KvEvent::BlockRemoved(r) => {
+                    self.index
+                        .block_removed(ep, &r.block_hashes, r.medium.as_deref());
+                }
+                KvEvent::AllBlocksCleared => {
+                    self.index.clear_endpoint(ep);
+                }
+                KvEvent::Unknown { .. } => {}
+            }
+        }
+    }
+
+    fn reset(&self, source: &Source<'_>) {
+        if let Some(ep) = self.resolve(source) {
+            self.index.clear_endpoint(ep);
+        }
+    }
+}
+
+/// Tokenizer, chat template and prefix token cache.
+struct Tokenization {
+    tokenizer: Box<dyn Tokenizer>,
+    chat: ChatTemplate,
+    cache: PrefixTokenCache,
+}
+
+impl Tokenization {
+    fn load(path: Option<&str>) -> Result<Self, PluginError> {
+        let (tokenizer, chat): (Box<dyn Tokenizer>, ChatTemplate) = match path {
+            None => (Box::new(SimTokenizer::default()), ChatTemplate::sim()),
+            Some(p) => {
+                let p = std::path::Path::new(p);
+                let tok = HfTokenizer::from_path(p)
+                    .map_err(|e| PluginError::Parameters(format!("tokenizerPath: {e}")))?;
+                let dir = if p.is_dir() {
+                    p.to_path_buf()
+                } else {
+                    p.parent().map(|d| d.to_path_buf()).unwrap_or_default()
+                };
+                let cfg = dir.join("tokenizer_config.json");
+                let chat = if cfg.exists() {
+                    ChatTemplate::from_tokenizer_config(&cfg)
+                        .map_err(|e| PluginError::Parameters(format!("tokenizerPath: {e}")))?
+                        .unwrap_or_default()
+                } else {
+                    ChatTemplate::sim()
+                };
+                (Box::new(tok), chat)
+            }
+        };
+        let cache = PrefixTokenCache::new(PrefixTokenCacheConfig::default(), tokenizer.name());
+        Ok(Self {
+            tokenizer,
+            chat,
+            cache,
+        })
+    }
+
+    /// The prompt's token ids as the engine will see them (`None` without a prompt).
+    fn tokens(&self, prompt: &Prompt, out: &mut Vec<u32>) -> Option<()> {
+        match prompt {
+            Prompt::None => None,
+            Prompt::TokenIds(ids) => {
+                out.extend_from_slice(ids);
+                Some(())
+            }
+            Prompt::Text(s) => self.cache.encode(self.tokenizer.as_ref(), s, out).ok(),
+            Prompt::Strings(v) => {
+                let s = v.first()?;
+                self.cache.encode(self.tokenizer.as_ref(), s, out).ok()
+            }
+            Prompt::Chat { messages, .. } => {
+                let text = self
+                    .chat
+                    .render(
+                        messages
+                            .iter()
+                            .map(|m| (m.role.as_str(), m.content.as_str())),
+                        true,
+                    )
+                    .ok()?;
+                self.cache.encode(self.tokenizer.as_ref(), &text, out).ok()
+            }
+        }
+    }
+}
+
+/// The scorer's per-request output in the cycle.
+#[derive(Debug, Clone, Default)]
+pub struct PreciseState {
+    /// Which scorer instance wrote it.
+    pub owner: usize,
+    /// The request's block keys.
+    pub keys: Vec<u64>,
+    /// Tier-weighted matched blocks per endpoint.
+    pub matches: PreciseMatches,
+}
+
+struct Inner {
+    index: Arc<PreciseIndex>,
+    sink: Arc<IndexSink>,
+    tokenization: Tokenization,
+    subscriber: Option<KvEventSubscriber>,
+    discover_pods: bool,
+    socket_port: u16,
+    speculative_ttl: Option<Duration>,
+    prefix_metrics: PrefixIndexerMetrics,
+}
+
+/// The precise prefix-cache scorer.
+pub struct PreciseScorer {
+    name: String,
+    inner: Arc<Inner>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PreciseScorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreciseScorer")
+            .field("name", &self.name)
+            .field("index", &self.inner.index)
+            .finish()
+    }
+}
+
+impl Drop for PreciseScorer {
+    fn drop(&mut self) {
+        if let Some(t) = &self.ticker {
+            t.abort();
+        }
+    }
+}
+
+impl PreciseScorer {
+    /// The index.
+    pub fn index(&self) -> &Arc<PreciseIndex> {
+        &self.inner.index
+    }
+
+    /// The event subscriber's counters, when it runs.
+    pub fn subscriber_stats(&self) -> Option<&Arc<SubscriberStats>> {
+        self.inner.subscriber.as_ref().map(|s| s.stats())
+    }
+
+    /// The bound central endpoint, when binding.
+    pub fn events_endpoint(&self) -> Option<&str> {
+        self.inner.subscriber.as_ref().and_then(|s| s.endpoint())
+    }
+
+    fn owner(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+}
+
+fn build_index_config(p: &Params) -> Result<PreciseIndexConfig, PluginError> {
+    let tp = p
+        .token_processor_config
+        .clone()
+        .or_else(|| p.indexer_config.token_processor_config.clone())
+        .unwrap_or_default();
+    if tp.block_size == 0 {
+        return invalid!("tokenProcessorConfig.blockSize must be positive");
+    }
+    let mem = &p.indexer_config.kv_block_index_config.in_memory_config;
+    if mem.size == 0 || mem.pod_cache_size == 0 {
+        return invalid!(
+            "indexerConfig.kvBlockIndexConfig.inMemoryConfig: size and podCacheSize must be positive"
+        );
+    }
+    let mut cfg = PreciseIndexConfig {
+        block_size: tp.block_size,
+        hash_seed: tp.hash_seed,
+        max_keys: mem.size,
+        max_holders_per_key: mem.pod_cache_size,
+        ..PreciseIndexConfig::default()
+    };
+    if let Some(tiers) = &p.indexer_config.kv_cache_backend_configs {
+        if tiers.is_empty() || tiers.len() > 6 {
+            return invalid!("indexerConfig.kvCacheBackendConfigs must list 1 to 6 tiers");
+        }
+        for t in tiers {
+            if !(0.0..=1.0).contains(&t.weight) {
+                return invalid!(
+                    "indexerConfig.kvCacheBackendConfigs: weight of {} must be in [0, 1]",
+                    t.name
+                );
+            }
+        }
+        cfg.tiers = tiers
+            .iter()
+            .map(|t| (t.name.to_ascii_lowercase(), t.weight))
+            .collect();
+    }
+    Ok(cfg)
+}
+
+/// Factory.
+pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
+    Ok(PreciseScorer::build(i)?)
+}
+
+impl PreciseScorer {
+    /// Builds the scorer (and starts its event subscriber when a tokio runtime is available,
+    /// from the handle's extensions or the current context).
+    pub fn build(i: FactoryInput<'_>) -> Result<Arc<Self>, PluginError> {
+        let p: Params = params(i.parameters)?;
+        let index = Arc::new(PreciseIndex::new(build_index_config(&p)?));
+        let ev = &p.kv_events_config;
+        if ev.concurrency == 0 {
+            return invalid!("kvEventsConfig.concurrency must be positive");
+        }
+        if ev.discover_pods && ev.pod_discovery_config.socket_port == 0 {
+            return invalid!("kvEventsConfig.podDiscoveryConfig.socketPort must be set");
+        }
+        let tokenization = Tokenization::load(p.tokenizer_path.as_deref())?;
+        let sink = Arc::new(IndexSink {
+            index: index.clone(),
+            endpoints: i.handle.endpoints.clone(),
+            default_model: p
+                .indexer_config
+                .tokenizers_pool_config
+                .model_name
+                .clone()
+                .unwrap_or_default(),
+            unknown_endpoint: AtomicU64::new(0),
+            dropped_stores: AtomicU64::new(0),
+        });
+        let runtime = i
+            .handle
+            .extensions
+            .get::<tokio::runtime::Handle>()
+            .cloned()
+            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        let sub_cfg = SubscriberConfig {
+            topic_filter: ev.topic_filter.clone(),
+            concurrency: ev.concurrency,
+            replay_port: (ev.replay_port != 0).then_some(ev.replay_port),
+            ..SubscriberConfig::default()
+        };
+        let subscriber = match &runtime {
+            None => {
+                tracing::warn!(scorer = %i.name, "no async runtime: KV events are not consumed (the index stays empty)");
+                None
+            }
+            Some(rt) if ev.discover_pods => Some(KvEventSubscriber::dialing(
+                sub_cfg,
+                sink.clone(),
+                rt.clone(),
+            )),
+            Some(rt) => Some(
+                KvEventSubscriber::bind(sub_cfg, &ev.zmq_endpoint, sink.clone(), rt.clone())
+                    .map_err(|e| PluginError::Other(format!("kvEventsConfig.zmqEndpoint: {e}")))?,
+            ),
+        };
+        let metrics = i
+            .handle
+            .extensions
+            .get::<PreciseMetrics>()
+            .cloned()
+            .unwrap_or_default();
+        let inner = Arc::new(Inner {
+            index,
+            sink,
+            tokenization,
+            subscriber,
+            discover_pods: ev.discover_pods,
+            socket_port: ev.pod_discovery_config.socket_port,
+            speculative_ttl: p
+                .speculative_indexing
+                .then(|| p.speculative_ttl.unwrap_or(Duration::from_secs(2))),
+            prefix_metrics: i.handle.metrics.prefix.clone(),
+        });
+        let ticker = runtime.map(|rt| rt.spawn(tick(Arc::downgrade(&inner), metrics)));
+        Ok(Arc::new(PreciseScorer {
+            name: i.name.to_string(),
+            inner,
+            ticker,
+        }))
+    }
+
+    /// Applies one event batch as if received from `topic` (for tests and tools).
+    pub fn apply_events(&self, topic: &str, batch: &EventBatch) {
+        self.inner.sink.apply(
+            &Source {
+                topic,
+                peer: None,
+                data_parallel_rank: batch.data_parallel_rank,
+            },
+            batch,
+        );
+    }
+}
+
+/// Copies the counters into the Prometheus metrics and refreshes the index gauges, every
+/// second until the scorer is dropped.
+async fn tick(inner: Weak<Inner>, m: PreciseMetrics) {
+    let mut last = [0u64; 9];
+    let mut iv = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        iv.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let st = inner.index.stats();
+        inner.prefix_metrics.size.set(st.entries as i64);
+        inner
+            .prefix_metrics
+            .memory_bytes
+            .set(st.memory_bytes as i64);
+        let sink = &inner.sink;
+        let mut now = [0u64; 9];
+        now[7] = sink.unknown_endpoint.load(Ordering::Relaxed);
+        now[8] = sink.dropped_stores.load(Ordering::Relaxed);
+        if let Some(s) = inner.subscriber.as_ref().map(|s| s.stats()) {
+            now[..7].copy_from_slice(&[
+                s.messages(),
+                s.malformed(),
+                s.gaps(),
+                s.missed(),
+                s.replayed(),
+                s.restarts(),
+                s.events(),
+            ]);
+        }
+        let counters = [
+            &m.messages,
+            &m.malformed,
+            &m.gaps,
+            &m.missed,
+            &m.replayed,
+            &m.restarts,
+            &m.events,
+            &m.unknown_endpoint,
+            &m.dropped_stores,
+        ];
+        for ((c, n), l) in counters.iter().zip(now).zip(last.iter_mut()) {
+            if n > *l {
+                c.inc_by(n - *l);
+                *l = n;
+            }
+        }
+    }
+}
+
+impl_plugin!(
+    PreciseScorer,
+    TYPE,
+    as_scorer => Scorer,
+    as_data_producer => DataProducer,
+    as_pre_request => PreRequest,
+    as_endpoint_listener => EndpointListener,
+);
+
+thread_local! {
+    static TOKENS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl DataProducer for PreciseScorer {
+    fn produce(
+        &self,
+        request: &InferenceRequest,
+        cycle: &mut CycleState,
+        candidates: &[Candidate<'_>],
+    ) {
+        let inner = &self.inner;
+        let mut state = PreciseState {
+            owner: self.owner(),
+            ..PreciseState::default()
+        };
+        TOKENS.with(|t| {
+            let mut tokens = t.borrow_mut();
+            tokens.clear();
+            if inner
+                .tokenization
+                .tokens(request.prompt(), &mut tokens)
+                .is_some()
+            {
+                inner
+                    .index
+                    .keyer()
+                    .prompt_keys(&request.target_model, &tokens, &mut state.keys);
+            }
+        });
+        inner.index.longest_prefix(
+            &state.keys,
+            |ep| candidates.iter().any(|c| c.id().0 == ep),
+            &mut state.matches,
+        );
+        let total = state.keys.len();
+        if total > 0 {
+            let best = state
+                .matches
+                .iter()
+                .map(|m| m.weighted)
+                .fold(0.0f64, f64::max);
+            inner.prefix_metrics.hit_ratio.observe(best / total as f64);
+        }
+        if cycle.get::<PrefixCacheMatch>().is_none() {
+            let mut m = PrefixCacheMatch {
+                total_blocks: u32::try_from(total).unwrap_or(u32::MAX),
+                block_size: inner.index.config().block_size,
+                ..PrefixCacheMatch::default()
+            };
+            for x in &state.matches {
+                m.matched_blocks.insert(EndpointId(x.endpoint), x.weighted);
+            }
+            cycle.insert(m);
+        }
+        cycle.insert(state);
+    }
+}
+
+/// `Σ weights of the leading held blocks / total` per candidate (see the module docs).
+pub fn precise_scores(state: &PreciseState, candidates: &[Candidate<'_>], scores: &mut [f64]) {
+    scores.fill(0.0);
+    if state.keys.is_empty() {
+        return;
+    }
+    let total = state.keys.len() as f64;
+    for m in &state.matches {
+        for (s, c) in scores.iter_mut().zip(candidates) {
+            if c.id().0 == m.endpoint {
+                *s = (m.weighted / total).clamp(0.0, 1.0);
+            }
+        }
+    }
+}
+
+impl Scorer for PreciseScorer {
+    fn category(&self) -> ScorerCategory {
+        ScorerCategory::Affinity
+    }
+
+    fn score(&self, cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
+        match cx.cycle.get::<PreciseState>() {
+            Some(st) if st.owner == self.owner() => precise_scores(st, candidates, scores),
+            _ => scores.fill(0.0),
+        }
+    }
+}
+
+impl PreRequest for PreciseScorer {
+    fn pre_request(
+        &self,
+        _request: &InferenceRequest,
+        cycle: &CycleState,
+        result: &SchedulingResult,
+        _headers_to_set: &mut Vec<(String, String)>,
+    ) {
+        let Some(ttl) = self.inner.speculative_ttl else {
+            return;
+        };
+        let Some(st) = cycle
+            .get::<PreciseState>()
+            .filter(|s| s.owner == self.owner())
+        else {
+            return;
+        };
+        if st.keys.is_empty() {
+            return;
+        }
+        let primary = result.targets().first();
+        let prefill = result
+            .profiles
+            .iter()
+            .find(|(n, _)| n == "prefill" && *n != result.primary_profile)
+            .and_then(|(_, r)| r.targets.first());
+        for target in primary.into_iter().chain(prefill) {
+            self.inner
+                .index
+                .add_speculative(target.id().0, &st.keys, ttl);
+        }
+    }
+}
+
+impl EndpointListener for PreciseScorer {
+    fn endpoint_added(&self, endpoint: &Arc<Endpoint>) {
+        if !self.inner.discover_pods {
+            return;
+        }
+        if let Some(sub) = &self.inner.subscriber {
+            let meta = endpoint.meta();
+            let ip = meta.address;
+            let target = if ip.is_ipv6() {
+                format!("tcp://[{ip}]:{}", self.inner.socket_port)
+            } else {
+                format!("tcp://{ip}:{}", self.inner.socket_port)
+            };
+            sub.add_peer(endpoint.hostport(), &target);
+        }
+    }
+
+    fn endpoint_removed(&self, id: EndpointId) {
+        self.inner.index.clear_endpoint(id.0);
+        if let Some(sub) = &self.inner.subscriber
+            && self.inner.discover_pods
+        {
+            let live: HashMap<String, ()> = self
+                .inner
+                .sink
+                .endpoints
+                .as_ref()
+                .map(|e| {
+                    e.snapshot()
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.id() != id)
+                        .map(|e| (e.hostport().to_string(), ()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for peer in sub.peers() {
+                if !live.contains_key(&peer) {
+                    sub.remove_peer(&peer);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testutil::*;
+    use llmsched_core::endpoint::EndpointSet;
+    use llmsched_core::registry::PluginHandle;
+    use llmsched_core::request::{ChatMessage, RequestBody};
+    use llmsched_core::scheduler::ProfileRunResult;
+    use llmsched_kvevents::{BlockRemoved, BlockStored};
+
+    struct Fixed(Arc<EndpointSet>);
+    impl EndpointSource for Fixed {
+        fn snapshot(&self) -> Arc<EndpointSet> {
+            self.0.clone()
+        }
+    }
+
+    fn scorer(eps: &[Arc<Endpoint>], params: serde_json::Value) -> Arc<PreciseScorer> {
+        let handle = PluginHandle {
+            endpoints: Some(Arc::new(Fixed(Arc::new(EndpointSet {
+                endpoints: eps.to_vec(),
+                generation: 1,
+                synced: true,
+            })))),
+            ..Default::default()
+        };
+        PreciseScorer::build(FactoryInput {
+            name: TYPE,
+            parameters: Some(&params),
+            handle: &handle,
+        })
+        .unwrap()
+    }
+
+    fn with_prompt(prompt: Prompt) -> InferenceRequest {
+        let mut r = request("m");
+        r.body = Some(RequestBody {
+            prompt,
+            ..RequestBody::raw(bytes::Bytes::new())
+        });
+        r
+    }
+
+    fn run(
+        p: &Arc<PreciseScorer>,
+        req: &InferenceRequest,
+        eps: &[Arc<Endpoint>],
+    ) -> (CycleState, Vec<f64>) {
+        let cands: Vec<Candidate<'_>> = eps.iter().collect();
+        let mut cycle = CycleState::new();
+        p.produce(req, &mut cycle, &cands);
+        let s = scores(p.as_ref(), req, &cycle, eps);
+        (cycle, s)
+    }
+
+    fn ids(text: &str) -> Vec<u32> {
+        SimTokenizer::default().encode(text).unwrap()
+    }
+
+    fn stored(
+        hashes: &[u64],
+        parent: Option<u64>,
+        tokens: &[u32],
+        medium: Option<&str>,
+    ) -> EventBatch {
+        EventBatch {
+            ts: 0.0,
+            events: vec![KvEvent::BlockStored(BlockStored {
+                block_hashes: hashes.to_vec(),
+                parent_block_hash: parent,
+                token_ids: tokens.to_vec(),
+                block_size: 4,
+                medium: medium.map(str::to_string),
+                ..BlockStored::default()
+            })],
+            data_parallel_rank: None,
+        }
+    }
+
+    fn batch(events: Vec<KvEvent>) -> EventBatch {
+        EventBatch {
+            ts: 0.0,
+            events,
+            data_parallel_rank: None,
+        }
+    }
+
+    const PROMPT: &str = "a b c d e f g h i j k l";
+
+    fn topic(id: u32) -> String {
+        format!("kv@10.0.0.{id}:8000@m")
+    }
+
+    #[test]
+    fn score_is_the_tier_weighted_leading_run_over_total() {
+        let eps = [ep(1), ep(2), ep(3)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}}),
+        );
+        let t = ids(PROMPT);
+        // Endpoint 1 holds all 3 blocks on GPU; endpoint 2 the first 2 on CPU; 3 nothing.
+        p.apply_events(&topic(1), &stored(&[11, 12, 13], None, &t, None));
+        p.apply_events(&topic(2), &stored(&[21, 22], None, &t[..8], Some("CPU")));
+        let req = with_prompt(Prompt::Text(PROMPT.into()));
+        let (_, s) = run(&p, &req, &eps);
+        assert_close(&s, &[1.0, 2.0 * 0.8 / 3.0, 0.0]);
+        // Only the leading run counts: endpoint 1 loses its middle block → 1 of 3.
+        p.apply_events(
+            &topic(1),
+            &batch(vec![KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![12],
+                ..BlockRemoved::default()
+            })]),
+        );
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 2.0 * 0.8 / 3.0, 0.0]);
+        // A child stored under a parent the endpoint no longer maps is dropped.
+        p.apply_events(&topic(1), &stored(&[14], Some(12), &t[8..], None));
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 2.0 * 0.8 / 3.0, 0.0]);
+        // AllBlocksCleared empties an endpoint.
+        p.apply_events(&topic(2), &batch(vec![KvEvent::AllBlocksCleared]));
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 0.0, 0.0]);
+        // A partial trailing block has no key: 13 words = 3 blocks still.
+        let longer = with_prompt(Prompt::Text(format!("{PROMPT} m")));
+        let (cycle, _) = run(&p, &longer, &eps);
+        assert_eq!(cycle.get::<PrefixCacheMatch>().unwrap().total_blocks, 3);
+    }
+
+    #[test]
+    fn custom_tiers_and_chained_events() {
+        let eps = [ep(1)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({
+                "tokenProcessorConfig": {"blockSize": 4},
+                "indexerConfig": {"kvCacheBackendConfigs": [{"name": "gpu", "weight": 1.0}, {"name": "cpu", "weight": 0.5}]},
+            }),
+        );
+        let t = ids(PROMPT);
+        // Three events chained through their parents, the last one on CPU.
+        p.apply_events(&topic(1), &stored(&[1], None, &t[..4], None));
+        p.apply_events(&topic(1), &stored(&[2], Some(1), &t[4..8], None));
+        p.apply_events(&topic(1), &stored(&[3], Some(2), &t[8..], Some("cpu")));
+        let req = with_prompt(Prompt::Text(PROMPT.into()));
+        assert_close(&run(&p, &req, &eps).1, &[2.5 / 3.0]);
+        // Another model's prompt shares nothing.
+        let mut other = req.clone();
+        other.target_model = "other".into();
+        assert_close(&run(&p, &other, &eps).1, &[0.0]);
+    }
+
+    #[test]
+    fn chat_prompts_are_rendered_like_the_simulator() {
+        let eps = [ep(1), ep(2)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}}),
+        );
+        let messages = vec![
+            ChatMessage {
+                role: "system".into(),
+                content: "you are a kind bot that helps".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "hi there".into(),
+            },
+        ];
+        let text = llmsched_tokenizer::render_sim_chat(
+            messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        );
+        let t = ids(&text);
+        let full = t.len() / 4 * 4;
+        let hashes: Vec<u64> = (0..full as u64 / 4).map(|i| 100 + i).collect();
+        p.apply_events(&topic(2), &stored(&hashes, None, &t[..full], None));
+        let req = with_prompt(Prompt::Chat {
+            messages,
+            messages_json: String::new(),
+        });
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+        // Token-id prompts are used as they are.
+        let req = with_prompt(Prompt::TokenIds(t[..8].to_vec()));
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+    }
+
+    #[test]
+    fn speculation_until_confirmed_and_cleanup_on_departure() {
+        let eps = [ep(1), ep(2)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeTTL": "1h"}),
+        );
+        let req = with_prompt(Prompt::Text(PROMPT.into()));
+        let (cycle, s) = run(&p, &req, &eps);
+        assert_close(&s, &[0.0, 0.0]);
+        let result = SchedulingResult {
+            primary_profile: "default".into(),
+            profiles: vec![(
+                "default".into(),
+                ProfileRunResult {
+                    targets: vec![eps[1].clone()],
+                },
+            )],
+        };
+        p.pre_request(&req, &cycle, &result, &mut Vec::new());
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+        p.endpoint_removed(EndpointId(2));
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
+        // Without speculation nothing is written.
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeIndexing": false}),
+        );
+        let (cycle, _) = run(&p, &req, &eps);
+        p.pre_request(&req, &cycle, &result, &mut Vec::new());
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn events_of_unknown_endpoints_and_bad_events_do_not_poison_the_index() {
+        let eps = [ep(1)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}}),
+        );
+        let t = ids(PROMPT);
+        p.apply_events("kv@10.9.9.9:8000@m", &stored(&[1, 2, 3], None, &t, None));
+        p.apply_events("garbage-topic", &stored(&[1, 2, 3], None, &t, None));
+        // Token count inconsistent with the hashes.
+        p.apply_events(&topic(1), &stored(&[1, 2, 3], None, &t[..5], None));
+        assert_eq!(p.inner.sink.unknown_endpoint.load(Ordering::Relaxed), 2);
+        assert_eq!(p.inner.sink.dropped_stores.load(Ordering::Relaxed), 1);
+        let req = with_prompt(Prompt::Text(PROMPT.into()));
+        assert_close(&run(&p, &req, &eps).1, &[0.0]);
+        assert_eq!(p.index().stats().keys, 0);
+    }
+
+    #[test]
+    fn params_follow_the_reference_structure() {
+        let ok = build(
+            TYPE,
+            Some(serde_json::json!({
+                "tokenProcessorConfig": {"blockSize": 4, "hashSeed": "42"},
+                "indexerConfig": {
+                    "kvBlockIndexConfig": {"inMemoryConfig": {"size": 1000, "podCacheSize": 4}, "enableMetrics": true},
+                    "tokenizersPoolConfig": {"modelName": "m", "workersCount": 8},
+                },
+                "kvEventsConfig": {"zmqEndpoint": "tcp://*:5557", "topicFilter": "kv@", "concurrency": 2,
+                                   "discoverPods": false, "podDiscoveryConfig": {"socketPort": 5557}},
+            })),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        // The older layout: tokenProcessorConfig inside indexerConfig.
+        assert!(build(TYPE, Some(serde_json::json!({"indexerConfig": {"tokenProcessorConfig": {"blockSize": 64}}}))).is_ok());
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"kvEventsConfig": {"zmqEndpiont": "x"}}),
+        );
+        assert!(e.contains("zmqEndpiont"), "{e}");
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 0}}),
+        );
+        assert!(e.contains("blockSize"), "{e}");
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"tokenizerPath": "/nonexistent/tok"}),
+        );
+        assert!(e.contains("tokenizerPath"), "{e}");
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"indexerConfig": {"kvCacheBackendConfigs": [{"name": "gpu", "weight": 2.0}]}}),
+        );
+        assert!(e.contains("weight"), "{e}");
+    }
+
+    #[test]
+    fn a_local_hf_tokenizer_is_loaded_from_a_directory() {
+        let dir = std::env::temp_dir().join(format!("llmsched-precise-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        llmsched_tokenizer::testing::write_bpe_tokenizer(&dir, 300).unwrap();
+        let eps = [ep(1)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenizerPath": dir.display().to_string()}),
+        );
+        let (cycle, _) = run(
+            &p,
+            &with_prompt(Prompt::Text("hello world ".repeat(40))),
+            &eps,
+        );
+        assert!(cycle.get::<PreciseState>().unwrap().keys.len() > 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,534 @@
+//! One request through the proxy: collect, route with the director (or a baseline), forward
+//! with fallbacks, relay the response.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use llmsched_core::endpoint::Endpoint;
+use llmsched_core::error::InferenceError;
+use llmsched_core::request::header as names;
+use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
+use rand::Rng;
+
+use crate::body::{Accounting, InflightGuard, ProxyBody};
+use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
+use crate::{Baseline, ProxyOptions, UpstreamProtocol};
+
+type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Shared state of the proxy: the director, the upstream connection pools and options.
+pub(crate) struct Proxy {
+    director: Arc<Director>,
+    client: UpstreamClient,
+    options: ProxyOptions,
+    next: AtomicUsize,
+}
+
+/// Why forwarding failed before a response arrived.
+struct UpstreamFailure {
+    /// Every target tried.
+    tried: Vec<String>,
+    /// The last error.
+    error: String,
+}
+
+impl Proxy {
+    pub(crate) fn new(director: Arc<Director>, options: ProxyOptions) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(options.connect_timeout));
+        connector.enforce_http(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(options.pool_idle_timeout)
+            .pool_max_idle_per_host(options.pool_max_idle_per_host)
+            // The proxy sets `host` itself (the client's authority, as Envoy forwards it).
+            .set_host(false);
+        if options.upstream_protocol == UpstreamProtocol::H2c {
+            builder
+                .http2_only(true)
+                .http2_adaptive_window(true)
+                .http2_keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        }
+        Self {
+            client: builder.build(connector),
+            director,
+            options,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serves one request. Never fails: every error becomes a response.
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let received_at = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let header_only = body.is_end_stream();
+        let hint = if self.options.subset_hint_header {
+            subset_hint(&parts.headers)
+        } else {
+            None
+        };
+        parts.headers.remove(names::DESTINATION_ENDPOINT_SUBSET);
+
+        if let Some(b) = self.options.baseline {
+            return self.baseline(b, parts, body, header_only).await;
+        }
+
+        let headers = director_headers(&parts);
+        if header_only {
+            // As the ext_proc path: no body, no parsing; a random endpoint.
+            return match self.director.route_without_body(headers, received_at) {
+                Ok(routed) => self.forward(parts, routed, false).await,
+                Err(e) => error_response(&e),
+            };
+        }
+        let body = match self.read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        self.director
+            .metrics()
+            .observe_phase(Phase::BodyBuffering, received_at.elapsed());
+        let incoming = IncomingRequest {
+            headers,
+            body,
+            subset_hint: hint,
+            received_at,
+        };
+        // A client that disconnects while the request waits (flow control) drops this
+        // future, which takes the request out of the queue.
+        match self.director.route(incoming).await {
+            Ok(routed) => self.forward(parts, routed, true).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "request rejected");
+                error_response(&e)
+            }
+        }
+    }
+
+    /// Reads the whole request body: the single frame as is (no copy), or the frames
+    /// appended into one buffer pre-sized from `content-length`.
+    async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<Bytes, Response<ProxyBody>> {
+        let limit = self.options.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large(limit));
+        }
+        let mut body = Limited::new(body, limit);
+        let mut first: Option<Bytes> = None;
+        let mut buf: Option<BytesMut> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        return Err(too_large(limit));
+                    }
+                    tracing::debug!(error = %e, "reading the request body failed");
+                    return Err(error_response(&InferenceError::bad_request(format!(
+                        "failed to read the request body: {e}"
+                    ))));
+                }
+            };
+            // Request trailers are not forwarded (OpenAI requests carry none).
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if let Some(b) = buf.as_mut() {
+                b.extend_from_slice(&data);
+            } else if let Some(f) = first.take() {
+                let cap = declared.map_or(0, |n| n as usize).max(f.len() + data.len());
+                let mut b = BytesMut::with_capacity(cap);
+                b.extend_from_slice(&f);
+                b.extend_from_slice(&data);
+                buf = Some(b);
+            } else {
+                first = Some(data);
+            }
+        }
+        Ok(match buf {
+            Some(b) => b.freeze(),
+            None => first.unwrap_or_default(),
+        })
+    }
+
+    /// Forwards a routed request to its targets in order (the next one only when connecting
+    /// to the previous one failed) and relays the response.
+    async fn forward(
+        &self,
+        mut parts: Parts,
+        routed: Routed,
+        has_body: bool,
+    ) -> Response<ProxyBody> {
+        let body = routed.forward_body().clone();
+        prepare_request_headers(&mut parts, has_body.then_some(body.len()));
+        set_routing_headers(&mut parts.headers, &routed);
+        let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
+        let mut routed = routed;
+        match self.send(parts, body, &targets).await {
+            Ok((resp, served)) => {
+                if served > 0
+                    && let Some(t) = targets.get(served)
+                {
+                    routed.set_served_endpoint(t.hostport());
+                }
+                // A request the parser skipped has no response phase in the ext_proc path
+                // (the stream closes after routing), hence no marker header there either.
+                let marker = !(has_body && routed.kind() == RouteKind::Fallback);
+                self.relay(resp, routed, marker).await
+            }
+            Err(f) => upstream_failure(&f),
+        }
+    }
+
+    /// A baseline request: an endpoint in turn or at random, the body forwarded unchanged.
+    async fn baseline(
+        &self,
+        baseline: Baseline,
+        mut parts: Parts,
+        body: Incoming,
+        header_only: bool,
+    ) -> Response<ProxyBody> {
+        let snap = self.director.endpoints().snapshot();
+        if snap.endpoints.is_empty() {
+            return error_response(&InferenceError::service_unavailable(
+                llmsched_director::director::MSG_NO_CANDIDATES,
+            ));
+        }
+        let n = snap.endpoints.len();
+        let first = match baseline {
+            Baseline::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            Baseline::Random => rand::rng().random_range(0..n),
+        };
+        let body = if header_only {
+            Bytes::new()
+        } else {
+            match self.read_body(&parts.headers, body).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            }
+        };
+        prepare_request_headers(&mut parts, (!header_only).then_some(body.len()));
+        // Connect failures move on to the following endpoints, as a load balancer retries.
+        let targets: Vec<Arc<Endpoint>> = (0..n.min(self.options.baseline_attempts.max(1)))
+            .map(|i| snap.endpoints[(first + i) % n].clone())
+            .collect();
+        let mut guard = InflightGuard::new(targets[0].clone());
+        match self.send(parts, body, &targets).await {
+            Ok((resp, served)) => {
+                if let Some(t) = targets.get(served) {
+                    guard.move_to(t.clone());
+                }
+                let (mut rparts, incoming) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                Response::from_parts(
+                    rparts,
+                    ProxyBody::relay(incoming, Accounting::Baseline(guard), false),
+                )
+            }
+            Err(f) => upstream_failure(&f),
+        }
+    }
+
+    /// Sends the request to `targets` in order until one accepts the connection.
+    async fn send(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        targets: &[Arc<Endpoint>],
+    ) -> Result<(Response<Incoming>, usize), UpstreamFailure> {
+        let Parts {
+            method,
+            uri,
+            mut headers,
+            ..
+        } = parts;
+        let pq = uri.path_and_query();
+        let mut tried = Vec::new();
+        let mut last = String::from("no endpoint to send to");
+        for (i, target) in targets.iter().enumerate() {
+            let uri = match upstream_uri(target.hostport(), pq) {
+                Ok(u) => u,
+                Err(e) => {
+                    last = format!("invalid upstream address {}: {e}", target.hostport());
+                    tried.push(target.hostport().to_string());
+                    continue;
+                }
+            };
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri;
+            // The headers are copied only when a fallback may still need them.
+            *req.headers_mut() = if i + 1 < targets.len() {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(target.hostport())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            match self.client.request(req).await {
+                Ok(resp) => {
+                    if i > 0 {
+                        tracing::info!(served = target.hostport(), failed = ?tried, "a fallback endpoint served the request");
+                    }
+                    return Ok((resp, i));
+                }
+                Err(e) => {
+                    tried.push(target.hostport().to_string());
+                    last = error_chain(&e);
+                    if e.is_connect() {
+                        tracing::warn!(endpoint = target.hostport(), error = %last, "cannot connect to the endpoint");
+                        continue;
+                    }
+                    // The request may have reached the model server: never resend it.
+                    tracing::warn!(endpoint = target.hostport(), error = %last, "upstream request failed");
+                    break;
+                }
+            }
+        }
+        Err(UpstreamFailure { tried, error: last })
+    }
+
+    /// Relays the response of a routed request: response hooks on the headers, then the
+    /// body frame by frame (non-streaming bodies whose model name must be rewritten back
+    /// are read whole first, so the rewrite cannot be split by a frame boundary).
+    async fn relay(
+        &self,
+        resp: Response<Incoming>,
+        mut routed: Routed,
+        marker: bool,
+    ) -> Response<ProxyBody> {
+        let (mut parts, incoming) = resp.into_parts();
+        let status = parts.status.as_u16();
+        let extra = routed.on_response_headers(status, &response_headers(status, &parts.headers));
+        strip_hop_by_hop(&mut parts.headers);
+        if marker {
+            parts.headers.insert(
+                names::WENT_INTO_RESP_HEADERS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        for (k, v) in &extra {
+            set(&mut parts.headers, k, v);
+        }
+        let req = routed.request();
+        let rewrite = routed.kind() == RouteKind::Scheduled
+            && !req.incoming_model.is_empty()
+            && !req.target_model.is_empty()
+            && req.incoming_model != req.target_model;
+        if !rewrite {
+            return Response::from_parts(
+                parts,
+                ProxyBody::relay(incoming, Accounting::Routed(Box::new(routed)), false),
+            );
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        if routed.is_streaming() {
+            return Response::from_parts(
+                parts,
+                ProxyBody::relay(incoming, Accounting::Routed(Box::new(routed)), true),
+            );
+        }
+        let whole = match Limited::new(incoming, self.options.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the upstream response failed");
+                return upstream_failure(&UpstreamFailure {
+                    tried: vec![routed.destination().to_string()],
+                    error: e.to_string(),
+                });
+            }
+        };
+        routed.on_response_body(&whole, true);
+        let out = Bytes::from(routed.rewrite_response_model(&whole).into_owned());
+        routed.finish();
+        if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
+            parts.headers.insert(header::CONTENT_LENGTH, v);
+        }
+        Response::from_parts(parts, ProxyBody::full(out))
+    }
+}
+
+/// Headers of the forwarded request: hop-by-hop removed, `host` kept (or taken from the
+/// HTTP/2 `:authority`), `content-length` of the forwarded body.
+fn prepare_request_headers(parts: &mut Parts, body_len: Option<usize>) {
+    let authority = crate::headers::authority(parts).map(str::to_string);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::EXPECT);
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        parts.headers.insert(header::HOST, a);
+    }
+    match body_len {
+        Some(n) => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
+/// What the ext_proc path sets on the request: the request id (generated when missing),
+/// the destination header and the pre-request hooks' headers.
+fn set_routing_headers(headers: &mut HeaderMap, routed: &Routed) {
+    if !headers.contains_key(names::REQUEST_ID) {
+        set(headers, names::REQUEST_ID, routed.request_id());
+    }
+    set(headers, names::DESTINATION_ENDPOINT, routed.destination());
+    for (k, v) in routed.headers_to_set() {
+        set(headers, k, v);
+    }
+}
+
+fn upstream_uri(hostport: &str, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(Authority::try_from(hostport)?)
+        .path_and_query(
+            pq.cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
+        .build()
+}
+
+/// `error` and its sources, joined with `: `.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut cur = error.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    s
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// The response of an [`InferenceError`]: its status, body
+/// `inference error: <Code> - <message>` and headers, exactly as the ext_proc path's
+/// immediate response.
+pub(crate) fn error_response(e: &InferenceError) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = text_response(status, e.body());
+    for (k, v) in &e.headers {
+        set(r.headers_mut(), k, v);
+    }
+    r
+}
+
+fn too_large(limit: usize) -> Response<ProxyBody> {
+    text_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than the proxy's limit of {limit} bytes"),
+    )
+}
+
+/// No endpoint answered: 503, as Envoy answers when its upstream connection fails.
+fn upstream_failure(f: &UpstreamFailure) -> Response<ProxyBody> {
+    text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "upstream connect error or disconnect/reset before headers: endpoints tried: [{}]: {}",
+            f.tried.join(", "),
+            f.error
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_responses_match_the_ext_proc_path() {
+        let e = InferenceError::resource_exhausted("queue full")
+            .with_header("x-llm-d-request-dropped-reason", "rejected-saturated");
+        let r = error_response(&e);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            r.headers()["x-llm-d-request-dropped-reason"],
+            "rejected-saturated"
+        );
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain");
+        assert_eq!(
+            r.body().size_hint().exact(),
+            Some("inference error: ResourceExhausted - queue full".len() as u64)
+        );
+    }
+
+    #[test]
+    fn upstream_uris() {
+        let pq = PathAndQuery::from_static("/v1/models?x=1");
+        let u = upstream_uri("10.0.0.1:8000", Some(&pq)).unwrap();
+        assert_eq!(u.to_string(), "http://10.0.0.1:8000/v1/models?x=1");
+        let u = upstream_uri("[::1]:8000", None).unwrap();
+        assert_eq!(u.to_string(), "http://[::1]:8000/");
+        assert!(upstream_uri("not a host", None).is_err());
+    }
+
+    #[test]
+    fn forwarded_request_headers() {
+        let (mut p, ()) = http::Request::post("/v1/completions")
+            .header("host", "gw")
+            .header("content-length", "10")
+            .header("expect", "100-continue")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap()
+            .into_parts();
+        prepare_request_headers(&mut p, Some(42));
+        assert_eq!(p.headers[header::CONTENT_LENGTH], "42");
+        assert_eq!(p.headers[header::HOST], "gw");
+        assert!(!p.headers.contains_key(header::EXPECT));
+        assert!(!p.headers.contains_key(header::TRANSFER_ENCODING));
+        let (mut p, ()) = http::Request::get("http://gw2/v1/models")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap()
+            .into_parts();
+        prepare_request_headers(&mut p, None);
+        assert_eq!(p.headers[header::HOST], "gw2");
+        assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
+    }
+}
