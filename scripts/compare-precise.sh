@@ -15,7 +15,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workload="config/workloads/guide-mini.yaml"
-[ -f "$workload" ] || workload="/work/shared/workloads/guide-mini.yaml"
 scale=2.5
 routers="rr,approx,precise"
 zmq_port=5557
