@@ -24,9 +24,6 @@ use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion};
 use llmsched_kvindex::{ApproxIndex, ApproxIndexConfig};
 
-#[path = "support/cpu_time.rs"]
-mod cpu_time;
-
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
@@ -167,15 +164,14 @@ fn config() -> Criterion {
 }
 
 fn main() {
-    if cpu_time::wall_clock_requested() {
-        let mut c = config().configure_from_args();
-        bench(&mut c);
-        c.final_summary();
-    } else {
-        let mut c = config()
-            .with_measurement(cpu_time::CpuTime)
-            .configure_from_args();
-        bench(&mut c);
-        c.final_summary();
+    llmsched_benchkit::run(config(), &Benches);
+}
+
+/// The benchmarks of this file.
+struct Benches;
+
+impl llmsched_benchkit::Suite for Benches {
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
+        bench(c);
     }
 }

@@ -1,5 +1,3 @@
-#![allow(unsafe_code)] // `support/cpu_time.rs` calls clock_gettime through FFI.
-
 //! Event ingestion rate of the precise prefix index, in block events per second on one core.
 //!
 //! A stream like a busy vLLM engine's: every batch carries one `BlockStored` of 32 blocks
@@ -26,9 +24,6 @@ use llmsched_kvevents::{
     encode_batch,
 };
 use llmsched_kvindex::{PreciseIndex, PreciseIndexConfig, StoredBlocks};
-
-#[path = "support/cpu_time.rs"]
-mod cpu_time;
 
 const BLOCK: usize = 16;
 const PER_BATCH: usize = 32;
@@ -205,15 +200,14 @@ fn config() -> Criterion {
 }
 
 fn main() {
-    if cpu_time::wall_clock_requested() {
-        let mut c = config().configure_from_args();
-        bench(&mut c);
-        c.final_summary();
-    } else {
-        let mut c = config()
-            .with_measurement(cpu_time::CpuTime)
-            .configure_from_args();
-        bench(&mut c);
-        c.final_summary();
+    llmsched_benchkit::run(config(), &Benches);
+}
+
+/// The benchmarks of this file.
+struct Benches;
+
+impl llmsched_benchkit::Suite for Benches {
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
+        bench(c);
     }
 }

@@ -1,5 +1,3 @@
-#![allow(unsafe_code)] // `support/cpu_time.rs` calls clock_gettime through FFI.
-
 //! Lookup latency of the precise prefix index for an 8k-token prompt (512 blocks of 16
 //! tokens) at 100 endpoints.
 //!
@@ -25,9 +23,6 @@ use std::time::{Duration, Instant};
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion};
 use llmsched_kvindex::{PreciseIndex, PreciseIndexConfig, PreciseMatches, StoredBlocks};
-
-#[path = "support/cpu_time.rs"]
-mod cpu_time;
 
 const ENDPOINTS: u32 = 100;
 const BLOCK: usize = 16;
@@ -142,11 +137,11 @@ fn percentiles(name: &str, f: &Fixture, prompts: &[&[u64]]) {
     let mut cpu = Vec::with_capacity(100_000);
     for i in 0..100_000 {
         let prompt = prompts[i % prompts.len()];
-        let c = cpu_time::thread_cpu_ns();
+        let c = llmsched_benchkit::thread_cpu_ns();
         let t = Instant::now();
         f.idx.longest_prefix(black_box(prompt), |_| true, &mut out);
         samples.push(t.elapsed());
-        cpu.push(Duration::from_nanos(cpu_time::thread_cpu_ns() - c));
+        cpu.push(Duration::from_nanos(llmsched_benchkit::thread_cpu_ns() - c));
         black_box(&out);
     }
     let best = out.iter().map(|m| m.blocks).max().unwrap_or(0);
@@ -277,15 +272,14 @@ fn main() {
     percentiles("full_hit_cold", &f, &cold);
     percentiles("shared_by_10", &f, &[&f.shared]);
     percentiles("miss", &f, &[&f.miss]);
-    if cpu_time::wall_clock_requested() {
-        let mut c = config().configure_from_args();
-        bench(&mut c, &f);
-        c.final_summary();
-    } else {
-        let mut c = config()
-            .with_measurement(cpu_time::CpuTime)
-            .configure_from_args();
-        bench(&mut c, &f);
-        c.final_summary();
+    llmsched_benchkit::run(config(), &Lookup(&f));
+}
+
+/// The lookup benchmarks over one fixture.
+struct Lookup<'a>(&'a Fixture);
+
+impl llmsched_benchkit::Suite for Lookup<'_> {
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
+        bench(c, self.0);
     }
 }

@@ -15,9 +15,6 @@
 //! Run: `cargo bench -p llmsched-plugins --bench scheduling` (times are the benchmark
 //! thread's CPU time; `BENCH_CLOCK=wall` for wall-clock time).
 
-// The CPU-time measurement calls `clock_gettime` through FFI.
-#![allow(unsafe_code)]
-
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -33,9 +30,6 @@ use llmsched_core::plugin::{Candidate, ParseOutcome};
 use llmsched_core::registry::PluginHandle;
 use llmsched_core::request::{Headers, InferenceRequest};
 use llmsched_core::scheduler::{ProfileRunResult, SchedulingResult};
-
-#[path = "support/cpu_time.rs"]
-mod cpu_time;
 
 const LOAD_ONLY: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 2\n  - pluginRef: kv-cache-utilization-scorer\n    weight: 2\n";
 
@@ -314,15 +308,14 @@ fn config() -> Criterion {
 }
 
 fn main() {
-    if cpu_time::wall_clock_requested() {
-        let mut c = config().configure_from_args();
-        bench(&mut c);
-        c.final_summary();
-    } else {
-        let mut c = config()
-            .with_measurement(cpu_time::CpuTime)
-            .configure_from_args();
-        bench(&mut c);
-        c.final_summary();
+    llmsched_benchkit::run(config(), &Benches);
+}
+
+/// The benchmarks of this file.
+struct Benches;
+
+impl llmsched_benchkit::Suite for Benches {
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
+        bench(c);
     }
 }

@@ -1,0 +1,144 @@
+//! Criterion helpers shared by llmsched's benchmarks.
+//!
+//! [`CpuTime`] measures the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), so
+//! results stay meaningful on a machine shared with other CPU-heavy work: time the thread
+//! spends preempted is not counted. Cache and memory-bandwidth interference from the
+//! neighbours still is. [`run`] runs a [`Suite`] with it, or with wall-clock time when
+//! `BENCH_CLOCK=wall`.
+
+use criterion::measurement::{Measurement, ValueFormatter};
+use criterion::{Criterion, Throughput};
+
+/// Nanoseconds of CPU time consumed by the calling thread.
+pub fn thread_cpu_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1_000_000_000 + nanos
+}
+
+/// True when `BENCH_CLOCK=wall`.
+pub fn wall_clock_requested() -> bool {
+    std::env::var("BENCH_CLOCK").is_ok_and(|v| v == "wall")
+}
+
+/// A benchmark suite, run with whichever measurement [`run`] picks.
+pub trait Suite {
+    /// Registers and runs the benchmarks on `c`.
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>);
+}
+
+/// Runs `suite` with thread CPU time (or wall-clock time when `BENCH_CLOCK=wall`), honouring
+/// criterion's command-line arguments, then prints criterion's summary.
+pub fn run(config: Criterion, suite: &impl Suite) {
+    if wall_clock_requested() {
+        let mut c = config.configure_from_args();
+        suite.run(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = config.with_measurement(CpuTime).configure_from_args();
+        suite.run(&mut c);
+        c.final_summary();
+    }
+}
+
+/// Thread CPU time, in nanoseconds.
+pub struct CpuTime;
+
+impl Measurement for CpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        thread_cpu_ns().saturating_sub(start)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuFormatter
+    }
+}
+
+struct CpuFormatter;
+
+impl CpuFormatter {
+    fn unit(typical: f64) -> (f64, &'static str) {
+        if typical < 1e3 {
+            (1.0, "ns(cpu)")
+        } else if typical < 1e6 {
+            (1e-3, "µs(cpu)")
+        } else if typical < 1e9 {
+            (1e-6, "ms(cpu)")
+        } else {
+            (1e-9, "s(cpu)")
+        }
+    }
+}
+
+impl ValueFormatter for CpuFormatter {
+    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
+        let (f, u) = Self::unit(typical);
+        for v in values {
+            *v *= f;
+        }
+        u
+    }
+    fn scale_throughputs(
+        &self,
+        _typical: f64,
+        throughput: &Throughput,
+        values: &mut [f64],
+    ) -> &'static str {
+        let per = match throughput {
+            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => *n as f64,
+            Throughput::Elements(n) => *n as f64,
+            _ => 1.0,
+        };
+        for v in values {
+            *v = per / (*v * 1e-9);
+        }
+        "units/s(cpu)"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_cpu_time_advances_with_work_only() {
+        let start = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        let busy = thread_cpu_ns() - start;
+        assert!(busy > 0, "{x}");
+        let before_sleep = thread_cpu_ns();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let slept = thread_cpu_ns() - before_sleep;
+        // Sleeping costs (almost) no CPU: far less than the 50 ms that passed.
+        assert!(slept < 25_000_000, "sleeping counted {slept} ns of CPU");
+    }
+
+    #[test]
+    fn units_follow_magnitude() {
+        assert_eq!(CpuFormatter::unit(500.0).1, "ns(cpu)");
+        assert_eq!(CpuFormatter::unit(5e4).1, "µs(cpu)");
+        assert_eq!(CpuFormatter::unit(5e7).1, "ms(cpu)");
+        assert_eq!(CpuFormatter::unit(5e9).1, "s(cpu)");
+    }
+}
