@@ -202,6 +202,21 @@ pub trait PreRequest: Plugin {
         result: &SchedulingResult,
         headers_to_set: &mut Vec<(String, String)>,
     );
+
+    /// Bookkeeping that needs the decision but need not delay the request (e.g. recording
+    /// the prompt's blocks in a prefix index). The transport runs it once the request is on
+    /// its way — after the routing answer went to the gateway, or after the request went to
+    /// the endpoint — and always before the request's response is processed; a request that
+    /// ends earlier runs it when it is dropped. So a client's next request (sent after this
+    /// response) always sees it, while the decision's own latency does not include it: the
+    /// reference updates its prefix index asynchronously for the same reason.
+    fn after_dispatch(
+        &self,
+        _request: &InferenceRequest,
+        _cycle: &CycleState,
+        _result: &SchedulingResult,
+    ) {
+    }
 }
 
 /// Observes the response.

@@ -81,6 +81,7 @@ pub struct Routed {
     rewriter: Option<ModelNameRewriter>,
     cached_reported: bool,
     finalized: bool,
+    dispatched: bool,
 }
 
 impl std::fmt::Debug for Routed {
@@ -128,6 +129,7 @@ impl Routed {
             rewriter,
             cached_reported: false,
             finalized: false,
+            dispatched: false,
         }
     }
 
@@ -197,10 +199,28 @@ impl Routed {
         self.charged.as_ref()
     }
 
+    /// The request is on its way (the gateway has the routing answer, or the endpoint has
+    /// the request): runs the pre-request hooks' deferred bookkeeping
+    /// ([`PreRequest::after_dispatch`](llmsched_core::plugin::PreRequest::after_dispatch)).
+    /// Idempotent; also run by [`Self::on_response_headers`] and on drop, so a transport
+    /// that never calls it loses nothing, it only keeps the work on the request's path.
+    pub fn run_after_dispatch(&mut self) {
+        if std::mem::replace(&mut self.dispatched, true) {
+            return;
+        }
+        let Some(result) = &self.result else {
+            return;
+        };
+        for (h, _) in &self.active.config.pre_request {
+            h.after_dispatch(&self.request, &self.cycle, result);
+        }
+    }
+
     /// Response headers arrived. Runs the response-received hooks and returns the headers
     /// they want added to the client's response. A status other than 200 is counted as a
     /// model-server error when the request finishes.
     pub fn on_response_headers(&mut self, status: u16, headers: &Headers) -> Vec<(String, String)> {
+        self.run_after_dispatch();
         self.headers_seen = true;
         self.response.status = status;
         self.response.headers = headers.clone();
@@ -328,6 +348,7 @@ impl Routed {
         if self.finalized {
             return;
         }
+        self.run_after_dispatch();
         self.finalized = true;
         if self.kind == RouteKind::Fallback {
             return;

@@ -3,6 +3,7 @@
 //! hook, a response-hook recorder, a deterministic saturation detector, a denying admitter
 //! and a parser that can skip), configs, endpoints and bodies.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -110,6 +111,26 @@ impl PreRequest for TargetHeaderHook {
             headers.push(("x-test-target".into(), t.hostport().to_string()));
         }
     }
+
+    fn after_dispatch(&self, request: &InferenceRequest, _: &CycleState, _: &SchedulingResult) {
+        let mut seen = AFTER_DISPATCH
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seen.entry(request.request_id.clone()).or_default() += 1;
+    }
+}
+
+/// How often `test-pre-request`'s `after_dispatch` ran per request id.
+static AFTER_DISPATCH: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+/// How many times `test-pre-request`'s `after_dispatch` ran for `request_id`.
+pub fn after_dispatch_runs(request_id: &str) -> usize {
+    AFTER_DISPATCH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(request_id)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// `test-deny-admitter`: rejects requests carrying `x-test-deny` with 403.

@@ -65,6 +65,42 @@ async fn routes_to_the_least_loaded_endpoint_without_copying_the_body() {
 }
 
 #[tokio::test]
+async fn deferred_hook_work_runs_once_after_dispatch_at_the_latest_before_the_response() {
+    let eps = endpoints(2);
+    let d = director(basic_config(1, ""), eps.clone());
+    let routed_with = |id: &str| {
+        let mut headers = post_headers("/v1/completions");
+        headers.insert("x-request-id", id);
+        d.route(IncomingRequest::new(
+            headers,
+            completion_body("m", "hello", false),
+        ))
+    };
+    // The transport says when the request is on its way; repeated calls do nothing.
+    let mut a = routed_with("dispatch-a").await.unwrap();
+    assert_eq!(
+        after_dispatch_runs("dispatch-a"),
+        0,
+        "not on the decision's path"
+    );
+    a.run_after_dispatch();
+    a.run_after_dispatch();
+    a.on_response_headers(200, &Headers::new());
+    a.finish();
+    assert_eq!(after_dispatch_runs("dispatch-a"), 1);
+    // A transport that never says so: the response headers run it.
+    let mut b = routed_with("dispatch-b").await.unwrap();
+    b.on_response_headers(200, &Headers::new());
+    assert_eq!(after_dispatch_runs("dispatch-b"), 1);
+    b.finish();
+    assert_eq!(after_dispatch_runs("dispatch-b"), 1);
+    // A request that ends before any response (client gone): dropping it runs it.
+    let c = routed_with("dispatch-c").await.unwrap();
+    drop(c);
+    assert_eq!(after_dispatch_runs("dispatch-c"), 1);
+}
+
+#[tokio::test]
 async fn fallback_destinations_follow_max_num_of_endpoints() {
     let eps = endpoints(3);
     set_queue(&eps.0.endpoints[0], 9);

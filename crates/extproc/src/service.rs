@@ -97,6 +97,7 @@ impl ExternalProcessor for ExtProcService {
             stage: Stage::AwaitHeaders,
             hint: None,
             done: false,
+            after_dispatch: false,
         };
         let stream = futures::stream::unfold(
             (handler, request.into_inner()),
@@ -104,6 +105,20 @@ impl ExternalProcessor for ExtProcService {
                 loop {
                     if let Some(item) = h.out.pop_front() {
                         return Some((item, (h, inbound)));
+                    }
+                    if h.after_dispatch {
+                        // The routing answer is queued: let it go out first (returning
+                        // `Pending` once makes tonic hand the encoded responses to h2, and
+                        // the connection task writes them before this task runs again),
+                        // then do the hooks' bookkeeping while Envoy forwards the request.
+                        h.after_dispatch = false;
+                        tokio::task::yield_now().await;
+                        if let Stage::Forwarded {
+                            routed: Some(r), ..
+                        } = &mut h.stage
+                        {
+                            r.run_after_dispatch();
+                        }
                     }
                     if h.done {
                         return None;
@@ -165,6 +180,8 @@ struct StreamHandler {
     stage: Stage,
     hint: Option<Vec<String>>,
     done: bool,
+    /// A request was just routed: run its deferred bookkeeping once the answer is out.
+    after_dispatch: bool,
 }
 
 /// Whether the stream continues after a message.
@@ -326,6 +343,7 @@ impl StreamHandler {
             // closes, so no response phase reaches the EPP.
             return Ok(Flow::Close);
         }
+        self.after_dispatch = true;
         Ok(Flow::Continue)
     }
 

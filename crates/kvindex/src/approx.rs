@@ -56,6 +56,7 @@
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hashbrown::hash_table::Entry;
 use hashbrown::{HashMap, HashTable};
 use parking_lot::RwLock;
 use smallvec::SmallVec;
@@ -430,59 +431,64 @@ impl Shard {
         lru.cap = cap;
         let mut delta = 0isize;
         for (hash, m) in blocks {
-            match table.find_mut(m, |s| s.hash == hash) {
-                Some(slot) => match slot.set_index() {
-                    None if slot.a == ep => {
-                        let node = slot.b;
-                        if lru.head != node {
-                            nodes.unlink(lru, node);
-                            nodes.push_front(lru, node);
+            // One probe for find-or-insert (a new block is the common case under a stream of
+            // distinct prompts, and each probe is a likely cache miss in a large table).
+            match table.entry(m, |s| s.hash == hash, |s| mix(seed, s.hash)) {
+                Entry::Occupied(mut occupied) => {
+                    let slot = occupied.get_mut();
+                    match slot.set_index() {
+                        None if slot.a == ep => {
+                            let node = slot.b;
+                            if lru.head != node {
+                                nodes.unlink(lru, node);
+                                nodes.push_front(lru, node);
+                            }
                         }
-                    }
-                    None => {
-                        let node = nodes.alloc(hash);
-                        nodes.push_front(lru, node);
-                        delta += 1;
-                        let other = Holder {
-                            ep: slot.a,
-                            node: slot.b,
-                        };
-                        let mine = Holder { ep, node };
-                        let pair: Box<[Holder]> = if other.ep < ep {
-                            Box::new([other, mine])
-                        } else {
-                            Box::new([mine, other])
-                        };
-                        *slot = Slot::multi(hash, sets.store(pair));
-                    }
-                    Some(si) => {
-                        let set = sets.get(si);
-                        match set.binary_search_by_key(&ep, |h| h.ep) {
-                            Ok(pos) => {
-                                let node = set[pos].node;
-                                if lru.head != node {
-                                    nodes.unlink(lru, node);
+                        None => {
+                            let node = nodes.alloc(hash);
+                            nodes.push_front(lru, node);
+                            delta += 1;
+                            let other = Holder {
+                                ep: slot.a,
+                                node: slot.b,
+                            };
+                            let mine = Holder { ep, node };
+                            let pair: Box<[Holder]> = if other.ep < ep {
+                                Box::new([other, mine])
+                            } else {
+                                Box::new([mine, other])
+                            };
+                            *slot = Slot::multi(hash, sets.store(pair));
+                        }
+                        Some(si) => {
+                            let set = sets.get(si);
+                            match set.binary_search_by_key(&ep, |h| h.ep) {
+                                Ok(pos) => {
+                                    let node = set[pos].node;
+                                    if lru.head != node {
+                                        nodes.unlink(lru, node);
+                                        nodes.push_front(lru, node);
+                                    }
+                                }
+                                Err(pos) => {
+                                    let node = nodes.alloc(hash);
                                     nodes.push_front(lru, node);
+                                    delta += 1;
+                                    let mut v = Vec::with_capacity(set.len() + 1);
+                                    v.extend_from_slice(&set[..pos]);
+                                    v.push(Holder { ep, node });
+                                    v.extend_from_slice(&set[pos..]);
+                                    sets.replace(si, v.into_boxed_slice());
                                 }
                             }
-                            Err(pos) => {
-                                let node = nodes.alloc(hash);
-                                nodes.push_front(lru, node);
-                                delta += 1;
-                                let mut v = Vec::with_capacity(set.len() + 1);
-                                v.extend_from_slice(&set[..pos]);
-                                v.push(Holder { ep, node });
-                                v.extend_from_slice(&set[pos..]);
-                                sets.replace(si, v.into_boxed_slice());
-                            }
                         }
                     }
-                },
-                None => {
+                }
+                Entry::Vacant(vacant) => {
                     let node = nodes.alloc(hash);
                     nodes.push_front(lru, node);
                     delta += 1;
-                    table.insert_unique(m, Slot::single(hash, ep, node), |s| mix(seed, s.hash));
+                    vacant.insert(Slot::single(hash, ep, node));
                 }
             }
             // Trim to capacity from the least recently used end.

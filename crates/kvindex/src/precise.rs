@@ -47,35 +47,47 @@
 //!
 //! [`PreciseIndex::longest_prefix`] walks the request's keys in order and gives, per endpoint,
 //! the number of consecutive leading blocks it holds and their tier-weighted sum; the walk stops
-//! at the first key no surviving endpoint holds. Per key: one shard read lock, one table probe,
-//! a scan of at most `max_holders_per_key` holders; no allocation (matches live in a
+//! at the first key no surviving endpoint holds. Each shard the keys live in is read-locked
+//! once for the whole walk; keys are probed in rounds of 16 whose table probes are independent
+//! (their cache misses overlap), the next round's slots being loaded while the current one is
+//! matched; each surviving endpoint then walks the round's holder lists with its counters in
+//! registers, finding itself at its position in the previous list (holder sets rarely change
+//! from one block to the next). A probe reads one half cache line (see the `table` module); no
+//! allocation unless more than 16 endpoints hold the first key (matches live in a
 //! [`SmallVec`]).
 //!
 //! ## Concurrency and memory
 //!
 //! Keys are spread over `shards` (power of two) `parking_lot::RwLock`ed shards; no operation
-//! holds two shard locks at once. Each shard bounds its keys with an LRU (recency = last store
-//! or speculative write) of `⌈max_keys / shards⌉` entries. Engine mappings live per endpoint in
-//! two generations bounded by `max_engine_keys_per_endpoint` (a mapping unused for a whole
-//! generation is forgotten; removal events normally delete mappings long before). A table slot
-//! is 40 bytes (key, LRU node, up to two holders inline); [`PreciseIndex::stats`] reports the
-//! bytes of every table, node slab, spilled holder list and engine map.
+//! holds two shard write locks at once (a lookup holds several read locks). Each shard bounds
+//! its keys with an LRU (recency = last store or speculative write) of `⌈max_keys / shards⌉`
+//! entries. Engine mappings live per endpoint in two generations bounded by
+//! `max_engine_keys_per_endpoint` (a mapping unused for a whole generation is forgotten;
+//! removal events normally delete mappings long before). A shard's table is a flat
+//! open-addressing array of 32-byte slots (key and up to two holders inline; more holders
+//! spill to the heap) at most 3/4 full, plus 4 bytes per slot for the LRU node;
+//! [`PreciseIndex::stats`] reports the bytes of every table, node slab, spilled holder list
+//! and engine map. Engine maps use hashbrown's default (foldhash) hasher.
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
+use hashbrown::HashMap as FastMap;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed};
 
 use crate::EndpointKey;
 
+mod table;
+use table::{KeyTable, TableView};
+
+/// Keys probed per round by [`PreciseIndex::longest_prefix`].
+const LOOKUP_BATCH: usize = 16;
 /// Link value meaning "none".
 const NIL: u32 = u32::MAX;
 /// Tier bit of speculative holders.
@@ -279,6 +291,34 @@ impl Holder {
     }
 }
 
+/// An endpoint still matching every key so far during a lookup.
+#[derive(Debug, Clone, Copy)]
+struct Survivor {
+    ep: EndpointKey,
+    /// Its entry in the lookup's output.
+    at: u32,
+    /// Its position in the last holder list it was found in.
+    hint: u32,
+}
+
+/// A set of shard indices (below 1024, the shard limit).
+#[derive(Default)]
+struct ShardSet([u64; 16]);
+
+impl ShardSet {
+    #[inline]
+    fn insert(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+
+    #[inline]
+    fn contains(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
 /// `a < b` on the 24-bit tick circle.
 #[inline]
 fn tick_before(a: u32, b: u32) -> bool {
@@ -309,11 +349,11 @@ fn victim(holders: &[Holder], clock: u32) -> usize {
     best
 }
 
-struct Slot {
-    key: u64,
-    node: u32,
-    holders: SmallVec<[Holder; 2]>,
-}
+/// The holders of one key, sorted by endpoint; two inline (24 bytes, so a table slot is 32).
+type Holders = SmallVec<[Holder; 2]>;
+
+/// A table slot must fit half a cache line (see [`table`]).
+const _: () = assert!(size_of::<table::Slot<Holders>>() == 32);
 
 #[derive(Debug, Clone, Copy)]
 struct Node {
@@ -324,7 +364,8 @@ struct Node {
 
 /// A shard: key table, LRU of keys (head = most recent), speculative expiry queue.
 struct Shard {
-    table: HashTable<Slot>,
+    /// Key → holders; each entry's tag is its LRU node.
+    table: KeyTable<Holders>,
     nodes: Vec<Node>,
     free: u32,
     head: u32,
@@ -343,7 +384,7 @@ struct Shard {
 impl Shard {
     fn new(cap: usize) -> Self {
         Self {
-            table: HashTable::new(),
+            table: KeyTable::new(),
             nodes: Vec::new(),
             free: NIL,
             head: NIL,
@@ -421,7 +462,7 @@ impl Shard {
         self.free = i;
     }
 
-    fn account_remove(&mut self, holders: &SmallVec<[Holder; 2]>) {
+    fn account_remove(&mut self, holders: &Holders) {
         self.entries -= holders.len();
         if holders.spilled() {
             self.spilled -= holders.capacity();
@@ -430,10 +471,9 @@ impl Shard {
 
     /// Removes `key` entirely.
     fn remove_key(&mut self, key: u64) {
-        if let Ok(e) = self.table.find_entry(key, |s| s.key == key) {
-            let (slot, _) = e.remove();
-            self.account_remove(&slot.holders);
-            self.release_node(slot.node);
+        if let Some((holders, node)) = self.table.remove(key) {
+            self.account_remove(&holders);
+            self.release_node(node);
         }
     }
 
@@ -450,13 +490,13 @@ impl Shard {
         self.clock = self.clock.wrapping_add(1) & TICK_MASK;
         let clock = self.clock;
         let stamp = if bits & SPEC != 0 { expiry } else { clock };
-        let node = match self.table.find_mut(key, |s| s.key == key) {
-            Some(slot) => {
-                let was_spilled = slot.holders.spilled();
-                let old_cap = slot.holders.capacity();
-                match slot.holders.binary_search_by_key(&ep, |h| h.ep) {
+        let node = match self.table.get_mut(key) {
+            Some((holders, node)) => {
+                let was_spilled = holders.spilled();
+                let old_cap = holders.capacity();
+                match holders.binary_search_by_key(&ep, |h| h.ep) {
                     Ok(i) => {
-                        let h = &mut slot.holders[i];
+                        let h = &mut holders[i];
                         if bits & SPEC != 0 {
                             if h.tiers & CONFIRMED == 0 {
                                 h.tiers = SPEC;
@@ -470,9 +510,9 @@ impl Shard {
                         }
                     }
                     Err(mut at) => {
-                        if slot.holders.len() >= max_holders.max(1) {
-                            let victim = victim(&slot.holders, clock);
-                            slot.holders.remove(victim);
+                        if holders.len() >= max_holders.max(1) {
+                            let victim = victim(holders, clock);
+                            holders.remove(victim);
                             self.entries -= 1;
                             if victim < at {
                                 at -= 1;
@@ -484,12 +524,11 @@ impl Shard {
                             expiry: [0; 3],
                         };
                         h.set_expiry(stamp);
-                        slot.holders.insert(at, h);
+                        holders.insert(at, h);
                         self.entries += 1;
                     }
                 }
-                let (now_spilled, new_cap) = (slot.holders.spilled(), slot.holders.capacity());
-                let node = slot.node;
+                let (now_spilled, new_cap) = (holders.spilled(), holders.capacity());
                 if was_spilled {
                     self.spilled -= old_cap;
                 }
@@ -506,10 +545,9 @@ impl Shard {
                     expiry: [0; 3],
                 };
                 h.set_expiry(stamp);
-                let mut holders = SmallVec::new();
+                let mut holders = Holders::new();
                 holders.push(h);
-                self.table
-                    .insert_unique(key, Slot { key, node, holders }, |s| s.key);
+                self.table.insert(key, node, holders);
                 self.entries += 1;
                 self.evict_over_capacity();
                 return;
@@ -521,31 +559,32 @@ impl Shard {
     /// Clears `mask` bits of `ep`'s holder of `key`; returns whether `ep` still holds it
     /// with a confirmed tier.
     fn clear_bits(&mut self, key: u64, ep: EndpointKey, mask: u8) -> bool {
-        let Ok(mut e) = self.table.find_entry(key, |s| s.key == key) else {
+        let Some((holders, node)) = self.table.get_mut(key) else {
             return false;
         };
-        let slot = e.get_mut();
-        let Ok(i) = slot.holders.binary_search_by_key(&ep, |h| h.ep) else {
+        let Ok(i) = holders.binary_search_by_key(&ep, |h| h.ep) else {
             return false;
         };
-        slot.holders[i].tiers &= !mask;
-        if slot.holders[i].tiers & CONFIRMED != 0 {
+        holders[i].tiers &= !mask;
+        if holders[i].tiers & CONFIRMED != 0 {
             return true;
         }
-        if slot.holders[i].tiers & SPEC != 0 {
+        if holders[i].tiers & SPEC != 0 {
             return false;
         }
-        let was_spilled = slot.holders.spilled();
-        let old_cap = slot.holders.capacity();
-        slot.holders.remove(i);
+        let was_spilled = holders.spilled();
+        let old_cap = holders.capacity();
+        holders.remove(i);
+        let now_empty = holders.is_empty();
+        let now_spilled = holders.spilled();
         self.entries -= 1;
-        if slot.holders.is_empty() {
-            let (slot, _) = e.remove();
+        if now_empty {
+            self.table.remove(key);
             if was_spilled {
                 self.spilled -= old_cap;
             }
-            self.release_node(slot.node);
-        } else if was_spilled && !slot.holders.spilled() {
+            self.release_node(node);
+        } else if was_spilled && !now_spilled {
             self.spilled -= old_cap;
         }
         false
@@ -555,29 +594,28 @@ impl Shard {
         let mut removed = 0;
         let mut empty: Vec<(u64, u32)> = Vec::new();
         let mut spilled_delta = 0isize;
-        for slot in self.table.iter_mut() {
-            let before = slot.holders.len();
-            if !slot.holders.iter().any(|h| h.ep == ep) {
+        for (key, node, holders) in self.table.iter_mut() {
+            let before = holders.len();
+            if !holders.iter().any(|h| h.ep == ep) {
                 continue;
             }
-            let (was, cap) = (slot.holders.spilled(), slot.holders.capacity());
-            slot.holders.retain(|h| h.ep != ep);
-            removed += before - slot.holders.len();
-            if slot.holders.is_empty() {
-                empty.push((slot.key, slot.node));
+            let (was, cap) = (holders.spilled(), holders.capacity());
+            holders.retain(|h| h.ep != ep);
+            removed += before - holders.len();
+            if holders.is_empty() {
+                empty.push((key, node));
             }
-            if was && !slot.holders.spilled() {
+            if was && !holders.spilled() {
                 spilled_delta -= cap as isize;
             }
         }
         self.entries -= removed;
         self.spilled = self.spilled.saturating_add_signed(spilled_delta);
         for (key, node) in empty {
-            if let Ok(e) = self.table.find_entry(key, |s| s.key == key) {
-                let (slot, _) = e.remove();
-                if slot.holders.spilled() {
-                    self.spilled -= slot.holders.capacity();
-                }
+            if let Some((holders, _)) = self.table.remove(key)
+                && holders.spilled()
+            {
+                self.spilled -= holders.capacity();
             }
             self.release_node(node);
         }
@@ -595,13 +633,8 @@ impl Shard {
             self.spec_queue.pop();
             let expired = self
                 .table
-                .find(key, |s| s.key == key)
-                .and_then(|s| {
-                    s.holders
-                        .binary_search_by_key(&ep, |h| h.ep)
-                        .ok()
-                        .map(|i| s.holders[i])
-                })
+                .get(key)
+                .and_then(|hs| hs.binary_search_by_key(&ep, |h| h.ep).ok().map(|i| hs[i]))
                 .is_some_and(|h| h.tiers == SPEC && !tick_before(now24, h.expiry()));
             if expired {
                 self.clear_bits(key, ep, SPEC);
@@ -612,7 +645,7 @@ impl Shard {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.table.capacity() * (size_of::<Slot>() + 1)
+        self.table.memory_bytes()
             + self.nodes.capacity() * size_of::<Node>()
             + self.spilled * size_of::<Holder>()
             + self.spec_queue.capacity() * size_of::<(u64, u64, EndpointKey)>()
@@ -625,8 +658,8 @@ type EngineVal = SmallVec<[u64; 1]>;
 /// One endpoint's engine-hash → request-key mappings, in two generations.
 #[derive(Default)]
 struct EngineMap {
-    current: HashMap<u64, EngineVal>,
-    old: HashMap<u64, EngineVal>,
+    current: FastMap<u64, EngineVal>,
+    old: FastMap<u64, EngineVal>,
 }
 
 impl EngineMap {
@@ -669,7 +702,7 @@ pub struct PreciseIndex {
     keyer: BlockKeyer,
     shards: Box<[RwLock<Shard>]>,
     mask: usize,
-    engines: RwLock<HashMap<EndpointKey, Arc<Mutex<EngineMap>>>>,
+    engines: RwLock<FastMap<EndpointKey, Arc<Mutex<EngineMap>>>>,
     tier_names: Vec<String>,
     /// Weight of every tier-bit combination (max over the set bits).
     weights: [f64; 256],
@@ -717,7 +750,7 @@ impl PreciseIndex {
                 .map(|_| RwLock::new(Shard::new(per_shard)))
                 .collect(),
             mask: shards - 1,
-            engines: RwLock::new(HashMap::new()),
+            engines: RwLock::new(FastMap::new()),
             tier_names,
             weights,
             epoch: Instant::now(),
@@ -738,7 +771,7 @@ impl PreciseIndex {
 
     #[inline]
     fn shard(&self, key: u64) -> &RwLock<Shard> {
-        &self.shards[(key >> 40) as usize & self.mask]
+        &self.shards[self.shard_index(key)]
     }
 
     /// The tier bit of `medium` (`None` = GPU).
@@ -913,16 +946,34 @@ impl PreciseIndex {
     }
 
     /// Per endpoint accepted by `accept`: the consecutive leading `keys` it holds and their
-    /// tier-weighted sum, into `out` (cleared first). See the module docs.
+    /// tier-weighted sum, into `out` (cleared first), in endpoint order. See the module docs
+    /// and [`Self::longest_prefix_batched`] for the algorithm.
     pub fn longest_prefix(
         &self,
         keys: &[u64],
         accept: impl Fn(EndpointKey) -> bool,
         out: &mut PreciseMatches,
     ) {
-        self.longest_prefix_batched::<16>(keys, accept, out)
+        self.longest_prefix_batched::<LOOKUP_BATCH>(keys, accept, out)
     }
 
+    /// [`Self::longest_prefix`] with `BATCH` keys probed per round (public for benchmarks).
+    ///
+    /// 1. The first key's alive, accepted holders become the *survivors* (sorted by endpoint,
+    ///    as holder lists are) and the entries of `out`.
+    /// 2. Every shard holding one of the remaining keys is read-locked once (a bitset of shard
+    ///    indices collects them), and the locks are kept to the end.
+    /// 3. The remaining keys go in rounds of `BATCH`. A round loads the home slots of the next
+    ///    round's keys (so that their cache misses overlap this round's work), then probes its
+    ///    own keys, stopping at the first key nobody holds.
+    /// 4. Each survivor then walks the round's holder lists on its own, with its count and
+    ///    weight sum in registers: it finds itself at the position it had in the previous list
+    ///    (holder sets rarely change from one block to the next) or by binary search, and stops
+    ///    at the first block it does not hold or whose holder expired. A survivor that stopped
+    ///    leaves the set; the lookup ends when the set is empty or the keys run out.
+    ///
+    /// No allocation unless more than 16 endpoints survive the first key or there are more
+    /// than 64 shards (and `out` grows only beyond 8 matches).
     #[doc(hidden)]
     pub fn longest_prefix_batched<const BATCH: usize>(
         &self,
@@ -931,95 +982,126 @@ impl PreciseIndex {
         out: &mut PreciseMatches,
     ) {
         out.clear();
-        let Some(&first) = keys.first() else {
+        let Some((&first, rest)) = keys.split_first() else {
             return;
         };
+        const { assert!(BATCH > 0, "BATCH must be positive") };
         let now = self.now_tick();
-        // Each shard is read-locked at most once per lookup and kept until the end: a long
-        // prompt touches every shard, and one lock per shard beats one per block. Recursive
-        // read locks cannot deadlock with writers, which never hold two locks.
-        let mut guards: SmallVec<[Option<RwLockReadGuard<'_, Shard>>; 64]> =
-            (0..self.shards.len()).map(|_| None).collect();
-        {
-            let shard = self.read_shard(&mut guards, first);
-            let Some(slot) = shard.table.find(first, |s| s.key == first) else {
-                return;
-            };
-            // Holders are sorted by endpoint, so `out` is too.
-            for h in &slot.holders {
-                if h.alive(now) && accept(h.ep) {
-                    out.push(PreciseMatch {
-                        endpoint: h.ep,
-                        blocks: 1,
-                        weighted: self.weights[h.tiers as usize],
-                    });
-                }
+        let first_shard = self.shard_index(first);
+        let first_guard = self.shards[first_shard].read_recursive();
+        let mut survivors: SmallVec<[Survivor; 16]> = SmallVec::new();
+        let Some(holders) = first_guard.table.get(first) else {
+            return;
+        };
+        for (i, h) in holders.iter().enumerate() {
+            if h.alive(now) && accept(h.ep) {
+                survivors.push(Survivor {
+                    ep: h.ep,
+                    at: out.len() as u32,
+                    hint: i as u32,
+                });
+                out.push(PreciseMatch {
+                    endpoint: h.ep,
+                    blocks: 1,
+                    weighted: self.weights[h.tiers as usize],
+                });
             }
         }
-        if out.is_empty() {
+        if survivors.is_empty() || rest.is_empty() {
             return;
         }
-        // Survivors: (endpoint, position in `out`), sorted by endpoint.
-        let mut alive: SmallVec<[(EndpointKey, u32); 16]> = out
+        // Read-lock every shard the keys live in, once, up front, and keep the locks to the
+        // end: a long prompt touches every shard, one lock per shard beats one per block, and
+        // the probes need no per-key lock bookkeeping. Recursive read locks cannot deadlock
+        // with writers, which never hold two locks.
+        let mut needed = ShardSet::default();
+        for &key in rest {
+            needed.insert(self.shard_index(key));
+        }
+        let mut first_guard = Some(first_guard);
+        let guards: SmallVec<[Option<RwLockReadGuard<'_, Shard>>; 64]> = self
+            .shards
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.endpoint, i as u32))
+            .map(|(i, s)| {
+                if i == first_shard {
+                    first_guard.take()
+                } else {
+                    needed.contains(i).then(|| s.read_recursive())
+                }
+            })
             .collect();
-        // Probe keys in batches: the table probes of a batch are independent, so their cache
-        // misses overlap instead of queueing one after the other.
-        for batch in keys[1..].chunks(BATCH) {
-            for &key in batch {
-                self.read_shard(&mut guards, key);
+        let empty = KeyTable::new();
+        let tables: SmallVec<[TableView<'_, Holders>; 64]> = guards
+            .iter()
+            .map(|g| g.as_deref().map_or(&empty, |s| &s.table).view())
+            .collect();
+        let table = |key: u64| tables[self.shard_index(key)];
+        let touch = |keys: &[u64]| {
+            let mut touched = 0u64;
+            for &key in keys {
+                touched ^= table(key).touch(key);
             }
-            let guards = &guards;
-            let mut slots: [Option<&Slot>; BATCH] = [None; BATCH];
-            for (slot, &key) in slots.iter_mut().zip(batch) {
-                let i = (key >> 40) as usize & self.mask;
-                *slot = guards[i]
-                    .as_deref()
-                    .and_then(|s| s.table.find(key, |s| s.key == key));
+            std::hint::black_box(touched);
+        };
+        touch(&rest[..BATCH.min(rest.len())]);
+        for (r, round) in rest.chunks(BATCH).enumerate() {
+            // Start the next round's cache misses now, so that they overlap this round's work.
+            let from = ((r + 1) * BATCH).min(rest.len());
+            touch(&rest[from..(from + BATCH).min(rest.len())]);
+            // The holder lists of the round's leading held keys.
+            let mut lists: [&[Holder]; BATCH] = [&[]; BATCH];
+            let mut held = 0;
+            for &key in round {
+                match table(key).get(key) {
+                    Some(h) => lists[held] = h,
+                    None => break,
+                }
+                held += 1;
             }
-            for slot in &slots[..batch.len()] {
-                let Some(slot) = slot else {
-                    return;
-                };
-                // Merge the survivors with the holders (both sorted by endpoint).
-                let holders = &slot.holders[..];
-                let (mut j, mut w) = (0, 0);
-                for r in 0..alive.len() {
-                    let (ep, at) = alive[r];
-                    while j < holders.len() && holders[j].ep < ep {
-                        j += 1;
-                    }
-                    if j == holders.len() {
+            let lists = &lists[..held];
+            let mut kept = 0;
+            for r in 0..survivors.len() {
+                let mut s = survivors[r];
+                let (mut n, mut weighted) = (0, 0.0);
+                for hs in lists {
+                    let i = s.hint as usize;
+                    let h = match hs.get(i) {
+                        Some(h) if h.ep == s.ep => *h,
+                        _ => match hs.binary_search_by_key(&s.ep, |h| h.ep) {
+                            Ok(i) => {
+                                s.hint = i as u32;
+                                hs[i]
+                            }
+                            Err(_) => break,
+                        },
+                    };
+                    if !h.alive(now) {
                         break;
                     }
-                    let h = holders[j];
-                    if h.ep == ep && h.alive(now) {
-                        let m = &mut out[at as usize];
-                        m.blocks += 1;
-                        m.weighted += self.weights[h.tiers as usize];
-                        alive[w] = (ep, at);
-                        w += 1;
-                    }
+                    weighted += self.weights[h.tiers as usize];
+                    n += 1;
                 }
-                alive.truncate(w);
-                if alive.is_empty() {
-                    return;
+                if let Some(m) = out.get_mut(s.at as usize) {
+                    m.blocks += n;
+                    m.weighted += weighted;
                 }
+                if n as usize == round.len() {
+                    survivors[kept] = s;
+                    kept += 1;
+                }
+            }
+            survivors.truncate(kept);
+            if survivors.is_empty() {
+                return;
             }
         }
     }
 
-    /// The shard of `key`, read-locked once per lookup.
+    /// The shard `key` lives in.
     #[inline]
-    fn read_shard<'g, 'a: 'g>(
-        &'a self,
-        guards: &'g mut [Option<RwLockReadGuard<'a, Shard>>],
-        key: u64,
-    ) -> &'g Shard {
-        let i = (key >> 40) as usize & self.mask;
-        guards[i].get_or_insert_with(|| self.shards[i].read_recursive())
+    fn shard_index(&self, key: u64) -> usize {
+        (key >> 40) as usize & self.mask
     }
 
     /// The endpoints holding `key` (alive holders), with their weights; for tests and
@@ -1029,10 +1111,9 @@ impl PreciseIndex {
         let shard = self.shard(key).read();
         shard
             .table
-            .find(key, |s| s.key == key)
-            .map(|s| {
-                s.holders
-                    .iter()
+            .get(key)
+            .map(|hs| {
+                hs.iter()
                     .filter(|h| h.alive(now))
                     .map(|h| (h.ep, self.weights[h.tiers as usize]))
                     .collect()
@@ -1288,6 +1369,64 @@ mod tests {
     }
 
     #[test]
+    fn long_prompts_match_the_same_in_any_round_size() {
+        let idx = index();
+        let t = tokens(4 * 100, 0);
+        let eh = engine_hashes(100, 1);
+        // Prefix lengths around round boundaries (16-key rounds after the first key).
+        for (ep, len) in [(1u32, 100usize), (2, 16), (3, 17), (4, 33), (5, 64)] {
+            idx.block_stored(ep, &stored(&eh[..len], None, &t[..4 * len], None));
+        }
+        idx.block_stored(6, &stored(&eh, None, &t, Some("CPU")));
+        // Holds all 100 blocks but lost block 40: its prefix is 40 blocks.
+        idx.block_stored(7, &stored(&eh, None, &t, None));
+        assert_eq!(idx.block_removed(7, &eh[40..41], None), 1);
+        let keys = prompt_keys(&idx, &t);
+        let expect = vec![
+            (1, 100, 100.0),
+            (2, 16, 16.0),
+            (3, 17, 17.0),
+            (4, 33, 33.0),
+            (5, 64, 64.0),
+            (6, 100, 80.0),
+            (7, 40, 40.0),
+        ];
+        assert_eq!(lookup(&idx, &keys), expect);
+        let rounded = |out: &PreciseMatches| -> Vec<(u32, u32, f64)> {
+            out.iter()
+                .map(|m| (m.endpoint, m.blocks, (m.weighted * 100.0).round() / 100.0))
+                .collect()
+        };
+        let mut out = PreciseMatches::new();
+        idx.longest_prefix_batched::<1>(&keys, |_| true, &mut out);
+        assert_eq!(rounded(&out), expect);
+        idx.longest_prefix_batched::<7>(&keys, |_| true, &mut out);
+        assert_eq!(rounded(&out), expect);
+        idx.longest_prefix_batched::<32>(&keys, |_| true, &mut out);
+        assert_eq!(rounded(&out), expect);
+        // Fewer survivors: holder positions differ from the survivor positions.
+        idx.longest_prefix(&keys, |e| e % 2 == 1, &mut out);
+        assert_eq!(
+            rounded(&out),
+            vec![(1, 100, 100.0), (3, 17, 17.0), (5, 64, 64.0), (7, 40, 40.0)]
+        );
+    }
+
+    #[test]
+    fn shard_sets_hold_indices_up_to_the_shard_limit() {
+        let mut set = ShardSet::default();
+        for i in [0, 5, 63, 64, 700, 1023] {
+            assert!(!set.contains(i));
+            set.insert(i);
+            assert!(set.contains(i));
+        }
+        assert!(!set.contains(1) && !set.contains(65) && !set.contains(1022));
+        // Out of range: ignored, never contained.
+        set.insert(1024);
+        assert!(!set.contains(1024));
+    }
+
+    #[test]
     fn tick_comparison_wraps() {
         assert!(tick_before(1, 2));
         assert!(!tick_before(2, 1));
@@ -1468,7 +1607,7 @@ mod tests {
         let st = idx.stats();
         assert_eq!(st.keys, 100);
         assert!(st.engine_keys <= 64, "{}", st.engine_keys);
-        assert!(st.memory_bytes >= 100 * (size_of::<Slot>() + size_of::<Node>()));
+        assert!(st.memory_bytes >= 100 * (size_of::<table::Slot<Holders>>() + size_of::<Node>()));
         // The most recent mappings are still resolvable.
         assert_eq!(idx.block_removed(1, &[100], None), 1);
     }

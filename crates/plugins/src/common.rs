@@ -229,6 +229,22 @@ pub(crate) mod testutil {
         }
     }
 
+    /// Runs `plugin`'s pre-request hook as the director and a transport do: `pre_request`
+    /// at routing time, then `after_dispatch` once the request is on its way.
+    pub fn dispatch(
+        plugin: &Arc<dyn Plugin>,
+        request: &InferenceRequest,
+        cycle: &CycleState,
+        result: &llmsched_core::SchedulingResult,
+    ) {
+        let hook = plugin
+            .clone()
+            .as_pre_request()
+            .expect("the plugin is a pre-request hook");
+        hook.pre_request(request, cycle, result, &mut Vec::new());
+        hook.after_dispatch(request, cycle, result);
+    }
+
     /// Asserts two float slices are equal within 1e-9.
     pub fn assert_close(got: &[f64], want: &[f64]) {
         assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");

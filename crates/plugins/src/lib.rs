@@ -162,6 +162,7 @@ mod tests {
             let result = c.scheduler.schedule(&req, &cycle, &cands).unwrap();
             for (p, _) in &c.pre_request {
                 p.pre_request(&req, &cycle, &result, &mut Vec::new());
+                p.after_dispatch(&req, &cycle, &result);
             }
             result.targets()[0].id()
         };

@@ -186,7 +186,14 @@ impl Proxy {
         set_routing_headers(&mut parts.headers, &routed);
         let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
         let mut routed = routed;
-        match self.send(parts, body, &targets).await {
+        // The hooks' deferred bookkeeping runs while the endpoint works on the request: the
+        // send is polled first (handing the request to its connection), then this task
+        // yields so the connection writes it, then the bookkeeping runs.
+        let (sent, ()) = tokio::join!(self.send(parts, body, &targets), async {
+            tokio::task::yield_now().await;
+            routed.run_after_dispatch();
+        });
+        match sent {
             Ok((resp, served)) => {
                 if served > 0
                     && let Some(t) = targets.get(served)

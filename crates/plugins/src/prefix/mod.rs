@@ -365,24 +365,18 @@ impl ApproxPrefixCache {
     }
 
     /// Records the request's hashes for the chosen endpoint(s) when this instance produced
-    /// them, and updates the indexer metrics.
+    /// them, and updates the indexer metrics: [`Self::observe`] then [`Self::insert`].
     pub fn record(&self, cycle: &CycleState, result: &SchedulingResult) {
-        let Some(state) = cycle.get::<ApproxPrefixState>() else {
+        self.observe(cycle, result);
+        self.insert(cycle, result);
+    }
+
+    /// The match metrics of the decision (cheap; runs in `pre_request`).
+    pub fn observe(&self, cycle: &CycleState, result: &SchedulingResult) {
+        let Some(state) = self.own_state(cycle) else {
             return;
         };
-        if state.owner != self.id || state.hashes.is_empty() {
-            return;
-        }
-        let primary = result.targets().first();
-        let prefill = result
-            .profile(PREFILL_PROFILE)
-            .and_then(|r| r.targets.first())
-            .filter(|p| primary.is_none_or(|t| t.id() != p.id()));
-        for target in primary.into_iter().chain(prefill) {
-            self.index
-                .insert(target.id().0, self.capacity(target), &state.hashes);
-        }
-        if let Some(t) = primary {
+        if let Some(t) = result.targets().first() {
             let matched = state.matched(t.id());
             let total = state.hashes.len();
             self.metrics
@@ -392,8 +386,34 @@ impl ApproxPrefixCache {
                 .hit_bytes
                 .observe((matched as usize * state.block_chars) as f64);
         }
+    }
+
+    /// Records the request's hashes for the chosen endpoint(s) — the primary target and a
+    /// distinct prefill target. This is the costly part (a table probe per block, and as
+    /// many evictions once an endpoint's LRU is full), so the hooks run it in
+    /// `after_dispatch`, off the decision's latency.
+    pub fn insert(&self, cycle: &CycleState, result: &SchedulingResult) {
+        let Some(state) = self.own_state(cycle) else {
+            return;
+        };
+        let primary = result.targets().first();
+        let prefill = result
+            .profile(PREFILL_PROFILE)
+            .and_then(|r| r.targets.first())
+            .filter(|p| primary.is_none_or(|t| t.id() != p.id()));
+        for target in primary.into_iter().chain(prefill) {
+            self.index
+                .insert(target.id().0, self.capacity(target), &state.hashes);
+        }
         self.publish_size();
         self.maybe_sweep();
+    }
+
+    /// The cycle's prefix state when this instance produced it and it has blocks.
+    fn own_state<'a>(&self, cycle: &'a CycleState) -> Option<&'a ApproxPrefixState> {
+        cycle
+            .get::<ApproxPrefixState>()
+            .filter(|s| s.owner == self.id && !s.hashes.is_empty())
     }
 
     /// Forgets an endpoint.

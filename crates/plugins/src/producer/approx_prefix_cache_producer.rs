@@ -90,7 +90,16 @@ impl PreRequest for ApproxPrefixCacheProducer {
         result: &SchedulingResult,
         _headers_to_set: &mut Vec<(String, String)>,
     ) {
-        self.cache.record(cycle, result);
+        self.cache.observe(cycle, result);
+    }
+
+    fn after_dispatch(
+        &self,
+        _request: &InferenceRequest,
+        cycle: &CycleState,
+        result: &SchedulingResult,
+    ) {
+        self.cache.insert(cycle, result);
     }
 }
 
@@ -145,10 +154,7 @@ mod tests {
             )],
         };
         for p in producers {
-            p.clone()
-                .as_pre_request()
-                .unwrap()
-                .pre_request(r, &cycle, &result, &mut vec![]);
+            dispatch(p, r, &cycle, &result);
         }
         s
     }

@@ -175,8 +175,18 @@ impl PreRequest for PrefixCacheScorer {
     ) {
         match cycle.get::<ApproxPrefixState>() {
             Some(s) if s.owner != self.cache.id() => self.defer(),
-            _ => self.cache.record(cycle, result),
+            _ => self.cache.observe(cycle, result),
         }
+    }
+
+    fn after_dispatch(
+        &self,
+        _request: &InferenceRequest,
+        cycle: &CycleState,
+        result: &SchedulingResult,
+    ) {
+        // Records nothing when another instance produced the state (`own_state`).
+        self.cache.insert(cycle, result);
     }
 }
 
@@ -243,22 +253,12 @@ mod tests {
         let first = chat_request("aaaabbbbccccdddd");
         let (cycle, s) = run_cycle(&p, &first, &eps);
         assert_close(&s, &[0.0, 0.0, 0.0]);
-        p.clone().as_pre_request().unwrap().pre_request(
-            &first,
-            &cycle,
-            &result_for(&eps[1]),
-            &mut vec![],
-        );
+        dispatch(&p, &first, &cycle, &result_for(&eps[1]));
         // Same first 3 blocks, different 4th and a 5th: endpoint 2 holds 3 of 5.
         let second = chat_request("aaaabbbbccccxxxxyyyy");
         let (cycle, s) = run_cycle(&p, &second, &eps);
         assert_close(&s, &[0.0, 0.6, 0.0]);
-        p.clone().as_pre_request().unwrap().pre_request(
-            &second,
-            &cycle,
-            &result_for(&eps[0]),
-            &mut vec![],
-        );
+        dispatch(&p, &second, &cycle, &result_for(&eps[0]));
         // Endpoint 1 now holds all 5; endpoint 2 still 3; a 2-char tail adds a 6th block.
         let third = chat_request("aaaabbbbccccxxxxyyyyzz");
         let (_, s) = run_cycle(&p, &third, &eps);
@@ -271,12 +271,7 @@ mod tests {
         let eps = [ep(1)];
         let req = chat_request("aaaabbbb");
         let (cycle, _) = run_cycle(&p, &req, &eps);
-        p.clone().as_pre_request().unwrap().pre_request(
-            &req,
-            &cycle,
-            &result_for(&eps[0]),
-            &mut vec![],
-        );
+        dispatch(&p, &req, &cycle, &result_for(&eps[0]));
         let mut other_model = chat_request("aaaabbbb");
         other_model.target_model = "mistral".into();
         assert_close(&run_cycle(&p, &other_model, &eps).1, &[0.0]);
@@ -350,17 +345,25 @@ mod tests {
     }
 
     #[test]
+    fn the_index_is_updated_after_dispatch_not_in_pre_request() {
+        let p = scorer(Some(serde_json::json!({"blockSize": 4})));
+        let eps = [ep(1)];
+        let req = chat_request("aaaabbbb");
+        let (cycle, _) = run_cycle(&p, &req, &eps);
+        let hook = p.clone().as_pre_request().unwrap();
+        hook.pre_request(&req, &cycle, &result_for(&eps[0]), &mut vec![]);
+        assert_close(&run_cycle(&p, &req, &eps).1, &[0.0]);
+        hook.after_dispatch(&req, &cycle, &result_for(&eps[0]));
+        assert_close(&run_cycle(&p, &req, &eps).1, &[1.0]);
+    }
+
+    #[test]
     fn departed_endpoints_are_purged() {
         let p = scorer(Some(serde_json::json!({"blockSize": 4})));
         let eps = [ep(1)];
         let req = chat_request("aaaabbbb");
         let (cycle, _) = run_cycle(&p, &req, &eps);
-        p.clone().as_pre_request().unwrap().pre_request(
-            &req,
-            &cycle,
-            &result_for(&eps[0]),
-            &mut vec![],
-        );
+        dispatch(&p, &req, &cycle, &result_for(&eps[0]));
         assert_close(&run_cycle(&p, &req, &eps).1, &[1.0]);
         p.clone()
             .as_endpoint_listener()
@@ -393,10 +396,7 @@ mod tests {
                 ),
             ],
         };
-        p.clone()
-            .as_pre_request()
-            .unwrap()
-            .pre_request(&req, &cycle, &result, &mut vec![]);
+        dispatch(&p, &req, &cycle, &result);
         // Primary first target and the prefill target hold it; the fallback does not.
         assert_close(&run_cycle(&p, &req, &eps).1, &[1.0, 1.0, 0.0]);
         assert_eq!(handle.metrics.prefix.size.get(), 6);
