@@ -16,7 +16,10 @@
 #   vllm-router  vllm-router, --policy cache_aware (PyPI, into ./.tools/peers)
 #
 # Usage: scripts/compare-routers.sh [--routers rr,llmsched,...] [--against NAME]
-#          [--workload FILE] [--time-scale F] [--ttft-slo SECONDS] [--zmq-port P] [-o DIR]
+#          [--workload FILE] [--time-scale F] [--ttft-slo SECONDS] [--zmq-port P]
+#          [--llmsched-config FILE] [-o DIR]
+#        --llmsched-config: an EndpointPickerConfig for the `llmsched` router (default: none,
+#        i.e. the built-in default config)
 # Env:   CARGO_TARGET_DIR (default: target), SGLANG_ROUTER_VERSION (0.3.2),
 #        VLLM_ROUTER_VERSION (0.1.17)
 set -euo pipefail
@@ -29,6 +32,7 @@ scale=2.5
 slo=1.0
 zmq_port=5557
 out="routers-$(date +%Y%m%d-%H%M%S)"
+llmsched_config=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --routers) routers="$2"; shift 2 ;;
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     --time-scale) scale="$2"; shift 2 ;;
     --ttft-slo) slo="$2"; shift 2 ;;
     --zmq-port) zmq_port="$2"; shift 2 ;;
+    --llmsched-config) llmsched_config="$2"; shift 2 ;;
     -o|--output) out="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -87,12 +92,15 @@ eps="127.0.0.1:8000,127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003"
 refresh_ms=$(python3 -c "print(max(5, round(50 / $scale)))")
 epp=(--secure-serving=false --grpc-port=0 --grpc-health-port=0 --metrics-port=0
      --endpoints "$eps" --proxy-port 8080)
+llmsched_args=()
+[ -z "$llmsched_config" ] || llmsched_args=(--config-file "$llmsched_config")
 
 start_router() { # label
   local log="$out/$1.router.log"
   case "$1" in
     rr) "$bin" epp "${epp[@]}" --baseline round-robin >"$log" 2>&1 & ;;
-    llmsched|approx) "$bin" epp "${epp[@]}" --refresh-metrics-interval "${refresh_ms}ms" >"$log" 2>&1 & ;;
+    llmsched|approx) "$bin" epp "${epp[@]}" --refresh-metrics-interval "${refresh_ms}ms" \
+               "${llmsched_args[@]}" >"$log" 2>&1 & ;;
     precise) "$bin" epp "${epp[@]}" --refresh-metrics-interval "${refresh_ms}ms" \
                --config-file "$out/precise-prefix-cache.yaml" >"$log" 2>&1 & ;;
     sglang) "$peers/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port 8080 \

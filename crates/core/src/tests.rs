@@ -180,6 +180,7 @@ fn registry() -> Registry {
         "queue-scorer",
         "kv-cache-utilization-scorer",
         "prefix-cache-scorer",
+        "active-request-scorer",
     ] {
         r.register(t, scorer_factory(t));
     }
@@ -254,9 +255,16 @@ fn seed_guide_config_loads_with_defaults_injected() {
 }
 
 #[test]
-fn default_config_matches_the_reference_default() {
+fn default_config_adds_in_flight_balancing_to_the_reference_scorers() {
     let c = load_default(&registry(), &PluginHandle::default()).unwrap();
     let w: Vec<f64> = c.scheduler.profiles()[0]
+        .scorers()
+        .iter()
+        .map(|s| s.weight)
+        .collect();
+    assert_eq!(w, vec![1.0, 1.0, 3.0, 3.0]);
+    let reference = load_text(crate::config::REFERENCE_DEFAULT_CONFIG_YAML).unwrap();
+    let w: Vec<f64> = reference.scheduler.profiles()[0]
         .scorers()
         .iter()
         .map(|s| s.weight)

@@ -86,9 +86,10 @@ mod tests {
         assert_eq!(
             scorers,
             vec![
-                ("queue-scorer", 2.0),
-                ("kv-cache-utilization-scorer", 2.0),
-                ("prefix-cache-scorer", 3.0)
+                ("queue-scorer", 1.0),
+                ("kv-cache-utilization-scorer", 1.0),
+                ("prefix-cache-scorer", 3.0),
+                ("active-request-scorer", 3.0)
             ]
         );
         assert_eq!(p.picker().type_name(), "max-score-picker");
