@@ -106,6 +106,8 @@ impl Routed {
         }
         let rewriter = ModelNameRewriter::new(&p.request.target_model, &p.request.incoming_model);
         let streaming = p.request.is_streaming();
+        // Without a scheduling result (fallbacks) there is no hook work to defer.
+        let dispatched = p.result.is_none();
         Self {
             kind: p.kind,
             request: p.request,
@@ -129,7 +131,7 @@ impl Routed {
             rewriter,
             cached_reported: false,
             finalized: false,
-            dispatched: false,
+            dispatched,
         }
     }
 
@@ -197,6 +199,11 @@ impl Routed {
     /// The endpoint the in-flight counts are charged to.
     pub fn served_endpoint(&self) -> Option<&Arc<Endpoint>> {
         self.charged.as_ref()
+    }
+
+    /// True once [`Self::run_after_dispatch`] has run (or had nothing to run).
+    pub fn is_dispatched(&self) -> bool {
+        self.dispatched
     }
 
     /// The request is on its way (the gateway has the routing answer, or the endpoint has

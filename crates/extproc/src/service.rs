@@ -97,7 +97,6 @@ impl ExternalProcessor for ExtProcService {
             stage: Stage::AwaitHeaders,
             hint: None,
             done: false,
-            after_dispatch: false,
         };
         let stream = futures::stream::unfold(
             (handler, request.into_inner()),
@@ -106,12 +105,16 @@ impl ExternalProcessor for ExtProcService {
                     if let Some(item) = h.out.pop_front() {
                         return Some((item, (h, inbound)));
                     }
-                    if h.after_dispatch {
-                        // The routing answer is queued: let it go out first (returning
-                        // `Pending` once makes tonic hand the encoded responses to h2, and
-                        // the connection task writes them before this task runs again),
-                        // then do the hooks' bookkeeping while Envoy forwards the request.
-                        h.after_dispatch = false;
+                    if h.done {
+                        return None;
+                    }
+                    if matches!(&h.stage, Stage::Forwarded { routed: Some(r), .. } if !r.is_dispatched())
+                    {
+                        // The routing answer has been queued and sent to tonic: let it go out
+                        // first (returning `Pending` once makes tonic hand the encoded
+                        // responses to h2, and the connection task writes them before this
+                        // task runs again), then do the hooks' bookkeeping while Envoy
+                        // forwards the request.
                         tokio::task::yield_now().await;
                         if let Stage::Forwarded {
                             routed: Some(r), ..
@@ -119,9 +122,6 @@ impl ExternalProcessor for ExtProcService {
                         {
                             r.run_after_dispatch();
                         }
-                    }
-                    if h.done {
-                        return None;
                     }
                     let msg = match inbound.message().await {
                         Ok(Some(m)) => m,
@@ -180,8 +180,6 @@ struct StreamHandler {
     stage: Stage,
     hint: Option<Vec<String>>,
     done: bool,
-    /// A request was just routed: run its deferred bookkeeping once the answer is out.
-    after_dispatch: bool,
 }
 
 /// Whether the stream continues after a message.
@@ -343,7 +341,6 @@ impl StreamHandler {
             // closes, so no response phase reaches the EPP.
             return Ok(Flow::Close);
         }
-        self.after_dispatch = true;
         Ok(Flow::Continue)
     }
 

@@ -266,6 +266,14 @@ impl Nodes {
         lru.len += 1;
     }
 
+    /// Makes node `i` (already on `lru`) the most recently used.
+    fn touch(&mut self, lru: &mut Lru, i: u32) {
+        if lru.head != i {
+            self.unlink(lru, i);
+            self.push_front(lru, i);
+        }
+    }
+
     fn unlink(&mut self, lru: &mut Lru, i: u32) {
         let Node { prev, next, .. } = *self.get(i);
         if prev != NIL {
@@ -437,13 +445,7 @@ impl Shard {
                 Entry::Occupied(mut occupied) => {
                     let slot = occupied.get_mut();
                     match slot.set_index() {
-                        None if slot.a == ep => {
-                            let node = slot.b;
-                            if lru.head != node {
-                                nodes.unlink(lru, node);
-                                nodes.push_front(lru, node);
-                            }
-                        }
+                        None if slot.a == ep => nodes.touch(lru, slot.b),
                         None => {
                             let node = nodes.alloc(hash);
                             nodes.push_front(lru, node);
@@ -463,13 +465,7 @@ impl Shard {
                         Some(si) => {
                             let set = sets.get(si);
                             match set.binary_search_by_key(&ep, |h| h.ep) {
-                                Ok(pos) => {
-                                    let node = set[pos].node;
-                                    if lru.head != node {
-                                        nodes.unlink(lru, node);
-                                        nodes.push_front(lru, node);
-                                    }
-                                }
+                                Ok(pos) => nodes.touch(lru, set[pos].node),
                                 Err(pos) => {
                                     let node = nodes.alloc(hash);
                                     nodes.push_front(lru, node);

@@ -194,6 +194,7 @@ impl Setup {
         };
         for (p, _) in &self.cfg.pre_request {
             p.pre_request(&req, &cycle, &result, &mut Vec::new());
+            p.after_dispatch(&req, &cycle, &result);
         }
     }
 
@@ -294,6 +295,7 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
         b.iter(|| {
             for (p, _) in &s.cfg.pre_request {
                 p.pre_request(&req, &cycle, &result, &mut Vec::new());
+                p.after_dispatch(&req, &cycle, &result);
             }
         })
     });

@@ -364,13 +364,6 @@ impl ApproxPrefixCache {
         });
     }
 
-    /// Records the request's hashes for the chosen endpoint(s) when this instance produced
-    /// them, and updates the indexer metrics: [`Self::observe`] then [`Self::insert`].
-    pub fn record(&self, cycle: &CycleState, result: &SchedulingResult) {
-        self.observe(cycle, result);
-        self.insert(cycle, result);
-    }
-
     /// The match metrics of the decision (cheap; runs in `pre_request`).
     pub fn observe(&self, cycle: &CycleState, result: &SchedulingResult) {
         let Some(state) = self.own_state(cycle) else {
@@ -698,7 +691,8 @@ mod tests {
                 },
             )],
         };
-        c.record(&cycle, &result);
+        c.observe(&cycle, &result);
+        c.insert(&cycle, &result);
         assert_eq!(c.index().len(), 4);
         let mut cycle2 = CycleState::new();
         c.produce(&req, &mut cycle2, &cands);
