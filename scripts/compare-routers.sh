@@ -54,6 +54,9 @@ for r in "${list[@]}"; do
   esac
 done
 [ -n "$against" ] || against="${list[${#list[@]}-1]}"
+if [ -n "$llmsched_config" ] && [ ! -f "$llmsched_config" ]; then
+  echo "--llmsched-config: no such file: $llmsched_config" >&2; exit 2
+fi
 
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p llmsched --bin llmsched
