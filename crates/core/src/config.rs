@@ -14,7 +14,13 @@
 //!   `openai-parser`;
 //! * the saturation detector is `saturationDetector.pluginRef`, else `utilization-detector`;
 //! * every plugin implementing a request-control hook (data producer, admitter, pre-request,
-//!   response hooks, endpoint listener) is wired in, whether or not a profile names it.
+//!   response hooks, endpoint listener) is wired in, whether or not a profile names it;
+//! * with the `flowControl` gate, a priority band's `fairnessPolicyRef` / `orderingPolicyRef`
+//!   names a declared plugin (which may carry parameters and serve several bands); unset, it
+//!   is `global-strict-fairness-policy` / `fcfs-ordering-policy`, instantiated under the type
+//!   name unless a plugin of that name is declared. llmsched also accepts an undeclared
+//!   policy *type* name (instantiated the same way, with default parameters), which the
+//!   reference would reject as an unknown plugin.
 //!
 //! Errors name the source (file or `--config-text`), the plugin and the bad field.
 
@@ -25,9 +31,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::flowcontrol::{FairnessPolicy, OrderingPolicy};
 use crate::metrics::{PluginTimer, point};
 use crate::plugin::{
-    Admitter, DataProducer, EndpointListener, Parser, Plugin, PreRequest, ProfileHandler,
+    Admitter, DataProducer, EndpointListener, Parser, Picker, Plugin, PreRequest, ProfileHandler,
     ResponseHooks, SaturationDetector,
 };
 use crate::registry::{FactoryInput, PluginHandle, Registry};
@@ -279,16 +286,18 @@ pub struct PriorityBandSpec {
     /// Request cap.
     #[serde(default)]
     pub max_requests: Option<QuantityValue>,
-    /// Fairness policy (`global-strict-fairness-policy` or `round-robin-fairness-policy`).
+    /// Fairness policy: a declared plugin's name, or a fairness policy type (default
+    /// `global-strict-fairness-policy`).
     #[serde(default)]
     pub fairness_policy_ref: Option<String>,
-    /// Ordering policy (`fcfs-ordering-policy` or `edf-ordering-policy`).
+    /// Ordering policy: a declared plugin's name, or an ordering policy type (default
+    /// `fcfs-ordering-policy`).
     #[serde(default)]
     pub ordering_policy_ref: Option<String>,
 }
 
 /// Flow control settings, resolved.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowControlSettings {
     /// Global byte cap.
     pub max_bytes: Option<u64>,
@@ -303,7 +312,7 @@ pub struct FlowControlSettings {
 }
 
 /// A resolved priority band.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PriorityBand {
     /// Priority.
     pub priority: i32,
@@ -311,10 +320,88 @@ pub struct PriorityBand {
     pub max_bytes: Option<u64>,
     /// Request cap.
     pub max_requests: Option<u64>,
-    /// Round-robin fairness across flows (else global strict FCFS across flows).
-    pub round_robin_fairness: bool,
-    /// Earliest-deadline-first within a flow (else FCFS).
-    pub edf_ordering: bool,
+    /// Which flow is served next (`fairnessPolicyRef`, default
+    /// `global-strict-fairness-policy`).
+    pub fairness: PolicyRef<dyn FairnessPolicy>,
+    /// Order within a flow (`orderingPolicyRef`, default `fcfs-ordering-policy`).
+    pub ordering: PolicyRef<dyn OrderingPolicy>,
+}
+
+impl PriorityBand {
+    /// A band of `priority` with no caps of its own and the given policies.
+    pub fn new(
+        priority: i32,
+        fairness: PolicyRef<dyn FairnessPolicy>,
+        ordering: PolicyRef<dyn OrderingPolicy>,
+    ) -> Self {
+        Self {
+            priority,
+            max_bytes: None,
+            max_requests: None,
+            fairness,
+            ordering,
+        }
+    }
+}
+
+/// The default `fairnessPolicyRef` (as the reference).
+pub const DEFAULT_FAIRNESS_POLICY: &str = "global-strict-fairness-policy";
+/// The default `orderingPolicyRef` (as the reference).
+pub const DEFAULT_ORDERING_POLICY: &str = "fcfs-ordering-policy";
+
+/// A policy plugin a band refers to. Two references are equal when they name the same
+/// instance of the same type with the same parameters (so an unchanged configuration keeps
+/// its flow controller, queues and policy state when it is loaded again).
+pub struct PolicyRef<P: ?Sized> {
+    /// Instance name.
+    pub name: String,
+    /// Registered type.
+    pub type_name: &'static str,
+    /// The instance's `parameters` as written.
+    pub parameters: Option<serde_json::Value>,
+    /// The policy.
+    pub policy: Arc<P>,
+}
+
+impl<P: ?Sized> PolicyRef<P> {
+    /// A reference to `policy` (a plugin built by its factory) with its parameters.
+    pub fn new(
+        plugin: &Arc<dyn Plugin>,
+        parameters: Option<serde_json::Value>,
+        policy: Arc<P>,
+    ) -> Self {
+        Self {
+            name: plugin.name().to_string(),
+            type_name: plugin.type_name(),
+            parameters,
+            policy,
+        }
+    }
+}
+
+impl<P: ?Sized> Clone for PolicyRef<P> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            type_name: self.type_name,
+            parameters: self.parameters.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<P: ?Sized> PartialEq for PolicyRef<P> {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.type_name == other.type_name
+            && self.parameters == other.parameters
+    }
+}
+
+impl<P: ?Sized> fmt::Debug for PolicyRef<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.type_name)
+    }
 }
 
 /// Where the configuration came from, for error messages.
@@ -449,12 +536,128 @@ struct Loader<'a> {
     handle: &'a PluginHandle,
 }
 
+/// Plugin instances by name, in declaration order; defaults are appended as they are added.
+#[derive(Default)]
+struct Instances {
+    list: Vec<(String, Arc<dyn Plugin>)>,
+    by_name: HashMap<String, usize>,
+    parameters: HashMap<String, serde_json::Value>,
+}
+
+impl Instances {
+    fn get(&self, name: &str) -> Option<&Arc<dyn Plugin>> {
+        self.by_name.get(name).map(|&i| &self.list[i].1)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    fn insert(&mut self, name: String, plugin: Arc<dyn Plugin>) -> usize {
+        self.by_name.insert(name.clone(), self.list.len());
+        self.list.push((name, plugin));
+        self.list.len() - 1
+    }
+
+    /// The first plugin that has the role `cast` extracts.
+    fn find<T: ?Sized>(&self, cast: impl Fn(Arc<dyn Plugin>) -> Option<Arc<T>>) -> Option<Arc<T>> {
+        self.list.iter().find_map(|(_, p)| cast(p.clone()))
+    }
+}
+
+/// The request-control hooks collected from every plugin.
+struct Hooks {
+    data_producers: Vec<(Arc<dyn DataProducer>, PluginTimer)>,
+    admitters: Vec<(Arc<dyn Admitter>, PluginTimer)>,
+    pre_request: Vec<(Arc<dyn PreRequest>, PluginTimer)>,
+    response_hooks: Vec<Arc<dyn ResponseHooks>>,
+    endpoint_listeners: Vec<Arc<dyn EndpointListener>>,
+}
+
 impl Loader<'_> {
     fn err(&self, detail: impl Into<String>) -> ConfigError {
         ConfigError {
             origin: self.source.clone(),
             detail: detail.into(),
         }
+    }
+
+    /// Builds the configuration, one rule of the module documentation per step.
+    fn build(&self, mut doc: EndpointPickerConfig) -> Result<LoadedConfig, ConfigError> {
+        let feature_gates = self.feature_gates(&doc)?;
+        let mut plugins = self.instantiate_plugins(&mut doc)?;
+        self.default_profile(&mut doc, &plugins);
+        self.check_profile_references(&doc, &plugins)?;
+        let default_picker = self.default_picker(&mut plugins)?;
+        let handler = self.profile_handler(&doc, &mut plugins)?;
+        let scheduler = self.scheduler(&mut doc, &plugins, &default_picker, handler)?;
+        let parser = self.parser(&doc, &mut plugins)?;
+        let saturation_detector = self.saturation_detector(&doc, &mut plugins)?;
+        self.check_data_layer(&doc, &plugins)?;
+        let flow_control = self.flow_control(&doc, &feature_gates, &mut plugins)?;
+        let hooks = self.request_control_hooks(&plugins);
+        Ok(LoadedConfig {
+            plugins: plugins.list,
+            scheduler,
+            parser,
+            data_producers: hooks.data_producers,
+            admitters: hooks.admitters,
+            pre_request: hooks.pre_request,
+            response_hooks: hooks.response_hooks,
+            endpoint_listeners: hooks.endpoint_listeners,
+            saturation_detector,
+            feature_gates,
+            flow_control,
+            data_layer: doc.data_layer.clone(),
+            document: doc,
+        })
+    }
+
+    /// Every gate must be one llmsched implements.
+    fn feature_gates(&self, doc: &EndpointPickerConfig) -> Result<BTreeSet<String>, ConfigError> {
+        for gate in &doc.feature_gates {
+            if !SUPPORTED_FEATURE_GATES.contains(&gate.as_str()) {
+                return Err(self.err(format!(
+                    "featureGates: '{gate}' is unknown or not supported by llmsched (supported: {})",
+                    SUPPORTED_FEATURE_GATES.join(", ")
+                )));
+            }
+        }
+        Ok(doc.feature_gates.iter().cloned().collect())
+    }
+
+    /// Builds each `plugins[]` entry with its type's factory; `name` defaults to `type`.
+    fn instantiate_plugins(
+        &self,
+        doc: &mut EndpointPickerConfig,
+    ) -> Result<Instances, ConfigError> {
+        let mut plugins = Instances::default();
+        for (i, spec) in doc.plugins.iter_mut().enumerate() {
+            if spec.type_name.is_empty() {
+                return Err(self.err(format!(
+                    "plugins[{i}]{}: missing 'type'",
+                    spec.name
+                        .as_deref()
+                        .map(|n| format!(" ('{n}')"))
+                        .unwrap_or_default()
+                )));
+            }
+            let name = spec
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| spec.type_name.clone());
+            spec.name = Some(name.clone());
+            if plugins.contains(&name) {
+                return Err(self.err(format!("plugins[{i}]: duplicate plugin name '{name}'")));
+            }
+            let p = self.instantiate(&name, &spec.type_name, spec.parameters.as_ref())?;
+            if let Some(params) = &spec.parameters {
+                plugins.parameters.insert(name.clone(), params.clone());
+            }
+            plugins.insert(name, p);
+        }
+        Ok(plugins)
     }
 
     fn instantiate(
@@ -478,76 +681,48 @@ impl Loader<'_> {
     /// Instantiates `type_name` under its own name unless a plugin of that name exists.
     fn add_default(
         &self,
-        plugins: &mut Vec<(String, Arc<dyn Plugin>)>,
-        by_name: &mut HashMap<String, usize>,
+        plugins: &mut Instances,
         type_name: &str,
-    ) -> Result<usize, ConfigError> {
-        if let Some(&i) = by_name.get(type_name) {
-            return Ok(i);
+    ) -> Result<Arc<dyn Plugin>, ConfigError> {
+        if let Some(p) = plugins.get(type_name) {
+            return Ok(p.clone());
         }
         let p = self.instantiate(type_name, type_name, None)?;
-        by_name.insert(type_name.to_string(), plugins.len());
-        plugins.push((type_name.to_string(), p));
-        Ok(plugins.len() - 1)
+        plugins.insert(type_name.to_string(), p.clone());
+        Ok(p)
     }
 
-    fn build(&self, mut doc: EndpointPickerConfig) -> Result<LoadedConfig, ConfigError> {
-        // Feature gates.
-        for gate in &doc.feature_gates {
-            if !SUPPORTED_FEATURE_GATES.contains(&gate.as_str()) {
-                return Err(self.err(format!(
-                    "featureGates: '{gate}' is unknown or not supported by llmsched (supported: {})",
-                    SUPPORTED_FEATURE_GATES.join(", ")
-                )));
-            }
+    /// No `schedulingProfiles` ⇒ one profile `default` with every filter, scorer and
+    /// picker, in declaration order.
+    fn default_profile(&self, doc: &mut EndpointPickerConfig, plugins: &Instances) {
+        if !doc.scheduling_profiles.is_empty() {
+            return;
         }
-        let feature_gates: BTreeSet<String> = doc.feature_gates.iter().cloned().collect();
+        let refs = plugins
+            .list
+            .iter()
+            .filter(|(_, p)| {
+                p.clone().as_filter().is_some()
+                    || p.clone().as_scorer().is_some()
+                    || p.clone().as_picker().is_some()
+            })
+            .map(|(n, _)| ProfilePluginRef {
+                plugin_ref: n.clone(),
+                weight: None,
+            })
+            .collect();
+        doc.scheduling_profiles.push(ProfileSpec {
+            name: "default".into(),
+            plugins: refs,
+        });
+    }
 
-        // Plugins.
-        let mut plugins: Vec<(String, Arc<dyn Plugin>)> = Vec::with_capacity(doc.plugins.len() + 3);
-        let mut by_name: HashMap<String, usize> = HashMap::new();
-        for (i, spec) in doc.plugins.iter_mut().enumerate() {
-            if spec.type_name.is_empty() {
-                return Err(self.err(format!(
-                    "plugins[{i}]{}: missing 'type'",
-                    spec.name
-                        .as_deref()
-                        .map(|n| format!(" ('{n}')"))
-                        .unwrap_or_default()
-                )));
-            }
-            let name = spec
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| spec.type_name.clone());
-            spec.name = Some(name.clone());
-            if by_name.contains_key(&name) {
-                return Err(self.err(format!("plugins[{i}]: duplicate plugin name '{name}'")));
-            }
-            let p = self.instantiate(&name, &spec.type_name, spec.parameters.as_ref())?;
-            by_name.insert(name.clone(), plugins.len());
-            plugins.push((name, p));
-        }
-        // Profiles: default one when none is declared.
-        if doc.scheduling_profiles.is_empty() {
-            let refs = plugins
-                .iter()
-                .filter(|(_, p)| {
-                    p.clone().as_filter().is_some()
-                        || p.clone().as_scorer().is_some()
-                        || p.clone().as_picker().is_some()
-                })
-                .map(|(n, _)| ProfilePluginRef {
-                    plugin_ref: n.clone(),
-                    weight: None,
-                })
-                .collect();
-            doc.scheduling_profiles.push(ProfileSpec {
-                name: "default".into(),
-                plugins: refs,
-            });
-        }
+    /// Profiles have unique names and reference declared plugins.
+    fn check_profile_references(
+        &self,
+        doc: &EndpointPickerConfig,
+        plugins: &Instances,
+    ) -> Result<(), ConfigError> {
         let mut seen_profiles = BTreeSet::new();
         for (i, prof) in doc.scheduling_profiles.iter().enumerate() {
             if prof.name.is_empty() {
@@ -566,7 +741,7 @@ impl Loader<'_> {
                         prof.name
                     )));
                 }
-                if !by_name.contains_key(&r.plugin_ref) {
+                if !plugins.contains(&r.plugin_ref) {
                     return Err(self.err(format!(
                         "schedulingProfiles[{}] references undefined plugin '{}'",
                         prof.name, r.plugin_ref
@@ -574,58 +749,83 @@ impl Loader<'_> {
                 }
             }
         }
+        Ok(())
+    }
 
-        // Default picker: the first declared picker, else max-score-picker.
-        let default_picker_idx = match plugins
+    /// The picker of profiles that name none: the first declared picker, else a
+    /// `max-score-picker`.
+    fn default_picker(
+        &self,
+        plugins: &mut Instances,
+    ) -> Result<(String, Arc<dyn Picker>), ConfigError> {
+        let declared = plugins
+            .list
             .iter()
-            .position(|(_, p)| p.clone().as_picker().is_some())
-        {
-            Some(i) => i,
-            None => self.add_default(&mut plugins, &mut by_name, "max-score-picker")?,
-        };
+            .find_map(|(n, p)| p.clone().as_picker().map(|pk| (n.clone(), pk)));
+        if let Some(found) = declared {
+            return Ok(found);
+        }
+        let p = self.add_default(plugins, "max-score-picker")?;
+        let pk = p
+            .as_picker()
+            .ok_or_else(|| self.err("default picker 'max-score-picker' is not a picker"))?;
+        Ok(("max-score-picker".to_string(), pk))
+    }
 
-        // Profile handler.
+    /// The declared profile handler; none and one profile ⇒ `single-profile-handler`.
+    fn profile_handler(
+        &self,
+        doc: &EndpointPickerConfig,
+        plugins: &mut Instances,
+    ) -> Result<Arc<dyn ProfileHandler>, ConfigError> {
         let handlers: Vec<(String, Arc<dyn ProfileHandler>)> = plugins
+            .list
             .iter()
             .filter_map(|(n, p)| p.clone().as_profile_handler().map(|h| (n.clone(), h)))
             .collect();
-        let handler = match handlers.as_slice() {
-            [] if doc.scheduling_profiles.len() == 1 => {
-                let i = self.add_default(&mut plugins, &mut by_name, "single-profile-handler")?;
-                plugins[i]
-                    .1
-                    .clone()
-                    .as_profile_handler()
-                    .ok_or_else(|| self.err("single-profile-handler is not a profile handler"))?
-            }
-            [] => {
-                return Err(self.err(format!(
-                    "{} scheduling profiles need a profile handler plugin; none is configured",
-                    doc.scheduling_profiles.len()
-                )));
-            }
+        let profiles = doc.scheduling_profiles.len();
+        match handlers.as_slice() {
+            [] if profiles == 1 => self
+                .add_default(plugins, "single-profile-handler")?
+                .as_profile_handler()
+                .ok_or_else(|| self.err("single-profile-handler is not a profile handler")),
+            [] => Err(self.err(format!(
+                "{profiles} scheduling profiles need a profile handler plugin; none is configured"
+            ))),
             [(_, h)] => {
-                if h.type_name() == "single-profile-handler" && doc.scheduling_profiles.len() > 1 {
+                if h.type_name() == "single-profile-handler" && profiles > 1 {
                     return Err(self.err(
                         "single-profile-handler cannot support multiple scheduling profiles",
                     ));
                 }
-                h.clone()
+                Ok(h.clone())
             }
-            [(a, _), (b, _), ..] => {
-                return Err(self.err(format!(
-                    "multiple profile handlers found ('{a}', '{b}'); only one is allowed"
-                )));
-            }
-        };
+            [(a, _), (b, _), ..] => Err(self.err(format!(
+                "multiple profile handlers found ('{a}', '{b}'); only one is allowed"
+            ))),
+        }
+    }
 
-        // Build profiles.
+    /// Each profile's filters, weighted scorers (weight defaults to 1) and picker (the
+    /// default picker when it names none), then the scheduler over them.
+    fn scheduler(
+        &self,
+        doc: &mut EndpointPickerConfig,
+        plugins: &Instances,
+        default_picker: &(String, Arc<dyn Picker>),
+        handler: Arc<dyn ProfileHandler>,
+    ) -> Result<Scheduler, ConfigError> {
         let metrics = Some(self.handle.metrics.clone());
         let mut profiles = Vec::with_capacity(doc.scheduling_profiles.len());
         for prof in &mut doc.scheduling_profiles {
             let mut b = SchedulerProfile::builder(prof.name.clone(), metrics.clone());
             for r in &mut prof.plugins {
-                let p = &plugins[by_name[&r.plugin_ref]].1;
+                let Some(p) = plugins.get(&r.plugin_ref) else {
+                    return Err(self.err(format!(
+                        "schedulingProfiles[{}] references undefined plugin '{}'",
+                        prof.name, r.plugin_ref
+                    )));
+                };
                 let mut used = false;
                 if let Some(f) = p.clone().as_filter() {
                     b = b.filter(f);
@@ -659,12 +859,8 @@ impl Loader<'_> {
                 }
             }
             if !b.has_picker() {
-                let (n, p) = &plugins[default_picker_idx];
-                let pk = p
-                    .clone()
-                    .as_picker()
-                    .ok_or_else(|| self.err(format!("default picker '{n}' is not a picker")))?;
-                b = b.picker(pk);
+                let (n, pk) = default_picker;
+                b = b.picker(pk.clone());
                 prof.plugins.push(ProfilePluginRef {
                     plugin_ref: n.clone(),
                     weight: None,
@@ -675,202 +871,157 @@ impl Loader<'_> {
                 .ok_or_else(|| self.err(format!("profile '{}' has no picker", prof.name)))?;
             profiles.push(profile);
         }
-        let scheduler = Scheduler::new(profiles, handler, metrics);
+        Ok(Scheduler::new(profiles, handler, metrics))
+    }
 
-        // Parser.
+    /// `requestHandler.parsers[0]`, else the older top-level `parser`, else a declared
+    /// parser, else `openai-parser`.
+    fn parser(
+        &self,
+        doc: &EndpointPickerConfig,
+        plugins: &mut Instances,
+    ) -> Result<Arc<dyn Parser>, ConfigError> {
         let parser_ref = doc
             .request_handler
             .as_ref()
             .and_then(|rh| rh.parsers.first())
             .or(doc.parser.as_ref())
             .map(|r| r.plugin_ref.clone());
-        let parser = match parser_ref {
-            Some(name) => {
-                let i = *by_name.get(&name).ok_or_else(|| {
-                    self.err(format!("parser references undefined plugin '{name}'"))
-                })?;
-                plugins[i]
-                    .1
-                    .clone()
-                    .as_parser()
-                    .ok_or_else(|| self.err(format!("plugin '{name}' is not a parser")))?
-            }
-            None => {
-                // A declared parser plugin is used; otherwise the OpenAI parser.
-                match plugins.iter().find_map(|(_, p)| p.clone().as_parser()) {
-                    Some(p) => p,
-                    None => {
-                        let i = self.add_default(&mut plugins, &mut by_name, "openai-parser")?;
-                        plugins[i]
-                            .1
-                            .clone()
-                            .as_parser()
-                            .ok_or_else(|| self.err("openai-parser is not a parser"))?
-                    }
-                }
-            }
-        };
+        if let Some(name) = parser_ref {
+            let p = plugins
+                .get(&name)
+                .ok_or_else(|| self.err(format!("parser references undefined plugin '{name}'")))?;
+            return p
+                .clone()
+                .as_parser()
+                .ok_or_else(|| self.err(format!("plugin '{name}' is not a parser")));
+        }
+        if let Some(p) = plugins.find(|p| p.as_parser()) {
+            return Ok(p);
+        }
+        self.add_default(plugins, "openai-parser")?
+            .as_parser()
+            .ok_or_else(|| self.err("openai-parser is not a parser"))
+    }
 
-        // Saturation detector.
-        let saturation_detector = match &doc.saturation_detector {
-            Some(r) => {
-                if r.plugin_ref.is_empty() {
-                    return Err(self.err("saturationDetector: plugin reference is empty"));
-                }
-                let i = *by_name.get(&r.plugin_ref).ok_or_else(|| {
-                    self.err(format!(
-                        "saturation detector references undefined plugin '{}'",
-                        r.plugin_ref
-                    ))
-                })?;
-                Some(
-                    plugins[i]
-                        .1
-                        .clone()
-                        .as_saturation_detector()
-                        .ok_or_else(|| {
-                            self.err(format!(
-                                "plugin '{}' is not a saturation detector",
-                                r.plugin_ref
-                            ))
-                        })?,
-                )
+    /// `saturationDetector.pluginRef`, else a declared detector, else `utilization-detector`
+    /// when the registry has it.
+    fn saturation_detector(
+        &self,
+        doc: &EndpointPickerConfig,
+        plugins: &mut Instances,
+    ) -> Result<Option<Arc<dyn SaturationDetector>>, ConfigError> {
+        if let Some(r) = &doc.saturation_detector {
+            if r.plugin_ref.is_empty() {
+                return Err(self.err("saturationDetector: plugin reference is empty"));
             }
-            None => match plugins
-                .iter()
-                .find_map(|(_, p)| p.clone().as_saturation_detector())
+            let p = plugins.get(&r.plugin_ref).ok_or_else(|| {
+                self.err(format!(
+                    "saturation detector references undefined plugin '{}'",
+                    r.plugin_ref
+                ))
+            })?;
+            return p.clone().as_saturation_detector().map(Some).ok_or_else(|| {
+                self.err(format!(
+                    "plugin '{}' is not a saturation detector",
+                    r.plugin_ref
+                ))
+            });
+        }
+        if let Some(d) = plugins.find(|p| p.as_saturation_detector()) {
+            return Ok(Some(d));
+        }
+        if !self.registry.supports("utilization-detector") {
+            return Ok(None);
+        }
+        Ok(self
+            .add_default(plugins, "utilization-detector")?
+            .as_saturation_detector())
+    }
+
+    /// `dataLayer` references declared plugins; discovery plugins are not supported.
+    fn check_data_layer(
+        &self,
+        doc: &EndpointPickerConfig,
+        plugins: &Instances,
+    ) -> Result<(), ConfigError> {
+        let Some(dl) = &doc.data_layer else {
+            return Ok(());
+        };
+        if let Some(d) = &dl.discovery {
+            return Err(self.err(format!(
+                "dataLayer.discovery ('{}') is not supported by llmsched yet; use --endpoints or --endpoints-file",
+                d.plugin_ref
+            )));
+        }
+        for s in &dl.sources {
+            for r in
+                std::iter::once(&s.plugin_ref).chain(s.extractors.iter().map(|e| &e.plugin_ref))
             {
-                Some(d) => Some(d),
-                None if self.registry.supports("utilization-detector") => {
-                    let i = self.add_default(&mut plugins, &mut by_name, "utilization-detector")?;
-                    plugins[i].1.clone().as_saturation_detector()
-                }
-                None => None,
-            },
-        };
-
-        // Data layer references.
-        if let Some(dl) = &doc.data_layer {
-            if let Some(d) = &dl.discovery {
-                return Err(self.err(format!(
-                    "dataLayer.discovery ('{}') is not supported by llmsched yet; use --endpoints or --endpoints-file",
-                    d.plugin_ref
-                )));
-            }
-            for s in &dl.sources {
-                for r in
-                    std::iter::once(&s.plugin_ref).chain(s.extractors.iter().map(|e| &e.plugin_ref))
-                {
-                    if !by_name.contains_key(r) {
-                        return Err(
-                            self.err(format!("dataLayer references undefined plugin '{r}'"))
-                        );
-                    }
+                if !plugins.contains(r) {
+                    return Err(self.err(format!("dataLayer references undefined plugin '{r}'")));
                 }
             }
         }
+        Ok(())
+    }
 
-        // Flow control.
-        let flow_control = if feature_gates.contains("flowControl") {
-            Some(self.flow_control(doc.flow_control.as_ref())?)
-        } else {
+    /// Every plugin implementing a request-control hook is wired in, with its duration
+    /// histogram.
+    fn request_control_hooks(&self, plugins: &Instances) -> Hooks {
+        let m = &self.handle.metrics;
+        let timer = |pt: &str, p: &Arc<dyn Plugin>| m.plugin_timer(pt, p.type_name(), p.name());
+        let mut hooks = Hooks {
+            data_producers: Vec::new(),
+            admitters: Vec::new(),
+            pre_request: Vec::new(),
+            response_hooks: Vec::new(),
+            endpoint_listeners: Vec::new(),
+        };
+        for (_, p) in &plugins.list {
+            if let Some(x) = p.clone().as_data_producer() {
+                hooks
+                    .data_producers
+                    .push((x, timer(point::DATA_PRODUCER, p)));
+            }
+            if let Some(x) = p.clone().as_admitter() {
+                hooks.admitters.push((x, timer(point::ADMIT_REQUEST, p)));
+            }
+            if let Some(x) = p.clone().as_pre_request() {
+                hooks.pre_request.push((x, timer(point::PRE_REQUEST, p)));
+            }
+            if let Some(x) = p.clone().as_response_hooks() {
+                hooks.response_hooks.push(x);
+            }
+            if let Some(x) = p.clone().as_endpoint_listener() {
+                hooks.endpoint_listeners.push(x);
+            }
+        }
+        hooks
+    }
+
+    /// The `flowControl` section, when the `flowControl` gate is on.
+    fn flow_control(
+        &self,
+        doc: &EndpointPickerConfig,
+        feature_gates: &BTreeSet<String>,
+        plugins: &mut Instances,
+    ) -> Result<Option<FlowControlSettings>, ConfigError> {
+        if !feature_gates.contains("flowControl") {
             if doc.flow_control.is_some() {
                 tracing::warn!(
                     "flowControl is configured but the 'flowControl' feature gate is off; it is not used"
                 );
             }
-            None
-        };
-
-        // Request-control hooks from every plugin.
-        let m = &self.handle.metrics;
-        let timer = |pt: &str, p: &Arc<dyn Plugin>| m.plugin_timer(pt, p.type_name(), p.name());
-        let mut data_producers = Vec::new();
-        let mut admitters = Vec::new();
-        let mut pre_request = Vec::new();
-        let mut response_hooks = Vec::new();
-        let mut endpoint_listeners = Vec::new();
-        for (_, p) in &plugins {
-            if let Some(x) = p.clone().as_data_producer() {
-                data_producers.push((x, timer(point::DATA_PRODUCER, p)));
-            }
-            if let Some(x) = p.clone().as_admitter() {
-                admitters.push((x, timer(point::ADMIT_REQUEST, p)));
-            }
-            if let Some(x) = p.clone().as_pre_request() {
-                pre_request.push((x, timer(point::PRE_REQUEST, p)));
-            }
-            if let Some(x) = p.clone().as_response_hooks() {
-                response_hooks.push(x);
-            }
-            if let Some(x) = p.clone().as_endpoint_listener() {
-                endpoint_listeners.push(x);
-            }
+            return Ok(None);
         }
-
-        Ok(LoadedConfig {
-            plugins,
-            scheduler,
-            parser,
-            data_producers,
-            admitters,
-            pre_request,
-            response_hooks,
-            endpoint_listeners,
-            saturation_detector,
-            feature_gates,
-            flow_control,
-            data_layer: doc.data_layer.clone(),
-            document: doc,
-        })
-    }
-
-    fn flow_control(
-        &self,
-        spec: Option<&FlowControlSpec>,
-    ) -> Result<FlowControlSettings, ConfigError> {
         let default_spec = FlowControlSpec::default();
-        let spec = spec.unwrap_or(&default_spec);
-        let q = |v: &Option<QuantityValue>, field: &str| -> Result<Option<u64>, ConfigError> {
-            v.as_ref()
-                .map(|v| {
-                    v.resolve()
-                        .map_err(|e| self.err(format!("flowControl.{field}: {e}")))
-                })
-                .transpose()
-        };
+        let spec = doc.flow_control.as_ref().unwrap_or(&default_spec);
         if let Some(r) = &spec.usage_limit_policy_plugin_ref {
             return Err(self.err(format!(
                 "flowControl.usageLimitPolicyPluginRef ('{r}') is not supported by llmsched yet"
             )));
         }
-        let band = |b: &PriorityBandSpec, field: &str| -> Result<PriorityBand, ConfigError> {
-            let round_robin_fairness = match b.fairness_policy_ref.as_deref() {
-                None | Some("global-strict-fairness-policy") => false,
-                Some("round-robin-fairness-policy") => true,
-                Some(other) => {
-                    return Err(self.err(format!(
-                        "flowControl.{field}.fairnessPolicyRef: '{other}' is not supported (use global-strict-fairness-policy or round-robin-fairness-policy)"
-                    )));
-                }
-            };
-            let edf_ordering = match b.ordering_policy_ref.as_deref() {
-                None | Some("fcfs-ordering-policy") => false,
-                Some("edf-ordering-policy") => true,
-                Some(other) => {
-                    return Err(self.err(format!(
-                        "flowControl.{field}.orderingPolicyRef: '{other}' is not supported (use fcfs-ordering-policy or edf-ordering-policy)"
-                    )));
-                }
-            };
-            Ok(PriorityBand {
-                priority: b.priority,
-                max_bytes: q(&b.max_bytes, &format!("{field}.maxBytes"))?,
-                max_requests: q(&b.max_requests, &format!("{field}.maxRequests"))?,
-                round_robin_fairness,
-                edf_ordering,
-            })
-        };
         let mut bands = Vec::with_capacity(spec.priority_bands.len());
         let mut seen = BTreeSet::new();
         for (i, b) in spec.priority_bands.iter().enumerate() {
@@ -880,13 +1031,16 @@ impl Loader<'_> {
                     b.priority
                 )));
             }
-            bands.push(band(b, &format!("priorityBands[{i}]"))?);
+            bands.push(self.priority_band(b, &format!("priorityBands[{i}]"), plugins)?);
         }
         bands.sort_by_key(|b| std::cmp::Reverse(b.priority));
-        let default_band = match &spec.default_priority_band {
-            Some(b) => band(b, "defaultPriorityBand")?,
-            None => PriorityBand::default(),
-        };
+        let default_band = self.priority_band(
+            spec.default_priority_band
+                .as_ref()
+                .unwrap_or(&PriorityBandSpec::default()),
+            "defaultPriorityBand",
+            plugins,
+        )?;
         let default_request_ttl = spec
             .default_request_ttl
             .as_deref()
@@ -896,12 +1050,92 @@ impl Loader<'_> {
             })
             .transpose()?
             .filter(|d| !d.is_zero());
-        Ok(FlowControlSettings {
-            max_bytes: q(&spec.max_bytes, "maxBytes")?,
-            max_requests: q(&spec.max_requests, "maxRequests")?,
+        Ok(Some(FlowControlSettings {
+            max_bytes: self.quantity(&spec.max_bytes, "maxBytes")?,
+            max_requests: self.quantity(&spec.max_requests, "maxRequests")?,
             default_request_ttl,
             bands,
             default_band,
+        }))
+    }
+
+    fn quantity(&self, v: &Option<QuantityValue>, field: &str) -> Result<Option<u64>, ConfigError> {
+        v.as_ref()
+            .map(|v| {
+                v.resolve()
+                    .map_err(|e| self.err(format!("flowControl.{field}: {e}")))
+            })
+            .transpose()
+    }
+
+    fn priority_band(
+        &self,
+        b: &PriorityBandSpec,
+        field: &str,
+        plugins: &mut Instances,
+    ) -> Result<PriorityBand, ConfigError> {
+        let fairness = self.policy(
+            plugins,
+            &format!("flowControl.{field}.fairnessPolicyRef"),
+            b.fairness_policy_ref.as_deref(),
+            DEFAULT_FAIRNESS_POLICY,
+            "a fairness policy",
+            |p| p.as_fairness_policy(),
+        )?;
+        let ordering = self.policy(
+            plugins,
+            &format!("flowControl.{field}.orderingPolicyRef"),
+            b.ordering_policy_ref.as_deref(),
+            DEFAULT_ORDERING_POLICY,
+            "an ordering policy",
+            |p| p.as_ordering_policy(),
+        )?;
+        Ok(PriorityBand {
+            priority: b.priority,
+            max_bytes: self.quantity(&b.max_bytes, &format!("{field}.maxBytes"))?,
+            max_requests: self.quantity(&b.max_requests, &format!("{field}.maxRequests"))?,
+            fairness,
+            ordering,
         })
+    }
+
+    /// Resolves a policy reference as the reference resolves `pluginRef`s: the declared
+    /// plugin of that name; else (unset) the default type, instantiated under its own name
+    /// when not declared, as the reference does for its default policies. llmsched also
+    /// accepts any other policy *type* name that is not declared, instantiated the same way
+    /// with its default parameters (older llmsched configurations name
+    /// `round-robin-fairness-policy` or `edf-ordering-policy` without declaring them).
+    fn policy<P: ?Sized>(
+        &self,
+        plugins: &mut Instances,
+        field: &str,
+        reference: Option<&str>,
+        default_type: &str,
+        kind: &str,
+        cast: impl Fn(Arc<dyn Plugin>) -> Option<Arc<P>>,
+    ) -> Result<PolicyRef<P>, ConfigError> {
+        let name = reference.filter(|r| !r.is_empty()).unwrap_or(default_type);
+        let plugin = match plugins.get(name) {
+            Some(p) => p.clone(),
+            None => match self.registry.factory(name) {
+                Ok(_) => self.add_default(plugins, name)?,
+                Err(e) => {
+                    return Err(self.err(format!(
+                        "{field}: '{name}' is not a declared plugin, and as a type: {e}"
+                    )));
+                }
+            },
+        };
+        let policy = cast(plugin.clone()).ok_or_else(|| {
+            self.err(format!(
+                "{field}: plugin '{name}' (type {}) is not {kind}",
+                plugin.type_name()
+            ))
+        })?;
+        Ok(PolicyRef::new(
+            &plugin,
+            plugins.parameters.get(name).cloned(),
+            policy,
+        ))
     }
 }

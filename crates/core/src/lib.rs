@@ -8,7 +8,10 @@
 //! * [`endpoint`] — endpoints with lock-free metrics snapshots and in-flight counters;
 //! * [`plugin`] — the extension points (filters, scorers, pickers, profile handlers, data
 //!   producers, admission, pre-request and response hooks, parsers);
-//! * [`scheduler`] — profiles (filters → weighted scorers → picker) and the scheduler;
+//! * [`scheduler`] — profiles (filters → weighted scorers → picker), the scheduler and its
+//!   typed errors;
+//! * [`flowcontrol`] — flow-control policy traits (fairness between flows, ordering within
+//!   a flow) and the band queues they act on;
 //! * [`registry`] — plugin factories keyed by the reference's type names;
 //! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
 //! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
@@ -20,6 +23,7 @@ pub mod config;
 pub mod cycle;
 pub mod endpoint;
 pub mod error;
+pub mod flowcontrol;
 pub mod metrics;
 pub mod objectives;
 pub mod plugin;

@@ -13,6 +13,10 @@
 //! departed endpoints). Each role is exposed through an `as_*` method returning the plugin as
 //! that trait object; the defaults return `None`.
 //!
+//! Flow-control policies ([`FairnessPolicy`], [`OrderingPolicy`]) are plugins too, resolved
+//! by the priority bands' `fairnessPolicyRef` / `orderingPolicyRef`; their traits live in
+//! [`crate::flowcontrol`].
+//!
 //! Everything on the scheduling path is synchronous and must not block or do I/O: it runs on
 //! every request. Plugins that need background work (event ingestion) do it on their own
 //! tasks and publish results through lock-free structures.
@@ -26,8 +30,9 @@ use smallvec::SmallVec;
 use crate::cycle::CycleState;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::error::InferenceError;
+pub use crate::flowcontrol::{FairnessPolicy, OrderingPolicy};
 use crate::request::{Headers, InferenceRequest, RequestBody, ResponseInfo};
-use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingResult};
+use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingError, SchedulingResult};
 
 /// A candidate endpoint during a scheduling cycle (borrowed from the cycle's snapshot).
 pub type Candidate<'a> = &'a Arc<Endpoint>;
@@ -81,6 +86,14 @@ pub trait Plugin: Send + Sync + 'static {
     }
     /// This plugin as an endpoint-membership listener.
     fn as_endpoint_listener(self: Arc<Self>) -> Option<Arc<dyn EndpointListener>> {
+        None
+    }
+    /// This plugin as a flow-control fairness policy.
+    fn as_fairness_policy(self: Arc<Self>) -> Option<Arc<dyn FairnessPolicy>> {
+        None
+    }
+    /// This plugin as a flow-control ordering policy.
+    fn as_ordering_policy(self: Arc<Self>) -> Option<Arc<dyn OrderingPolicy>> {
         None
     }
 }
@@ -159,7 +172,7 @@ pub trait ProfileHandler: Plugin {
         &self,
         cx: &SchedulingContext<'_>,
         results: ProfileResults,
-    ) -> Result<SchedulingResult, String>;
+    ) -> Result<SchedulingResult, SchedulingError>;
 }
 
 /// Computes per-request data before scheduling (e.g. prompt hashes and prefix matches).

@@ -192,6 +192,39 @@ impl ProfileBuilder {
 /// Message of a profile whose filters left nothing.
 pub const NO_ENDPOINTS_MSG: &str = "no endpoints available for the given request";
 
+/// Why scheduling a request failed. The scheduler turns it into the reference's 429
+/// `failed to find target endpoint: <this error>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulingError {
+    /// The profile's filters (or its picker) left no endpoint.
+    #[error("no endpoints available for the given request")]
+    NoEndpoints,
+    /// A profile ran and failed (what the single-profile handler reports).
+    #[error("failed to run scheduler profile '{0}'")]
+    ProfileFailed(String),
+    /// The profile handler picked a profile index that does not exist.
+    #[error("profile handler picked unknown profile #{0}")]
+    UnknownProfile(usize),
+    /// The profile handler picked no profile at all.
+    #[error("failed to run any scheduler profile for request {request_id}")]
+    NoProfileRan {
+        /// The request.
+        request_id: String,
+    },
+    /// The primary profile's result holds no endpoint.
+    #[error("primary profile '{0}' chose no endpoint")]
+    EmptyPrimary(String),
+    /// A profile handler's own reason (its message is shown as is).
+    #[error("{0}")]
+    Handler(String),
+}
+
+impl From<SchedulingError> for InferenceError {
+    fn from(e: SchedulingError) -> Self {
+        InferenceError::resource_exhausted(format!("failed to find target endpoint: {e}"))
+    }
+}
+
 impl SchedulerProfile {
     /// A builder; `metrics` resolves the per-plugin duration histograms.
     pub fn builder(
@@ -232,18 +265,18 @@ impl SchedulerProfile {
         &self,
         cx: &SchedulingContext<'_>,
         candidates: &[Candidate<'_>],
-    ) -> Result<ProfileRunResult, String> {
+    ) -> Result<ProfileRunResult, SchedulingError> {
         let mut eps: Vec<Candidate<'_>> = candidates.to_vec();
         for (filter, timer) in &self.filters {
             let t0 = Instant::now();
             filter.filter(cx, &mut eps);
             timer.record(t0.elapsed());
             if eps.is_empty() {
-                return Err(NO_ENDPOINTS_MSG.to_string());
+                return Err(SchedulingError::NoEndpoints);
             }
         }
         if eps.is_empty() {
-            return Err(NO_ENDPOINTS_MSG.to_string());
+            return Err(SchedulingError::NoEndpoints);
         }
 
         let n = eps.len();
@@ -273,7 +306,7 @@ impl SchedulerProfile {
         let picked = self.picker.0.pick(cx, &mut scored);
         self.picker.1.record(t0.elapsed());
         if picked.is_empty() {
-            return Err(NO_ENDPOINTS_MSG.to_string());
+            return Err(SchedulingError::NoEndpoints);
         }
         Ok(ProfileRunResult {
             targets: picked.into_iter().map(Arc::clone).collect(),
@@ -381,16 +414,14 @@ impl Scheduler {
             };
             m.attempts.get_or_create(&labels).inc();
         }
-        outcome.map_err(|e| {
-            InferenceError::resource_exhausted(format!("failed to find target endpoint: {e}"))
-        })
+        outcome.map_err(InferenceError::from)
     }
 
     fn run_profiles(
         &self,
         cx: &SchedulingContext<'_>,
         candidates: &[Candidate<'_>],
-    ) -> Result<SchedulingResult, String> {
+    ) -> Result<SchedulingResult, SchedulingError> {
         let mut results = ProfileResults::default();
         for _ in 0..MAX_PROFILE_ROUNDS {
             let t0 = Instant::now();
@@ -402,7 +433,7 @@ impl Scheduler {
             }
             for idx in picked {
                 let Some(profile) = self.profiles.get(idx) else {
-                    return Err(format!("profile handler picked unknown profile #{idx}"));
+                    return Err(SchedulingError::UnknownProfile(idx));
                 };
                 if results.has_run(idx) {
                     continue;
@@ -418,20 +449,16 @@ impl Scheduler {
             }
         }
         if results.is_empty() {
-            return Err(format!(
-                "failed to run any scheduler profile for request {}",
-                cx.request.request_id
-            ));
+            return Err(SchedulingError::NoProfileRan {
+                request_id: cx.request.request_id.clone(),
+            });
         }
         let t0 = Instant::now();
         let out = self.handler.process_results(cx, results);
         self.process_timer.record(t0.elapsed());
         let out = out?;
         if out.targets().is_empty() {
-            return Err(format!(
-                "primary profile '{}' chose no endpoint",
-                out.primary_profile
-            ));
+            return Err(SchedulingError::EmptyPrimary(out.primary_profile));
         }
         Ok(out)
     }

@@ -13,10 +13,11 @@ use crate::config::{ConfigSource, LoadedConfig, load, load_default};
 use crate::cycle::CycleState;
 use crate::endpoint::{Endpoint, EndpointMetrics, StaticEndpoints};
 use crate::error::{ErrorCode, InferenceError};
+use crate::flowcontrol::{FairnessPolicy, FairnessState, OrderingPolicy, QueuedRequest};
 use crate::plugin::*;
 use crate::registry::{FactoryInput, PluginError, PluginHandle, Registry, parse_params};
 use crate::request::{Headers, InferenceRequest, RequestBody};
-use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingResult};
+use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingError, SchedulingResult};
 
 /// Scores each endpoint by its waiting queue: 1 / (1 + q), or a constant.
 struct TestScorer {
@@ -146,9 +147,13 @@ impl ProfileHandler for Single {
         &self,
         _cx: &SchedulingContext<'_>,
         results: ProfileResults,
-    ) -> Result<SchedulingResult, String> {
-        let (_, name, r) = results.entries.into_iter().next().ok_or("no profile")?;
-        let r = r.ok_or_else(|| format!("failed to run scheduler profile '{name}'"))?;
+    ) -> Result<SchedulingResult, SchedulingError> {
+        let (_, name, r) = results
+            .entries
+            .into_iter()
+            .next()
+            .ok_or_else(|| SchedulingError::Handler("no profile".into()))?;
+        let r = r.ok_or(SchedulingError::ProfileFailed(name.clone()))?;
         Ok(SchedulingResult {
             primary_profile: name.clone(),
             profiles: vec![(name, r)],
@@ -174,8 +179,81 @@ impl Parser for TestParser {
     }
 }
 
+/// A flow-control policy that only carries its type (the real ones live in
+/// `llmsched-plugins`); `kind` says which role it has.
+struct TestPolicy {
+    type_name: &'static str,
+    name: String,
+    fairness: bool,
+}
+impl Plugin for TestPolicy {
+    fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn as_fairness_policy(self: Arc<Self>) -> Option<Arc<dyn FairnessPolicy>> {
+        if self.fairness { Some(self) } else { None }
+    }
+    fn as_ordering_policy(self: Arc<Self>) -> Option<Arc<dyn OrderingPolicy>> {
+        if self.fairness { None } else { Some(self) }
+    }
+}
+struct NoState;
+impl FairnessState for NoState {
+    fn pick<'a>(&mut self, band: &'a crate::flowcontrol::BandQueues) -> Option<&'a str> {
+        band.flows().next().map(|(k, _)| k)
+    }
+}
+impl FairnessPolicy for TestPolicy {
+    fn new_band_state(&self) -> Box<dyn FairnessState> {
+        Box::new(NoState)
+    }
+}
+impl OrderingPolicy for TestPolicy {
+    fn less(&self, a: &QueuedRequest, b: &QueuedRequest) -> bool {
+        a.seq < b.seq
+    }
+}
+
+fn policy_factory(type_name: &'static str) -> crate::registry::Factory {
+    macro_rules! f {
+        ($t:literal, $fairness:literal) => {{
+            fn make(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
+                #[derive(Debug, Default, Deserialize)]
+                #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+                struct Params {
+                    weight: Option<f64>,
+                }
+                let _: Params = parse_params(i.parameters)?;
+                Ok(Arc::new(TestPolicy {
+                    type_name: $t,
+                    name: i.name.to_string(),
+                    fairness: $fairness,
+                }))
+            }
+            make
+        }};
+    }
+    match type_name {
+        "global-strict-fairness-policy" => f!("global-strict-fairness-policy", true),
+        "round-robin-fairness-policy" => f!("round-robin-fairness-policy", true),
+        "fcfs-ordering-policy" => f!("fcfs-ordering-policy", false),
+        _ => f!("edf-ordering-policy", false),
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
+    for t in [
+        "global-strict-fairness-policy",
+        "round-robin-fairness-policy",
+        "fcfs-ordering-policy",
+        "edf-ordering-policy",
+    ] {
+        r.register(t, policy_factory(t));
+    }
     for t in [
         "queue-scorer",
         "kv-cache-utilization-scorer",
@@ -412,8 +490,107 @@ fn flow_control_settings_are_resolved() {
         Some(std::time::Duration::from_secs(30))
     );
     assert_eq!(fc.bands[0].priority, 10);
-    assert!(fc.bands[0].edf_ordering && fc.bands[0].round_robin_fairness);
+    assert_eq!(fc.bands[0].ordering.type_name, "edf-ordering-policy");
+    assert_eq!(
+        fc.bands[0].fairness.type_name,
+        "round-robin-fairness-policy"
+    );
     assert_eq!(fc.bands[1].max_requests, Some(10));
+    // Unset references get the reference's defaults, instantiated under their type names.
+    assert_eq!(
+        fc.bands[1].fairness.type_name,
+        "global-strict-fairness-policy"
+    );
+    assert_eq!(fc.bands[1].ordering.type_name, "fcfs-ordering-policy");
+    assert_eq!(
+        fc.default_band.fairness.name,
+        "global-strict-fairness-policy"
+    );
+    assert_eq!(fc.default_band.ordering.name, "fcfs-ordering-policy");
+}
+
+#[test]
+fn policy_references_resolve_declared_instances_first() {
+    let base =
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\n";
+    // A declared instance under its own name, with parameters; bands share it.
+    let c = load_text(&format!(
+        "{base}plugins:\n- {{type: round-robin-fairness-policy, name: fair, parameters: {{weight: 2}}}}\n- {{type: edf-ordering-policy, name: deadline}}\nflowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: fair, orderingPolicyRef: deadline}}\n  priorityBands:\n  - {{priority: 1, fairnessPolicyRef: fair}}\n"
+    ))
+    .unwrap();
+    let fc = c.flow_control.unwrap();
+    let d = &fc.default_band;
+    assert_eq!(
+        (d.fairness.name.as_str(), d.fairness.type_name),
+        ("fair", "round-robin-fairness-policy")
+    );
+    assert_eq!(
+        d.fairness.parameters,
+        Some(serde_json::json!({"weight": 2}))
+    );
+    assert_eq!(
+        (d.ordering.name.as_str(), d.ordering.type_name),
+        ("deadline", "edf-ordering-policy")
+    );
+    assert!(Arc::ptr_eq(
+        &d.fairness.policy,
+        &fc.bands[0].fairness.policy
+    ));
+    // The band's unset ordering gets the default type, added once under its own name.
+    assert_eq!(fc.bands[0].ordering.type_name, "fcfs-ordering-policy");
+    let names: Vec<&str> = c.plugins.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "fcfs-ordering-policy")
+            .count(),
+        1,
+        "{names:?}"
+    );
+
+    // The same configuration loaded twice compares equal (the director keeps its flow
+    // controller); other parameters do not.
+    let again = |w: u32| {
+        load_text(&format!(
+            "{base}plugins:\n- {{type: round-robin-fairness-policy, name: fair, parameters: {{weight: {w}}}}}\nflowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: fair}}\n"
+        ))
+        .unwrap()
+        .flow_control
+        .unwrap()
+    };
+    assert_eq!(again(2), again(2));
+    assert_ne!(again(2), again(3));
+
+    for (text, needle) in [
+        (
+            format!("{base}flowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: nope}}\n"),
+            "flowControl.defaultPriorityBand.fairnessPolicyRef: 'nope' is not a declared plugin, and as a type: unknown plugin type 'nope'",
+        ),
+        (
+            format!(
+                "{base}plugins:\n- type: queue-scorer\nflowControl:\n  priorityBands:\n  - {{priority: 2, orderingPolicyRef: queue-scorer}}\n"
+            ),
+            "flowControl.priorityBands[0].orderingPolicyRef: plugin 'queue-scorer' (type queue-scorer) is not an ordering policy",
+        ),
+        (
+            format!(
+                "{base}flowControl:\n  priorityBands:\n  - {{priority: 2, fairnessPolicyRef: fcfs-ordering-policy}}\n"
+            ),
+            "is not a fairness policy",
+        ),
+        (
+            format!(
+                "{base}plugins:\n- {{type: round-robin-fairness-policy, parameters: {{bogus: 1}}}}\n"
+            ),
+            "unknown field `bogus`",
+        ),
+    ] {
+        let err = match load_text(&text) {
+            Ok(_) => panic!("config should fail ({needle}):\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    }
 }
 
 fn eps(n: usize) -> StaticEndpoints {

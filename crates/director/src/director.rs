@@ -373,6 +373,7 @@ impl Director {
             headers_to_set: Vec::new(),
             received_at,
             tokens: 0,
+            flow_ticket: None,
             active: active.clone(),
             shared: self.shared.clone(),
         }))
@@ -471,17 +472,23 @@ impl Director {
 
         // Admission.
         let t = Instant::now();
+        let mut flow_ticket = None;
         if let Some(flow) = &active.flow {
             let fr = FlowRequest {
                 fairness_id: request.fairness_id.clone(),
                 priority: request.priority,
                 bytes: request.size_bytes as u64,
+                prompt_tokens: estimate_prompt_tokens(&request),
+                max_tokens: request.body.as_ref().and_then(|b| b.max_tokens),
                 model_name: request.incoming_model.clone(),
                 target_model_name: request.target_model.clone(),
             };
-            if let Err(e) = flow.enqueue_and_wait(&fr).await {
-                metrics.observe_phase(Phase::Admission, t.elapsed());
-                return Err(fail(e, &request));
+            match flow.enqueue_and_wait(&fr).await {
+                Ok(ticket) => flow_ticket = Some(ticket),
+                Err(e) => {
+                    metrics.observe_phase(Phase::Admission, t.elapsed());
+                    return Err(fail(e, &request));
+                }
             }
         }
         let snap = self.endpoints.snapshot();
@@ -584,6 +591,7 @@ impl Director {
             headers_to_set,
             received_at,
             tokens,
+            flow_ticket,
             active: active.clone(),
             shared: self.shared.clone(),
         });
@@ -640,13 +648,19 @@ pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
     out
 }
 
+/// The prompt's size in tokens before any model server counted it: token ids exactly, text
+/// as characters / 4.
+pub fn estimate_prompt_tokens(request: &InferenceRequest) -> u64 {
+    match request.prompt() {
+        Prompt::TokenIds(ids) => ids.len() as u64,
+        p => (p.text_len() as u64).div_ceil(4),
+    }
+}
+
 /// A rough token count for in-flight token accounting: prompt characters / 4 (token ids
 /// counted exactly) plus `max_tokens` when given.
 pub fn estimate_tokens(request: &InferenceRequest) -> u64 {
-    let prompt = match request.prompt() {
-        Prompt::TokenIds(ids) => ids.len() as u64,
-        p => (p.text_len() as u64).div_ceil(4),
-    };
+    let prompt = estimate_prompt_tokens(request);
     let max = request
         .body
         .as_ref()

@@ -15,9 +15,14 @@
 //!   first band's selected item. When saturated it stops (head-of-line blocking, so lower
 //!   bands never overtake a higher one). Cycles run when a request is enqueued, when a
 //!   request completes, and every `tick` (1 ms, as the reference) while anything is queued.
-//! * Within a band, `global-strict-fairness-policy` (default) picks the flow whose head is the
-//!   oldest (FCFS) or has the earliest deadline (EDF); `round-robin-fairness-policy` cycles
-//!   through the flows in key order, skipping empty ones.
+//! * Within a band, the band's fairness policy (`fairnessPolicyRef`, a plugin) picks the
+//!   flow and the band's ordering policy (`orderingPolicyRef`) orders each flow's queue; the
+//!   policies and their per-band state are described in [`llmsched_core::flowcontrol`]. The
+//!   controller reports every arrival, dispatch and completion to the band's fairness state,
+//!   including requests that pass at once because nothing waits, so a policy that accounts
+//!   service (`token-fair-share-fairness-policy`) sees all of it. A dispatched request
+//!   carries a [`FlowTicket`]; completing it hands the response's usage back to the policy
+//!   (dropping it unused means the request never reached a model server).
 //! * A request waits at most the default TTL (`defaultRequestTTL`; none ⇒ until the client
 //!   goes away): expiry ⇒ 503 `request timed out in queue: request evicted from queue:
 //!   request TTL expired` with `x-llm-d-request-dropped-reason: rejected-ttl-expired`. A
@@ -33,13 +38,15 @@
 //! control is opt-in, and without it the request path takes no lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use llmsched_core::config::{FlowControlSettings, PriorityBand};
 use llmsched_core::error::{InferenceError, REQUEST_DROPPED_REASON_HEADER};
+use llmsched_core::flowcontrol::{BandQueues, Charge, FairnessState, QueuedRequest};
+use llmsched_core::request::Usage;
 use tokio::sync::{Notify, oneshot};
 
 use crate::metrics::{EppMetrics, FlowOutcomeLabels, FlowQueueLabels, PoolLabel};
@@ -61,7 +68,7 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(1);
 /// Reads the pool's current saturation (≥ 1.0 means saturated).
 pub type SaturationProbe = Arc<dyn Fn() -> f64 + Send + Sync>;
 
-/// What a queued request is, for ordering and metrics.
+/// What a queued request is, for ordering, fairness and metrics.
 #[derive(Debug, Clone)]
 pub struct FlowRequest {
     /// Fairness id (flow key).
@@ -70,28 +77,73 @@ pub struct FlowRequest {
     pub priority: i32,
     /// Body size in bytes.
     pub bytes: u64,
+    /// Prompt tokens as estimated before dispatch.
+    pub prompt_tokens: u64,
+    /// `max_tokens` of the request, if given.
+    pub max_tokens: Option<u64>,
     /// Requested model (metrics label).
     pub model_name: String,
     /// Target model (metrics label).
     pub target_model_name: String,
 }
 
-struct Item {
-    id: u64,
-    bytes: u64,
-    enqueued: Instant,
-    deadline: Option<Instant>,
-    tx: oneshot::Sender<()>,
+/// A request flow control let through. [`FlowTicket::complete`] reports how it ended to the
+/// band's fairness policy; dropping the ticket without completing it says the request never
+/// reached a model server (the policy undoes its charge). Either way the dispatcher is woken,
+/// since capacity may have freed up.
+pub struct FlowTicket {
+    shared: Arc<Shared>,
+    priority: i32,
+    flow: String,
+    charge: Charge,
+    done: bool,
+}
+
+impl std::fmt::Debug for FlowTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTicket")
+            .field("priority", &self.priority)
+            .field("flow", &self.flow)
+            .field("charge", &self.charge)
+            .finish()
+    }
+}
+
+impl FlowTicket {
+    /// What the band's fairness policy charged at dispatch.
+    pub fn charge(&self) -> Charge {
+        self.charge
+    }
+
+    /// The request's response ended; `usage` as the model server reported it.
+    pub fn complete(mut self, usage: Option<&Usage>) {
+        self.done = true;
+        self.shared
+            .settle(self.priority, &self.flow, self.charge, Some(usage));
+    }
+}
+
+impl Drop for FlowTicket {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared
+                .settle(self.priority, &self.flow, self.charge, None);
+        }
+    }
+}
+
+/// What the controller keeps of a waiting request besides its [`QueuedRequest`].
+struct Waiter {
+    tx: oneshot::Sender<FlowTicket>,
     labels: FlowQueueLabels,
 }
 
 struct Band {
     cfg: PriorityBand,
     max_bytes: u64,
-    flows: BTreeMap<String, VecDeque<Item>>,
-    len: u64,
-    bytes: u64,
-    rr_last: Option<String>,
+    queues: BandQueues,
+    fairness: Box<dyn FairnessState>,
+    waiters: HashMap<u64, Waiter>,
 }
 
 impl Band {
@@ -100,42 +152,15 @@ impl Band {
             .max_bytes
             .filter(|b| *b > 0)
             .unwrap_or(DEFAULT_BAND_MAX_BYTES);
+        let queues = BandQueues::new(cfg.priority, cfg.ordering.policy.clone());
+        let fairness = cfg.fairness.policy.new_band_state();
         Self {
             cfg,
             max_bytes,
-            flows: BTreeMap::new(),
-            len: 0,
-            bytes: 0,
-            rr_last: None,
+            queues,
+            fairness,
+            waiters: HashMap::new(),
         }
-    }
-
-    /// Key of the flow to serve next.
-    fn select_flow(&self) -> Option<String> {
-        if self.cfg.round_robin_fairness {
-            let after = self.rr_last.as_deref();
-            let next = match after {
-                Some(last) => self
-                    .flows
-                    .range::<str, _>((std::ops::Bound::Excluded(last), std::ops::Bound::Unbounded))
-                    .find(|(_, q)| !q.is_empty())
-                    .or_else(|| self.flows.iter().find(|(_, q)| !q.is_empty())),
-                None => self.flows.iter().find(|(_, q)| !q.is_empty()),
-            };
-            return next.map(|(k, _)| k.clone());
-        }
-        // Global strict: the best head across flows.
-        let edf = self.cfg.edf_ordering;
-        self.flows
-            .iter()
-            .filter_map(|(k, q)| q.front().map(|it| (k, it)))
-            .min_by_key(|(_, it)| {
-                let deadline = if edf { it.deadline } else { None };
-                // `None` deadlines sort last under EDF (Reverse(false) < Reverse(true) is
-                // avoided by mapping to a tuple).
-                (deadline.is_none(), deadline, it.enqueued, it.id)
-            })
-            .map(|(k, _)| k.clone())
     }
 }
 
@@ -178,6 +203,12 @@ impl Shared {
             })
     }
 
+    fn band<'s>(&self, st: &'s mut State, priority: i32) -> &'s mut Band {
+        st.bands
+            .entry(Reverse(priority))
+            .or_insert_with(|| Band::new(self.band_cfg(priority)))
+    }
+
     fn has_capacity(&self, st: &mut State, priority: i32, bytes: u64) -> bool {
         if let Some(max) = self.settings.max_bytes.filter(|m| *m > 0)
             && st.bytes + bytes > max
@@ -189,15 +220,12 @@ impl Shared {
         {
             return false;
         }
-        let band = st
-            .bands
-            .entry(Reverse(priority))
-            .or_insert_with(|| Band::new(self.band_cfg(priority)));
-        if band.bytes + bytes > band.max_bytes {
+        let band = self.band(st, priority);
+        if band.queues.bytes() + bytes > band.max_bytes {
             return false;
         }
         if let Some(max) = band.cfg.max_requests.filter(|m| *m > 0)
-            && band.len + 1 > max
+            && band.queues.len() + 1 > max
         {
             return false;
         }
@@ -230,26 +258,42 @@ impl Shared {
     }
 
     /// Removes a queued item; `None` when it is no longer queued (already dispatched).
-    fn remove(&self, priority: i32, flow: &str, id: u64) -> Option<Item> {
+    fn remove(
+        &self,
+        priority: i32,
+        flow: &str,
+        id: u64,
+    ) -> Option<(QueuedRequest, FlowQueueLabels)> {
         let mut st = self.lock();
         let band = st.bands.get_mut(&Reverse(priority))?;
-        let q = band.flows.get_mut(flow)?;
-        let pos = q.iter().position(|it| it.id == id)?;
-        let item = q.remove(pos)?;
-        if q.is_empty() {
-            band.flows.remove(flow);
-        }
-        band.len -= 1;
-        band.bytes -= item.bytes;
+        let item = band.queues.remove(flow, id)?;
+        let waiter = band.waiters.remove(&id);
         st.len -= 1;
         st.bytes -= item.bytes;
         drop(st);
-        self.gauges(&item.labels, -1, -(item.bytes as i64));
-        Some(item)
+        let labels = waiter.map(|w| w.labels)?;
+        self.gauges(&labels, -1, -(item.bytes as i64));
+        Some((item, labels))
+    }
+
+    /// Reports the end of a dispatched request to its band's fairness state (`usage`:
+    /// `Some` when it was served, `None` when it never reached a model server) and wakes the
+    /// dispatcher.
+    fn settle(&self, priority: i32, flow: &str, charge: Charge, usage: Option<Option<&Usage>>) {
+        {
+            let mut st = self.lock();
+            if let Some(band) = st.bands.get_mut(&Reverse(priority)) {
+                match usage {
+                    Some(u) => band.fairness.on_completion(flow, charge, u),
+                    None => band.fairness.on_not_served(flow, charge),
+                }
+            }
+        }
+        self.wake.notify_one();
     }
 
     /// One dispatch cycle; true when an item was released.
-    fn dispatch_cycle(&self) -> bool {
+    fn dispatch_cycle(self: &Arc<Self>) -> bool {
         let saturation = (self.probe)();
         self.metrics
             .flow_pool_saturation
@@ -260,40 +304,47 @@ impl Shared {
         if saturation >= 1.0 {
             return false;
         }
-        let item = {
+        let released = {
             let mut st = self.lock();
-            let mut picked = None;
-            for (key, band) in st.bands.iter_mut() {
-                let Some(flow) = band.select_flow() else {
+            let mut released = None;
+            for band in st.bands.values_mut() {
+                let Some(flow) = band.fairness.pick(&band.queues).map(str::to_owned) else {
                     continue;
                 };
-                let Some(q) = band.flows.get_mut(&flow) else {
+                let Some(item) = band.queues.pop(&flow) else {
                     continue;
                 };
-                let Some(item) = q.pop_front() else {
-                    continue;
-                };
-                if q.is_empty() {
-                    band.flows.remove(&flow);
-                }
-                band.len -= 1;
-                band.bytes -= item.bytes;
-                band.rr_last = Some(flow);
-                picked = Some((key.0, item));
+                let charge = band.fairness.on_dispatch(&band.queues, &flow, &item);
+                let waiter = band.waiters.remove(&item.seq);
+                released = Some((band.cfg.priority, flow, item, charge, waiter));
                 break;
             }
-            let Some((_, item)) = picked else {
+            let Some(r) = released else {
                 return false;
             };
             st.len -= 1;
-            st.bytes -= item.bytes;
-            item
+            st.bytes -= r.2.bytes;
+            r
         };
-        self.gauges(&item.labels, -1, -(item.bytes as i64));
-        self.outcome(&item.labels, "Dispatched", item.enqueued.elapsed());
+        let (priority, flow, item, charge, waiter) = released;
+        let ticket = FlowTicket {
+            shared: self.clone(),
+            priority,
+            flow,
+            charge,
+            done: false,
+        };
+        let Some(waiter) = waiter else {
+            // Not reachable: every queued item has its waiter. The ticket's drop undoes the
+            // charge.
+            return true;
+        };
+        self.gauges(&waiter.labels, -1, -(item.bytes as i64));
+        self.outcome(&waiter.labels, "Dispatched", item.enqueued.elapsed());
         // The waiter may have given up at this very moment; then the release is lost, which
-        // is what the reference does too (the item is finalized either way).
-        let _ = item.tx.send(());
+        // is what the reference does too (the item is finalized either way), and the ticket
+        // comes back and is dropped, undoing the charge.
+        let _ = waiter.tx.send(ticket);
         true
     }
 }
@@ -310,13 +361,10 @@ struct QueuedGuard<'a> {
 impl Drop for QueuedGuard<'_> {
     fn drop(&mut self) {
         if self.armed
-            && let Some(item) = self.shared.remove(self.priority, &self.flow, self.id)
+            && let Some((item, labels)) = self.shared.remove(self.priority, &self.flow, self.id)
         {
-            self.shared.outcome(
-                &item.labels,
-                "EvictedContextCancelled",
-                item.enqueued.elapsed(),
-            );
+            self.shared
+                .outcome(&labels, "EvictedContextCancelled", item.enqueued.elapsed());
         }
     }
 }
@@ -375,6 +423,12 @@ impl FlowController {
         self.shared.lock().bytes
     }
 
+    /// Runs one dispatch cycle now (tests drive releases one at a time with it).
+    #[cfg(test)]
+    pub(crate) fn dispatch_once(&self) -> bool {
+        self.shared.dispatch_cycle()
+    }
+
     /// Signals that capacity may have freed up (a request completed).
     pub fn notify(&self) {
         self.shared.wake.notify_one();
@@ -418,11 +472,12 @@ impl FlowController {
         });
     }
 
-    /// Enqueues the request and waits until it is dispatched, rejected or expired.
+    /// Enqueues the request and waits until it is dispatched, rejected or expired. On
+    /// dispatch, the returned ticket must follow the request to its end (see [`FlowTicket`]).
     ///
     /// Must run inside a tokio runtime (the dispatcher is a background task started on the
     /// first call). Dropping the future removes the request from its queue.
-    pub async fn enqueue_and_wait(&self, req: &FlowRequest) -> Result<(), InferenceError> {
+    pub async fn enqueue_and_wait(&self, req: &FlowRequest) -> Result<FlowTicket, InferenceError> {
         let shared = &*self.shared;
         let labels = FlowQueueLabels {
             fairness_id: req.fairness_id.clone(),
@@ -436,6 +491,14 @@ impl FlowController {
         let ttl = shared.settings.default_request_ttl;
         let (tx, rx) = oneshot::channel();
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let item = QueuedRequest {
+            seq: id,
+            enqueued: now,
+            deadline: ttl.map(|t| now + t),
+            bytes: req.bytes,
+            prompt_tokens: req.prompt_tokens,
+            max_tokens: req.max_tokens,
+        };
         {
             let mut st = shared.lock();
             if !shared.has_capacity(&mut st, req.priority, req.bytes) {
@@ -447,27 +510,34 @@ impl FlowController {
             // Fast path: nothing waits and the pool has room, so this request is the one a
             // dispatch cycle would release at once.
             if st.len == 0 && saturation < 1.0 {
+                let band = shared.band(&mut st, req.priority);
+                band.fairness
+                    .on_arrival(&band.queues, &req.fairness_id, false);
+                let charge = band
+                    .fairness
+                    .on_dispatch(&band.queues, &req.fairness_id, &item);
                 drop(st);
                 shared.outcome(&labels, "Dispatched", now.elapsed());
-                return Ok(());
+                return Ok(FlowTicket {
+                    shared: self.shared.clone(),
+                    priority: req.priority,
+                    flow: req.fairness_id.clone(),
+                    charge,
+                    done: false,
+                });
             }
-            let band = st
-                .bands
-                .entry(Reverse(req.priority))
-                .or_insert_with(|| Band::new(shared.band_cfg(req.priority)));
-            band.flows
-                .entry(req.fairness_id.clone())
-                .or_default()
-                .push_back(Item {
-                    id,
-                    bytes: req.bytes,
-                    enqueued: now,
-                    deadline: ttl.map(|t| now + t),
+            let band = shared.band(&mut st, req.priority);
+            let backlogged = band.queues.flow(&req.fairness_id).is_some();
+            band.fairness
+                .on_arrival(&band.queues, &req.fairness_id, backlogged);
+            band.queues.push(&req.fairness_id, item);
+            band.waiters.insert(
+                id,
+                Waiter {
                     tx,
                     labels: labels.clone(),
-                });
-            band.len += 1;
-            band.bytes += req.bytes;
+                },
+            );
             st.len += 1;
             st.bytes += req.bytes;
         }
@@ -480,7 +550,7 @@ impl FlowController {
             armed: true,
         };
         self.ensure_dispatcher();
-        shared.dispatch_cycle();
+        self.shared.dispatch_cycle();
         let mut rx = rx;
         let outcome = match ttl {
             Some(t) => tokio::time::timeout_at((now + t).into(), &mut rx)
@@ -489,9 +559,9 @@ impl FlowController {
             None => Some((&mut rx).await),
         };
         match outcome {
-            Some(Ok(())) => {
+            Some(Ok(ticket)) => {
                 guard.armed = false;
-                Ok(())
+                Ok(ticket)
             }
             Some(Err(_)) => {
                 // The sender was dropped without a release: the controller was torn down.
@@ -503,15 +573,17 @@ impl FlowController {
             None => {
                 guard.armed = false;
                 match shared.remove(req.priority, &req.fairness_id, id) {
-                    Some(item) => {
-                        shared.outcome(&item.labels, "EvictedTTL", now.elapsed());
+                    Some((_, labels)) => {
+                        shared.outcome(&labels, "EvictedTTL", now.elapsed());
                         Err(InferenceError::service_unavailable(MSG_TTL_EXPIRED)
                             .with_header(REQUEST_DROPPED_REASON_HEADER, REASON_TTL_EXPIRED))
                     }
-                    // Released concurrently with the expiry: it was dispatched.
-                    None if rx.try_recv().is_ok() => Ok(()),
-                    None => Err(InferenceError::service_unavailable(MSG_TTL_EXPIRED)
-                        .with_header(REQUEST_DROPPED_REASON_HEADER, REASON_TTL_EXPIRED)),
+                    None => match rx.try_recv() {
+                        // Released concurrently with the expiry: it was dispatched.
+                        Ok(ticket) => Ok(ticket),
+                        Err(_) => Err(InferenceError::service_unavailable(MSG_TTL_EXPIRED)
+                            .with_header(REQUEST_DROPPED_REASON_HEADER, REASON_TTL_EXPIRED)),
+                    },
                 }
             }
         }
@@ -527,10 +599,55 @@ impl Drop for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmsched_core::config::PolicyRef;
+    use llmsched_core::flowcontrol::{FairnessPolicy, OrderingPolicy};
+    use llmsched_core::registry::{FactoryInput, PluginHandle};
     use std::sync::atomic::AtomicU64 as A;
 
+    /// A policy plugin from the real registry.
+    fn policy<P: ?Sized>(
+        type_name: &str,
+        parameters: Option<serde_json::Value>,
+        cast: impl Fn(Arc<dyn llmsched_core::Plugin>) -> Option<Arc<P>>,
+    ) -> PolicyRef<P> {
+        let factory = llmsched_plugins::default_registry()
+            .factory(type_name)
+            .unwrap();
+        let plugin = factory(FactoryInput {
+            name: type_name,
+            parameters: parameters.as_ref(),
+            handle: &PluginHandle::default(),
+        })
+        .unwrap();
+        let p = cast(plugin.clone()).unwrap();
+        PolicyRef::new(&plugin, parameters, p)
+    }
+
+    fn fairness(type_name: &str) -> PolicyRef<dyn FairnessPolicy> {
+        policy(type_name, None, |p| p.as_fairness_policy())
+    }
+
+    fn ordering(type_name: &str) -> PolicyRef<dyn OrderingPolicy> {
+        policy(type_name, None, |p| p.as_ordering_policy())
+    }
+
+    /// A band with the default policies (global strict, FCFS).
+    fn band(priority: i32) -> PriorityBand {
+        PriorityBand::new(
+            priority,
+            fairness("global-strict-fairness-policy"),
+            ordering("fcfs-ordering-policy"),
+        )
+    }
+
     fn settings() -> FlowControlSettings {
-        FlowControlSettings::default()
+        FlowControlSettings {
+            max_bytes: None,
+            max_requests: None,
+            default_request_ttl: None,
+            bands: Vec::new(),
+            default_band: band(0),
+        }
     }
 
     fn probe(v: Arc<A>) -> SaturationProbe {
@@ -542,6 +659,8 @@ mod tests {
             fairness_id: flow.into(),
             priority,
             bytes,
+            prompt_tokens: 100,
+            max_tokens: None,
             model_name: "m".into(),
             target_model_name: "m".into(),
         }
@@ -599,9 +718,8 @@ mod tests {
         // Byte caps per band too.
         let s = FlowControlSettings {
             bands: vec![PriorityBand {
-                priority: 0,
                 max_bytes: Some(5),
-                ..Default::default()
+                ..band(0)
             }],
             ..settings()
         };
@@ -646,8 +764,11 @@ mod tests {
             let fc2 = fc.clone();
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                fc2.enqueue_and_wait(&req(flow, prio, 1)).await.unwrap();
+                // Kept until the end: a completed ticket wakes the dispatcher, which would
+                // release the next request behind the test's back.
+                let ticket = fc2.enqueue_and_wait(&req(flow, prio, 1)).await.unwrap();
                 order.lock().unwrap().push(i);
+                ticket
             }));
             wait_queued(&fc, i as u64 + 1).await;
         }
@@ -669,10 +790,11 @@ mod tests {
     async fn round_robin_alternates_flows() {
         let sat = Arc::new(A::new(1f64.to_bits()));
         let s = FlowControlSettings {
-            default_band: PriorityBand {
-                round_robin_fairness: true,
-                ..Default::default()
-            },
+            default_band: PriorityBand::new(
+                0,
+                fairness("round-robin-fairness-policy"),
+                ordering("fcfs-ordering-policy"),
+            ),
             ..settings()
         };
         let fc = ctl(s, &sat);
@@ -682,8 +804,9 @@ mod tests {
             let fc2 = fc.clone();
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                fc2.enqueue_and_wait(&req(flow, 0, 1)).await.unwrap();
+                let ticket = fc2.enqueue_and_wait(&req(flow, 0, 1)).await.unwrap();
                 order.lock().unwrap().push(flow);
+                ticket
             }));
             wait_queued(&fc, i as u64 + 1).await;
         }
@@ -726,5 +849,119 @@ mod tests {
         fc.notify();
         t.await.unwrap().unwrap();
         fc.close();
+    }
+
+    fn token_fair_share_settings() -> FlowControlSettings {
+        FlowControlSettings {
+            default_band: PriorityBand::new(
+                0,
+                fairness("token-fair-share-fairness-policy"),
+                ordering("fcfs-ordering-policy"),
+            ),
+            ..settings()
+        }
+    }
+
+    type Waiting = Vec<(&'static str, tokio::task::JoinHandle<FlowTicket>)>;
+
+    /// Queues a request of `flow` (the pool must be saturated) and waits until it is queued.
+    async fn queue(fc: &FlowController, waiting: &mut Waiting, flow: &'static str) {
+        let before = fc.queued();
+        let fc2 = fc.clone();
+        waiting.push((
+            flow,
+            tokio::spawn(async move { fc2.enqueue_and_wait(&req(flow, 0, 1)).await.unwrap() }),
+        ));
+        wait_queued(fc, before + 1).await;
+    }
+
+    /// Releases one request (the pool must not be saturated) and returns its flow and ticket.
+    async fn release(fc: &FlowController, waiting: &mut Waiting) -> (&'static str, FlowTicket) {
+        assert!(fc.dispatch_once());
+        loop {
+            if let Some(i) = waiting.iter().position(|(_, t)| t.is_finished()) {
+                let (flow, t) = waiting.remove(i);
+                return (flow, t.await.unwrap());
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn usage(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn token_fair_share_interleaves_a_light_flow_with_a_heavy_backlog() {
+        let sat = Arc::new(A::new(1f64.to_bits()));
+        let fc = ctl(token_fair_share_settings(), &sat);
+        // The test releases requests itself.
+        fc.close();
+        let mut waiting = Waiting::new();
+        for _ in 0..6 {
+            queue(&fc, &mut waiting, "heavy").await;
+        }
+        for _ in 0..2 {
+            queue(&fc, &mut waiting, "light").await;
+        }
+        sat.store(0f64.to_bits(), Ordering::Relaxed);
+        let mut order = Vec::new();
+        let mut tickets = Vec::new();
+        for _ in 0..8 {
+            let (flow, ticket) = release(&fc, &mut waiting).await;
+            // Every request is charged 100 prompt + 256 default output tokens.
+            assert_eq!(ticket.charge(), Charge(356.0));
+            order.push(flow);
+            tickets.push(ticket);
+        }
+        // Global strict FCFS would serve the six heavy requests first.
+        assert_eq!(
+            order,
+            [
+                "heavy", "light", "heavy", "light", "heavy", "heavy", "heavy", "heavy"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn tickets_report_usage_and_unserved_requests_are_refunded() {
+        let sat = Arc::new(A::new(1f64.to_bits()));
+        let fc = ctl(token_fair_share_settings(), &sat);
+        fc.close();
+        let mut waiting = Waiting::new();
+        for flow in ["a", "a", "b"] {
+            queue(&fc, &mut waiting, flow).await;
+        }
+        sat.store(0f64.to_bits(), Ordering::Relaxed);
+        let (flow, a1) = release(&fc, &mut waiting).await;
+        assert_eq!(flow, "a");
+        // a1 never reached a model server: its charge is undone, so "a" is level with "b"
+        // again and its older head goes first (charged, "a" would wait behind "b").
+        drop(a1);
+        let (flow, a2) = release(&fc, &mut waiting).await;
+        assert_eq!(flow, "a");
+        // a2 produced 2,000 output tokens: "a" now has 2,100 tokens of service.
+        a2.complete(Some(&usage(100, 2000)));
+        sat.store(1f64.to_bits(), Ordering::Relaxed);
+        queue(&fc, &mut waiting, "a").await;
+        queue(&fc, &mut waiting, "b").await;
+        sat.store(0f64.to_bits(), Ordering::Relaxed);
+        let (flow, b1) = release(&fc, &mut waiting).await;
+        assert_eq!(flow, "b");
+        b1.complete(Some(&usage(100, 10)));
+        // "b" (110 tokens) goes before "a" (2,100) although a's request is older; without
+        // the usage both would stand at 356 and the older "a" would go first.
+        let (flow, b2) = release(&fc, &mut waiting).await;
+        assert_eq!(flow, "b");
+        // b's estimate now uses its reported output: 100 + 10.
+        assert_eq!(b2.charge(), Charge(110.0));
+        let (flow, _a3) = release(&fc, &mut waiting).await;
+        assert_eq!(flow, "a");
+        assert!(waiting.is_empty());
     }
 }

@@ -19,6 +19,7 @@ use llmsched_core::request::{Headers, InferenceRequest, ResponseInfo, Usage};
 use llmsched_core::{CycleState, SchedulingResult};
 
 use crate::director::{ActiveConfig, Shared};
+use crate::flow::FlowTicket;
 use crate::headers::is_event_stream;
 use crate::metrics::{ModelLabels, ModelNameLabel};
 use crate::usage::{ModelNameRewriter, ParsedUsage, SseUsageScanner, usage_from_json};
@@ -51,6 +52,7 @@ pub(crate) struct RoutedParts {
     pub(crate) headers_to_set: Vec<(String, String)>,
     pub(crate) received_at: Instant,
     pub(crate) tokens: u64,
+    pub(crate) flow_ticket: Option<FlowTicket>,
     pub(crate) active: Arc<ActiveConfig>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -71,6 +73,8 @@ pub struct Routed {
     // In-flight accounting: the endpoint charged and the tokens charged to it.
     charged: Option<Arc<Endpoint>>,
     tokens: u64,
+    // Flow control's ticket: completed with the response's usage.
+    flow_ticket: Option<FlowTicket>,
     // Response state.
     response: ResponseInfo,
     headers_seen: bool,
@@ -122,6 +126,7 @@ impl Routed {
             shared: p.shared,
             charged,
             tokens: p.tokens,
+            flow_ticket: p.flow_ticket,
             response: ResponseInfo::default(),
             headers_seen: false,
             streaming,
@@ -423,8 +428,13 @@ impl Routed {
                 }
             }
         }
-        if let Some(flow) = &self.active.flow {
-            flow.notify();
+        match self.flow_ticket.take() {
+            Some(ticket) => ticket.complete(self.response.usage.as_ref()),
+            None => {
+                if let Some(flow) = &self.active.flow {
+                    flow.notify();
+                }
+            }
         }
     }
 }

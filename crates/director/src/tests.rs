@@ -612,3 +612,66 @@ async fn set_config_swaps_the_pipeline() {
     assert_eq!(r.targets().len(), 2);
     assert_eq!(d.endpoints().snapshot().len(), 2);
 }
+
+/// The response's usage reaches the band's fairness policy when the `Routed` finishes: with
+/// `token-fair-share-fairness-policy`, a flow whose response reported many output tokens
+/// waits behind one whose response reported few.
+#[tokio::test]
+async fn flow_control_charges_reported_usage_to_the_fairness_policy() {
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: fair}\nplugins:\n- type: queue-scorer\n- {type: token-fair-share-fairness-policy, name: fair}\n- type: test-saturation-detector\n  parameters: {queueDepthThreshold: 1}\n";
+    let eps = endpoints(1);
+    let d = Arc::new(director(load_config(yaml).unwrap(), eps.clone()));
+    let fc = d.flow_controller().unwrap();
+    // The test releases requests itself, one at a time.
+    fc.close();
+    set_queue(&eps.0.endpoints[0], 3);
+    let mut waiting = Vec::new();
+    for flow in ["a", "a", "b", "b"] {
+        let mut r = req(completion_body("m", "x", false));
+        r.headers.insert("x-gateway-inference-fairness-id", flow);
+        let d2 = d.clone();
+        waiting.push((
+            flow,
+            tokio::spawn(async move { d2.route(r).await.unwrap() }),
+        ));
+        while fc.queued() != waiting.len() as u64 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut release = async || {
+        set_queue(&eps.0.endpoints[0], 0);
+        assert!(fc.dispatch_once());
+        set_queue(&eps.0.endpoints[0], 3);
+        loop {
+            if let Some(i) = waiting.iter().position(|(_, t)| t.is_finished()) {
+                let (flow, t) = waiting.remove(i);
+                return (flow, t.await.unwrap());
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let finish = |mut r: crate::Routed, completion: u64| {
+        r.on_response_headers(
+            200,
+            &[("content-type", "application/json")].into_iter().collect(),
+        );
+        let body = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{completion},"total_tokens":{}}}}}"#,
+            completion + 1
+        );
+        r.on_response_body(body.as_bytes(), true);
+        r.finish();
+    };
+    // Both start level: the older head ("a") first, then "b", which has less service.
+    let (f1, a1) = release().await;
+    let (f2, b1) = release().await;
+    assert_eq!((f1, f2), ("a", "b"));
+    finish(a1, 5000);
+    finish(b1, 1);
+    // Without the usage both flows would stand at one estimate each and the older "a"
+    // request would go first.
+    let (f3, _b2) = release().await;
+    assert_eq!(f3, "b");
+    let (f4, _a2) = release().await;
+    assert_eq!(f4, "a");
+}

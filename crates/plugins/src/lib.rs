@@ -13,7 +13,9 @@
 //! | request parsers | `openai-parser`, `passthrough-parser` |
 //! | saturation detectors (also filters) | `utilization-detector`, `concurrency-detector` |
 //! | admission | `probabilistic-admitter` |
-//! | descriptors (accepted, read by the runtime) | `metrics-data-source`, `core-metrics-extractor`, `inflight-load-producer`, the four flow-control policies |
+//! | flow-control fairness policies | `global-strict-fairness-policy`, `round-robin-fairness-policy`, `token-fair-share-fairness-policy` |
+//! | flow-control ordering policies | `fcfs-ordering-policy`, `edf-ordering-policy` |
+//! | descriptors (accepted, read by the runtime) | `metrics-data-source`, `core-metrics-extractor`, `inflight-load-producer` |
 //!
 //! Every other type name the reference registers is registered as *unsupported*
 //! ([`unsupported::register`]), so configuring one fails with "not supported by llmsched
@@ -30,7 +32,9 @@
 pub mod admitter;
 mod common;
 pub mod descriptor;
+pub mod fairness;
 pub mod filter;
+pub mod ordering;
 pub mod parser;
 pub mod picker;
 pub mod prefix;
@@ -57,6 +61,8 @@ pub fn register_all(registry: &mut Registry) {
     parser::register(registry);
     saturation::register(registry);
     admitter::register(registry);
+    fairness::register(registry);
+    ordering::register(registry);
     descriptor::register(registry);
 }
 
@@ -215,6 +221,11 @@ mod tests {
             "probabilistic-admitter",
             "metrics-data-source",
             "core-metrics-extractor",
+            "global-strict-fairness-policy",
+            "round-robin-fairness-policy",
+            "token-fair-share-fairness-policy",
+            "fcfs-ordering-policy",
+            "edf-ordering-policy",
         ] {
             assert!(r.supports(t), "{t} should be supported");
         }

@@ -1,12 +1,11 @@
 //! Descriptors: plugin types with no scheduling role that configurations declare and the
-//! runtime reads (data-layer sources and extractors, the in-flight load producer, the
-//! flow-control policies referenced by name). Their factories validate the parameters
+//! runtime reads (data-layer sources and extractors, the in-flight load producer). Their
+//! factories validate the parameters
 //! exactly (unknown fields are errors) and build a [`Descriptor`]; the runtime re-reads the
 //! typed parameters from the loaded document with the `*Params` types of this module, e.g.
 //! [`MetricsDataSourceParams::from_value`].
 
 pub mod core_metrics_extractor;
-pub mod flow_control_policy;
 pub mod inflight_load_producer;
 pub mod metrics_data_source;
 
@@ -26,9 +25,6 @@ pub fn register(r: &mut Registry) {
         inflight_load_producer::TYPE,
         inflight_load_producer::factory,
     );
-    for (t, f) in flow_control_policy::TYPES {
-        r.register(t, f);
-    }
 }
 
 /// A plugin instance that only carries its (validated) configuration.

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use llmsched_core::Plugin;
 use llmsched_core::plugin::{ProfileHandler, SchedulingContext};
 use llmsched_core::registry::{FactoryInput, PluginError};
-use llmsched_core::scheduler::{ProfileResults, SchedulerProfile, SchedulingResult};
+use llmsched_core::scheduler::{
+    ProfileResults, SchedulerProfile, SchedulingError, SchedulingResult,
+};
 use smallvec::SmallVec;
 
 use crate::common::{impl_plugin, params};
@@ -67,14 +69,15 @@ impl ProfileHandler for SingleProfileHandler {
         &self,
         _cx: &SchedulingContext<'_>,
         results: ProfileResults,
-    ) -> Result<SchedulingResult, String> {
+    ) -> Result<SchedulingResult, SchedulingError> {
+        let multiple = || SchedulingError::Handler(MULTIPLE_PROFILES_MSG.to_string());
         if results.len() != 1 {
-            return Err(MULTIPLE_PROFILES_MSG.to_string());
+            return Err(multiple());
         }
         let Some((_, name, result)) = results.entries.into_iter().next() else {
-            return Err(MULTIPLE_PROFILES_MSG.to_string());
+            return Err(multiple());
         };
-        let result = result.ok_or_else(|| format!("failed to run scheduler profile '{name}'"))?;
+        let result = result.ok_or_else(|| SchedulingError::ProfileFailed(name.clone()))?;
         Ok(SchedulingResult {
             primary_profile: name.clone(),
             profiles: vec![(name, result)],
@@ -134,7 +137,7 @@ mod tests {
             entries: vec![(0, "default".into(), None)],
         };
         assert_eq!(
-            h.process_results(&cx, failed).unwrap_err(),
+            h.process_results(&cx, failed).unwrap_err().to_string(),
             "failed to run scheduler profile 'default'"
         );
         let two = ProfileResults {
@@ -144,7 +147,7 @@ mod tests {
             ],
         };
         assert_eq!(
-            h.process_results(&cx, two).unwrap_err(),
+            h.process_results(&cx, two).unwrap_err().to_string(),
             MULTIPLE_PROFILES_MSG
         );
         let ok = ProfileResults {
