@@ -5,9 +5,84 @@
 //! spends preempted is not counted. Cache and memory-bandwidth interference from the
 //! neighbours still is. [`run`] runs a [`Suite`] with it, or with wall-clock time when
 //! `BENCH_CLOCK=wall`.
+//!
+//! [`bench_main!`] writes a bench file's `main` (the shared [`config`], a [`Suite`] over the
+//! file's benchmark function, [`run`]); [`Lcg`] is the small deterministic generator the
+//! benches build their fixtures from.
+
+use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{Criterion, Throughput};
+
+pub use criterion;
+
+/// The criterion settings every bench uses: 0.5 s warm-up, `measurement` of measurement,
+/// 30 samples.
+pub fn config(measurement: Duration) -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(measurement)
+        .sample_size(30)
+}
+
+/// Writes `main` for a bench file whose benchmarks are registered by one function
+/// `fn bench<M: Measurement>(c: &mut Criterion<M>)`: [`config`] with the given measurement
+/// time in seconds (default 2), that function as the [`Suite`], and [`run`].
+///
+/// ```ignore
+/// fn bench<M: Measurement>(c: &mut Criterion<M>) { /* c.benchmark_group(...) */ }
+/// llmsched_benchkit::bench_main!(bench);               // 2 s of measurement
+/// llmsched_benchkit::bench_main!(bench, seconds = 3);
+/// ```
+#[macro_export]
+macro_rules! bench_main {
+    ($bench:path) => {
+        $crate::bench_main!($bench, seconds = 2);
+    };
+    ($bench:path, seconds = $secs:expr) => {
+        /// The benchmarks of this file.
+        struct Benches;
+
+        impl $crate::Suite for Benches {
+            fn run<M: $crate::criterion::measurement::Measurement>(
+                &self,
+                c: &mut $crate::criterion::Criterion<M>,
+            ) {
+                $bench(c);
+            }
+        }
+
+        fn main() {
+            $crate::run(
+                $crate::config(::std::time::Duration::from_secs($secs)),
+                &Benches,
+            );
+        }
+    };
+}
+
+/// A 64-bit linear congruential generator (Knuth's MMIX constants): deterministic fixture
+/// data for benches, not statistics.
+#[derive(Debug, Clone)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// Advances the state and returns it (callers mix the bits as they need).
+    pub fn step(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0
+    }
+
+    /// The next value, with the high bits folded into the low ones (`x ^ (x >> 31)`).
+    pub fn next_u64(&mut self) -> u64 {
+        let x = self.step();
+        x ^ (x >> 31)
+    }
+}
 
 /// Nanoseconds of CPU time consumed by the calling thread.
 pub fn thread_cpu_ns() -> u64 {
@@ -132,6 +207,22 @@ mod tests {
         let slept = thread_cpu_ns() - before_sleep;
         // Sleeping costs (almost) no CPU: far less than the 50 ms that passed.
         assert!(slept < 25_000_000, "sleeping counted {slept} ns of CPU");
+    }
+
+    #[test]
+    fn lcg_is_deterministic_and_mixes() {
+        let mut a = Lcg(42);
+        let mut b = Lcg(42);
+        let xs: Vec<u64> = (0..4).map(|_| a.next_u64()).collect();
+        assert_eq!(xs, (0..4).map(|_| b.next_u64()).collect::<Vec<_>>());
+        // One step is the MMIX recurrence.
+        let mut c = Lcg(1);
+        assert_eq!(
+            c.step(),
+            6364136223846793005u64.wrapping_add(1442695040888963407)
+        );
+        assert_eq!(Lcg(1).next_u64(), c.0 ^ (c.0 >> 31));
+        assert_ne!(xs[0], xs[1]);
     }
 
     #[test]

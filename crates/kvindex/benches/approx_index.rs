@@ -18,10 +18,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::time::Duration;
 
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion};
+use llmsched_benchkit::Lcg;
 use llmsched_kvindex::{ApproxIndex, ApproxIndexConfig};
 
 struct Counting;
@@ -56,18 +56,9 @@ static GLOBAL: Counting = Counting;
 const CAPACITY: usize = 31_250;
 const PROMPT_BLOCKS: usize = 256;
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 ^ (self.0 >> 31)
-    }
-    fn prompt(&mut self, n: usize) -> Vec<u64> {
-        (0..n).map(|_| self.next()).collect()
-    }
+/// `n` random block hashes.
+fn prompt(rng: &mut Lcg, n: usize) -> Vec<u64> {
+    (0..n).map(|_| rng.next_u64()).collect()
 }
 
 /// An index where every endpoint holds `CAPACITY` blocks: a shared 32-block system prompt
@@ -76,13 +67,13 @@ impl Lcg {
 fn filled(endpoints: u32) -> (ApproxIndex, Vec<u64>, Vec<u64>) {
     let idx = ApproxIndex::new(ApproxIndexConfig::for_capacity(CAPACITY));
     let mut rng = Lcg(42);
-    let system = rng.prompt(32);
+    let system = prompt(&mut rng, 32);
     let mut held = Vec::new();
     for ep in 0..endpoints {
         let mut stored = 0;
         while stored < CAPACITY + CAPACITY / 8 {
             let mut p = system.clone();
-            p.extend(rng.prompt(PROMPT_BLOCKS - 32));
+            p.extend(prompt(&mut rng, PROMPT_BLOCKS - 32));
             idx.insert(ep, CAPACITY, &p);
             stored += p.len();
             if ep == 0 {
@@ -117,10 +108,10 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let mut g = c.benchmark_group("lookup");
     for endpoints in [8u32, 100] {
         let (idx, held, system) = filled(endpoints);
-        let mut miss = Lcg(7).prompt(PROMPT_BLOCKS);
+        let mut miss = prompt(&mut Lcg(7), PROMPT_BLOCKS);
         miss[0] ^= 1;
         let mut shared = system.clone();
-        shared.extend(Lcg(9).prompt(PROMPT_BLOCKS - 32));
+        shared.extend(prompt(&mut Lcg(9), PROMPT_BLOCKS - 32));
         g.bench_with_input(BenchmarkId::new("full_hit", endpoints), &held, |b, p| {
             b.iter(|| black_box(idx.longest_prefix(black_box(p))))
         });
@@ -148,7 +139,7 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let mut rng = Lcg(99);
     g.bench_function("new_256_blocks_with_eviction", |b| {
         b.iter_batched(
-            || rng.prompt(PROMPT_BLOCKS),
+            || prompt(&mut rng, PROMPT_BLOCKS),
             |p| idx.insert(1, CAPACITY, &p),
             criterion::BatchSize::SmallInput,
         )
@@ -156,22 +147,4 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
-fn main() {
-    llmsched_benchkit::run(config(), &Benches);
-}
-
-/// The benchmarks of this file.
-struct Benches;
-
-impl llmsched_benchkit::Suite for Benches {
-    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
-        bench(c);
-    }
-}
+llmsched_benchkit::bench_main!(bench);

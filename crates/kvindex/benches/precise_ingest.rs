@@ -15,10 +15,10 @@
 
 use std::collections::VecDeque;
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion, Throughput};
+use llmsched_benchkit::Lcg;
 use llmsched_kvevents::{
     BlockRemoved, BlockStored, EncodeOptions, EventBatch, KvEvent, Layout, decode_batch,
     encode_batch,
@@ -31,7 +31,7 @@ const RESIDENT: usize = 20_000;
 
 /// An engine's event stream: stored runs chained by parent, evictions of the oldest blocks.
 struct Engine {
-    x: u64,
+    rng: Lcg,
     parent: Option<u64>,
     resident: VecDeque<u64>,
 }
@@ -39,18 +39,15 @@ struct Engine {
 impl Engine {
     fn new(seed: u64) -> Self {
         Self {
-            x: seed,
+            rng: Lcg(seed),
             parent: None,
             resident: VecDeque::new(),
         }
     }
 
     fn next(&mut self) -> u64 {
-        self.x = self
-            .x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.x ^ (self.x >> 29)
+        let x = self.rng.step();
+        x ^ (x >> 29)
     }
 
     fn batch(&mut self) -> EventBatch {
@@ -59,7 +56,7 @@ impl Engine {
             .map(|_| (self.next() % 150_000) as u32)
             .collect();
         // Every 16th run starts a new sequence.
-        let parent = if self.x.is_multiple_of(16) {
+        let parent = if self.rng.0.is_multiple_of(16) {
             None
         } else {
             self.parent
@@ -192,22 +189,4 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(30)
-}
-
-fn main() {
-    llmsched_benchkit::run(config(), &Benches);
-}
-
-/// The benchmarks of this file.
-struct Benches;
-
-impl llmsched_benchkit::Suite for Benches {
-    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
-        bench(c);
-    }
-}
+llmsched_benchkit::bench_main!(bench, seconds = 3);

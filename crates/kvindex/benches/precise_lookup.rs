@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion};
+use llmsched_benchkit::Lcg;
 use llmsched_kvindex::{PreciseIndex, PreciseIndexConfig, PreciseMatches, StoredBlocks};
 
 const ENDPOINTS: u32 = 100;
@@ -30,24 +31,15 @@ const PROMPT_BLOCKS: usize = 512;
 const SYSTEM_BLOCKS: usize = 375;
 const BLOCKS_PER_ENDPOINT: usize = 20_000;
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 ^ (self.0 >> 31)
-    }
-    fn tokens(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next() % 150_000) as u32).collect()
-    }
+/// `n` random token ids.
+fn tokens(rng: &mut Lcg, n: usize) -> Vec<u32> {
+    (0..n).map(|_| (rng.next_u64() % 150_000) as u32).collect()
 }
 
 /// Stores `tokens` for `ep` as one engine would: events of 32 blocks chained by parent.
 fn store(idx: &PreciseIndex, ep: u32, tokens: &[u32], rng: &mut Lcg) {
     let blocks = tokens.len() / BLOCK;
-    let hashes: Vec<u64> = (0..blocks).map(|_| rng.next()).collect();
+    let hashes: Vec<u64> = (0..blocks).map(|_| rng.next_u64()).collect();
     let mut parent = None;
     for (hs, ts) in hashes.chunks(32).zip(tokens.chunks(32 * BLOCK)) {
         idx.block_stored(
@@ -90,10 +82,10 @@ fn fixture() -> Fixture {
     for pair in 0..ENDPOINTS / 2 {
         let mut held = 0;
         while held < BLOCKS_PER_ENDPOINT {
-            let system = rng.tokens(SYSTEM_BLOCKS * BLOCK);
+            let system = tokens(&mut rng, SYSTEM_BLOCKS * BLOCK);
             for _ in 0..4 {
                 let mut p = system.clone();
-                p.extend(rng.tokens((PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
+                p.extend(tokens(&mut rng, (PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
                 for ep in [2 * pair, 2 * pair + 1] {
                     store(&idx, ep, &p, &mut rng);
                 }
@@ -109,15 +101,15 @@ fn fixture() -> Fixture {
         }
     }
     // One system prompt held by ten endpoints.
-    let system = rng.tokens(SYSTEM_BLOCKS * BLOCK);
+    let system = tokens(&mut rng, SYSTEM_BLOCKS * BLOCK);
     for ep in 0..10 {
         let mut p = system.clone();
-        p.extend(rng.tokens((PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
+        p.extend(tokens(&mut rng, (PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
         store(&idx, ep * 7, &p, &mut rng);
     }
     let mut shared_tokens = system;
-    shared_tokens.extend(rng.tokens((PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
-    let miss_tokens = rng.tokens(PROMPT_BLOCKS * BLOCK);
+    shared_tokens.extend(tokens(&mut rng, (PROMPT_BLOCKS - SYSTEM_BLOCKS) * BLOCK));
+    let miss_tokens = tokens(&mut rng, PROMPT_BLOCKS * BLOCK);
     Fixture {
         cold: cold_tokens.iter().map(|t| keys(&idx, t)).collect(),
         full_hit: keys(&idx, &full_hit_tokens),
@@ -247,13 +239,6 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, f: &Fixture) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 fn main() {
     let t = Instant::now();
     let f = fixture();
@@ -272,7 +257,10 @@ fn main() {
     percentiles("full_hit_cold", &f, &cold);
     percentiles("shared_by_10", &f, &[&f.shared]);
     percentiles("miss", &f, &[&f.miss]);
-    llmsched_benchkit::run(config(), &Lookup(&f));
+    llmsched_benchkit::run(
+        llmsched_benchkit::config(Duration::from_secs(2)),
+        &Lookup(&f),
+    );
 }
 
 /// The lookup benchmarks over one fixture.

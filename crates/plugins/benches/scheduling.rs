@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkId, Criterion};
+use llmsched_benchkit::Lcg;
 use llmsched_core::config::{ConfigSource, LoadedConfig, load};
 use llmsched_core::cycle::CycleState;
 use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointMeta, EndpointMetrics};
@@ -52,27 +53,21 @@ const WORDS: [&str; 16] = [
     "inference",
 ];
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
+/// Roughly `chars` characters of words.
+fn text(rng: &mut Lcg, chars: usize) -> String {
+    let mut s = String::with_capacity(chars + 16);
+    while s.len() < chars {
+        s.push_str(WORDS[(word(rng) % 16) as usize]);
+        s.push(' ');
     }
-    /// Roughly `chars` characters of words.
-    fn text(&mut self, chars: usize) -> String {
-        let mut s = String::with_capacity(chars + 16);
-        while s.len() < chars {
-            s.push_str(WORDS[(self.next() % 16) as usize]);
-            s.push(' ');
-        }
-        s.truncate(chars);
-        s
-    }
+    s.truncate(chars);
+    s
 }
 
+/// The generator's high bits.
+fn word(rng: &mut Lcg) -> u64 {
+    rng.step() >> 33
+}
 fn endpoints(n: u32) -> Vec<Arc<Endpoint>> {
     let mut rng = Lcg(n as u64);
     (0..n)
@@ -85,9 +80,9 @@ fn endpoints(n: u32) -> Vec<Arc<Endpoint>> {
             };
             let e = Arc::new(Endpoint::new(EndpointId(i), meta));
             e.set_metrics(EndpointMetrics {
-                waiting_queue_size: (rng.next() % 8) as u32,
-                running_requests: (rng.next() % 32) as u32,
-                kv_cache_usage: (rng.next() % 90) as f64 / 100.0,
+                waiting_queue_size: (word(&mut rng) % 8) as u32,
+                running_requests: (word(&mut rng) % 32) as u32,
+                kv_cache_usage: (word(&mut rng) % 90) as f64 / 100.0,
                 // Far in the future so the metrics stay fresh for the whole run.
                 updated_at: Some(Instant::now() + Duration::from_secs(3600)),
                 ..Default::default()
@@ -136,8 +131,8 @@ impl Setup {
         .expect("bench config loads");
         let eps = endpoints(n);
         let mut rng = Lcg(7);
-        let system = rng.text(8_000);
-        let prompt = format!("{system}{}", rng.text(24_000));
+        let system = text(&mut rng, 8_000);
+        let prompt = format!("{system}{}", text(&mut rng, 24_000));
         let s = Setup {
             cfg,
             eps,
@@ -148,10 +143,10 @@ impl Setup {
             // Warm the index through the real pre-request hooks.
             for (i, e) in s.eps.iter().enumerate() {
                 for _ in 0..4 {
-                    s.record(&body(&rng.text(32_000)), e);
+                    s.record(&body(&text(&mut rng, 32_000)), e);
                 }
                 if hot_prefix || i < 8 {
-                    s.record(&body(&format!("{system}{}", rng.text(24_000))), e);
+                    s.record(&body(&format!("{system}{}", text(&mut rng, 24_000))), e);
                 }
             }
             s.record(&s.body, &s.eps[s.eps.len() / 2]);
@@ -240,7 +235,7 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let mut g = c.benchmark_group("component");
     let s = Setup::new(None, 100, false);
     let cands: Vec<Candidate<'_>> = s.eps.iter().collect();
-    let prompt_json = serde_json::to_vec(&Lcg(5).text(32_000)).expect("serializable");
+    let prompt_json = serde_json::to_vec(&text(&mut Lcg(5), 32_000)).expect("serializable");
     g.bench_function("baseline_serde_json_string_32k", |b| {
         b.iter(|| black_box(serde_json::from_slice::<String>(black_box(&prompt_json))))
     });
@@ -249,8 +244,8 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     });
     let chat = {
         let msgs = serde_json::json!([
-            {"role": "system", "content": Lcg(3).text(8_000)},
-            {"role": "user", "content": [{"type": "text", "text": Lcg(4).text(24_000)}]},
+            {"role": "system", "content": text(&mut Lcg(3), 8_000)},
+            {"role": "user", "content": [{"type": "text", "text": text(&mut Lcg(4), 24_000)}]},
         ]);
         Bytes::from(
             serde_json::to_vec(
@@ -302,22 +297,4 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
-fn main() {
-    llmsched_benchkit::run(config(), &Benches);
-}
-
-/// The benchmarks of this file.
-struct Benches;
-
-impl llmsched_benchkit::Suite for Benches {
-    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
-        bench(c);
-    }
-}
+llmsched_benchkit::bench_main!(bench);

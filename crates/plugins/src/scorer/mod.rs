@@ -5,6 +5,7 @@ pub mod active_request_scorer;
 pub mod kv_cache_utilization_scorer;
 pub mod load_aware_scorer;
 pub mod lora_affinity_scorer;
+pub mod min_max;
 pub mod no_hit_lru_scorer;
 pub mod precise_prefix_cache_scorer;
 pub mod prefix_cache_scorer;
@@ -19,6 +20,7 @@ pub use active_request_scorer::ActiveRequestScorer;
 pub use kv_cache_utilization_scorer::KvCacheUtilizationScorer;
 pub use load_aware_scorer::LoadAwareScorer;
 pub use lora_affinity_scorer::LoraAffinityScorer;
+pub use min_max::{LoadMetric, MinMaxScorer};
 pub use no_hit_lru_scorer::NoHitLruScorer;
 pub use precise_prefix_cache_scorer::{PreciseMetrics, PreciseScorer};
 pub use prefix_cache_scorer::PrefixCacheScorer;
@@ -29,10 +31,10 @@ pub use token_load_scorer::TokenLoadScorer;
 
 /// Registers every scorer.
 pub fn register(r: &mut Registry) {
-    r.register(queue_scorer::TYPE, queue_scorer::factory);
+    r.register(queue_scorer::TYPE, QueueScorer::factory);
     r.register(
         running_requests_size_scorer::TYPE,
-        running_requests_size_scorer::factory,
+        RunningRequestsSizeScorer::factory,
     );
     r.register(
         kv_cache_utilization_scorer::TYPE,
@@ -58,22 +60,3 @@ pub fn register(r: &mut Registry) {
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NoParameters {}
-
-/// Min-max normalisation shared by the queue and running-requests scorers: `values` holds
-/// the raw per-candidate values on entry and `(max − v) / (max − min)` on exit (all equal →
-/// 1).
-pub(crate) fn invert_min_max(values: &mut [f64]) {
-    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    for &v in values.iter() {
-        min = min.min(v);
-        max = max.max(v);
-    }
-    if values.is_empty() || max == min {
-        values.fill(1.0);
-        return;
-    }
-    let span = max - min;
-    for v in values.iter_mut() {
-        *v = (max - *v) / span;
-    }
-}

@@ -10,7 +10,8 @@
 //! score(e) = 1                                 when every candidate has the same queue
 //! ```
 //!
-//! So the shortest queue scores 1 and the longest 0, whatever the absolute lengths.
+//! So the shortest queue scores 1 and the longest 0, whatever the absolute lengths. The
+//! implementation is the shared [`MinMaxScorer`] over the waiting queue.
 //!
 //! ## Parameters
 //!
@@ -18,51 +19,26 @@
 //!
 //! Category: distribution. Reads one metrics snapshot per candidate, no allocation.
 
-use std::sync::Arc;
+use llmsched_core::endpoint::EndpointMetrics;
 
-use llmsched_core::Plugin;
-use llmsched_core::plugin::{Candidate, SchedulingContext, Scorer, ScorerCategory};
-use llmsched_core::registry::{FactoryInput, PluginError};
-
-use super::{NoParameters, invert_min_max};
-use crate::common::{impl_plugin, params};
+use super::min_max::{LoadMetric, MinMaxScorer};
 
 /// Type name.
 pub const TYPE: &str = "queue-scorer";
 
+/// The waiting queue of an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitingQueue;
+
+impl LoadMetric for WaitingQueue {
+    const TYPE: &'static str = TYPE;
+    fn value(metrics: &EndpointMetrics) -> f64 {
+        f64::from(metrics.waiting_queue_size)
+    }
+}
+
 /// The queue scorer.
-#[derive(Debug, Clone)]
-pub struct QueueScorer {
-    name: String,
-}
-
-impl QueueScorer {
-    /// A scorer named `name`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
-    }
-}
-
-/// Factory.
-pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
-    let _: NoParameters = params(i.parameters)?;
-    Ok(Arc::new(QueueScorer::new(i.name)))
-}
-
-impl_plugin!(QueueScorer, TYPE, as_scorer => Scorer);
-
-impl Scorer for QueueScorer {
-    fn category(&self) -> ScorerCategory {
-        ScorerCategory::Distribution
-    }
-
-    fn score(&self, _cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
-        for (s, e) in scores.iter_mut().zip(candidates) {
-            *s = f64::from(e.metrics().waiting_queue_size);
-        }
-        invert_min_max(scores);
-    }
-}
+pub type QueueScorer = MinMaxScorer<WaitingQueue>;
 
 #[cfg(test)]
 mod tests {

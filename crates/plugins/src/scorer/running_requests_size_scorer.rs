@@ -10,57 +10,34 @@
 //! score(e) = 1                                 when every candidate runs as many requests
 //! ```
 //!
+//! The implementation is the shared [`MinMaxScorer`] over the running requests.
+//!
 //! ## Parameters
 //!
 //! None (`{}` or no `parameters`); any parameter is an error.
 //!
 //! Category: distribution.
 
-use std::sync::Arc;
+use llmsched_core::endpoint::EndpointMetrics;
 
-use llmsched_core::Plugin;
-use llmsched_core::plugin::{Candidate, SchedulingContext, Scorer, ScorerCategory};
-use llmsched_core::registry::{FactoryInput, PluginError};
-
-use super::{NoParameters, invert_min_max};
-use crate::common::{impl_plugin, params};
+use super::min_max::{LoadMetric, MinMaxScorer};
 
 /// Type name.
 pub const TYPE: &str = "running-requests-size-scorer";
 
+/// The requests an endpoint is running.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningRequests;
+
+impl LoadMetric for RunningRequests {
+    const TYPE: &'static str = TYPE;
+    fn value(metrics: &EndpointMetrics) -> f64 {
+        f64::from(metrics.running_requests)
+    }
+}
+
 /// The running-requests scorer.
-#[derive(Debug, Clone)]
-pub struct RunningRequestsSizeScorer {
-    name: String,
-}
-
-impl RunningRequestsSizeScorer {
-    /// A scorer named `name`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
-    }
-}
-
-/// Factory.
-pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
-    let _: NoParameters = params(i.parameters)?;
-    Ok(Arc::new(RunningRequestsSizeScorer::new(i.name)))
-}
-
-impl_plugin!(RunningRequestsSizeScorer, TYPE, as_scorer => Scorer);
-
-impl Scorer for RunningRequestsSizeScorer {
-    fn category(&self) -> ScorerCategory {
-        ScorerCategory::Distribution
-    }
-
-    fn score(&self, _cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
-        for (s, e) in scores.iter_mut().zip(candidates) {
-            *s = f64::from(e.metrics().running_requests);
-        }
-        invert_min_max(scores);
-    }
-}
+pub type RunningRequestsSizeScorer = MinMaxScorer<RunningRequests>;
 
 #[cfg(test)]
 mod tests {
