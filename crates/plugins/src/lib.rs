@@ -134,6 +134,52 @@ mod tests {
     }
 
     #[test]
+    fn flow_control_policies_resolve_through_the_registry() {
+        // The README's example: a declared instance with parameters, referenced by name.
+        let text = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: token-fair-share-fairness-policy\n  name: tenants\n  parameters: {outputTokenWeight: 2}\nflowControl:\n  defaultRequestTTL: 30s\n  defaultPriorityBand: {fairnessPolicyRef: tenants}\n  priorityBands:\n  - {priority: 5, fairnessPolicyRef: round-robin-fairness-policy, orderingPolicyRef: edf-ordering-policy}\n";
+        let c = load(
+            text,
+            ConfigSource::Text,
+            &default_registry(),
+            &PluginHandle::default(),
+        )
+        .unwrap();
+        let fc = c.flow_control.unwrap();
+        let d = &fc.default_band;
+        assert_eq!(d.fairness.name, "tenants");
+        assert_eq!(d.fairness.type_name, "token-fair-share-fairness-policy");
+        assert_eq!(d.ordering.type_name, "fcfs-ordering-policy");
+        let b = &fc.bands[0];
+        assert_eq!(b.fairness.type_name, "round-robin-fairness-policy");
+        assert_eq!(b.ordering.type_name, "edf-ordering-policy");
+        // Bad parameters of a declared policy name the plugin and the field.
+        let bad = text.replace("outputTokenWeight: 2", "outputTokenWeight: -2");
+        let e = load(
+            &bad,
+            ConfigSource::Text,
+            &default_registry(),
+            &PluginHandle::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("plugin 'tenants' (type token-fair-share-fairness-policy)")
+                && e.contains("outputTokenWeight must be"),
+            "{e}"
+        );
+        // Reference types llmsched does not implement say so.
+        let e = load(
+            &text.replace("edf-ordering-policy", "slo-deadline-ordering-policy"),
+            ConfigSource::Text,
+            &default_registry(),
+            &PluginHandle::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not supported by llmsched yet"), "{e}");
+    }
+
+    #[test]
     fn end_to_end_prefix_affinity_with_the_default_config() {
         use bytes::Bytes;
         use llmsched_core::cycle::CycleState;
