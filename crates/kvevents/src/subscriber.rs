@@ -52,9 +52,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::wire::{EventBatch, WireMessage, decode_batch, encode_seq, parse_replay_reply};
+use crate::zmtp::{DealerSocket, Limits, SubSocket, TransportStats};
 
 /// Missing and replayed sequence numbers remembered per stream (for late arrivals and
 /// duplicates).
@@ -91,6 +91,9 @@ pub struct SubscriberConfig {
     pub reconnect_interval: Duration,
     /// Messages queued per worker before receiving waits. Default 8192.
     pub queue_capacity: usize,
+    /// Transport limits (frame and message sizes, frames per message, handshake timeout,
+    /// connections). Defaults: 16 MiB, 16 MiB, 64, 10 s, 1024.
+    pub limits: Limits,
 }
 
 impl Default for SubscriberConfig {
@@ -102,6 +105,7 @@ impl Default for SubscriberConfig {
             replay_timeout: Duration::from_secs(2),
             reconnect_interval: Duration::from_secs(1),
             queue_capacity: 8192,
+            limits: Limits::default(),
         }
     }
 }
@@ -121,6 +125,7 @@ pub struct SubscriberStats {
     duplicates: AtomicU64,
     restarts: AtomicU64,
     reconnects: AtomicU64,
+    transport: Arc<TransportStats>,
 }
 
 macro_rules! getters {
@@ -162,6 +167,13 @@ getters!(
     /// Failed attempts to dial a peer.
     reconnects,
 );
+
+impl SubscriberStats {
+    /// Transport errors (connections closed for a protocol violation or a limit, by reason).
+    pub fn transport(&self) -> &Arc<TransportStats> {
+        &self.transport
+    }
+}
 
 fn inc(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -353,27 +365,24 @@ impl KvEventSubscriber {
         me.endpoint = Some(format!("tcp://{local}"));
         let shared = me.shared.clone();
         let task = me.runtime.spawn(async move {
-            let mut socket = SubSocket::new();
-            if let Err(e) = socket.subscribe(&shared.cfg.topic_filter).await {
-                tracing::error!(error = %e, "cannot subscribe to KV events");
-                return;
-            }
-            match socket.bind_listener(listener).await {
-                Ok(ep) => tracing::info!(endpoint = %ep, topic_filter = %shared.cfg.topic_filter, "KV-event subscriber bound"),
+            let topics = [shared.cfg.topic_filter.as_bytes()];
+            let mut socket = match SubSocket::from_std_listener(
+                listener,
+                &topics,
+                shared.cfg.limits.clone(),
+                shared.stats.transport.clone(),
+            ) {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot listen for KV events");
                     return;
                 }
-            }
-            loop {
-                match socket.recv().await {
-                    Ok(m) => shared.dispatch(None, m.into_vec()).await,
-                    Err(e) => {
-                        // One publisher's connection failed; the socket stays bound.
-                        tracing::debug!(error = %e, "KV-event publisher connection error");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
+            };
+            tracing::info!(endpoint = %local, topic_filter = %shared.cfg.topic_filter, "KV-event subscriber bound");
+            // One publisher's connection failing (or breaking the protocol) closes only that
+            // connection; the socket stays bound and keeps receiving from the others.
+            while let Ok(frames) = socket.recv().await {
+                shared.dispatch(None, frames).await;
             }
         });
         me.tasks.push(task);
@@ -443,37 +452,31 @@ impl Drop for KvEventSubscriber {
 
 async fn run_peer(shared: Arc<Shared>, peer: Arc<str>, endpoint: String) {
     loop {
-        let mut options = SocketOptions::default();
-        options.connect_timeout(
-            shared
-                .cfg
-                .reconnect_interval
-                .max(Duration::from_millis(100)),
-        );
-        let mut socket = SubSocket::with_options(options);
-        if let Err(e) = socket.subscribe(&shared.cfg.topic_filter).await {
-            tracing::error!(error = %e, "cannot subscribe to KV events");
-            return;
-        }
-        match socket.connect(&endpoint).await {
-            Ok(()) => tracing::info!(peer = %peer, %endpoint, "KV-event subscriber connected"),
-            Err(e) => {
-                inc(&shared.stats.reconnects, 1);
-                tracing::debug!(peer = %peer, %endpoint, error = %e, "cannot dial KV-event publisher yet");
-                tokio::time::sleep(shared.cfg.reconnect_interval).await;
-                continue;
-            }
-        }
-        loop {
-            match socket.recv().await {
-                Ok(m) => shared.dispatch(Some(peer.clone()), m.into_vec()).await,
-                Err(e) => {
-                    tracing::info!(peer = %peer, %endpoint, error = %e, "KV-event publisher connection lost; re-dialling");
-                    break;
+        let topics = [shared.cfg.topic_filter.as_bytes()];
+        match SubSocket::connect(
+            &endpoint,
+            &topics,
+            shared.cfg.limits.clone(),
+            shared.stats.transport.clone(),
+        )
+        .await
+        {
+            Ok(mut socket) => {
+                tracing::info!(peer = %peer, %endpoint, "KV-event subscriber connected");
+                loop {
+                    match socket.recv().await {
+                        Ok(frames) => shared.dispatch(Some(peer.clone()), frames).await,
+                        Err(e) => {
+                            tracing::info!(peer = %peer, %endpoint, error = %e, "KV-event publisher connection lost; re-dialling");
+                            break;
+                        }
+                    }
                 }
             }
+            Err(e) => {
+                tracing::debug!(peer = %peer, %endpoint, error = %e, "cannot dial KV-event publisher yet");
+            }
         }
-        drop(socket);
         inc(&shared.stats.reconnects, 1);
         tokio::time::sleep(shared.cfg.reconnect_interval).await;
     }
@@ -623,27 +626,39 @@ fn peer_host(peer: Option<&str>, topic: &str) -> Option<String> {
     topic_host(topic).map(str::to_string)
 }
 
+/// Most batches one replay may return (vLLM buffers 10,000).
+const MAX_REPLAY_BATCHES: usize = 100_000;
+/// Most payload bytes one replay may return.
+const MAX_REPLAY_BYTES: usize = 512 << 20;
+
 /// Asks a replay ROUTER for every buffered batch from `start`; returns `(seq, payload)` pairs
-/// up to (not including) the end marker.
+/// up to (not including) the end marker. A replier sending more than 100,000 batches or
+/// 512 MiB is cut off with an error.
 pub async fn fetch_replay(endpoint: &str, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
-    let mut dealer = DealerSocket::new();
-    dealer.connect(endpoint).await.map_err(|e| e.to_string())?;
-    let req = ZmqMessage::try_from(vec![
-        Bytes::new(),
-        Bytes::copy_from_slice(&encode_seq(start)),
-    ])
-    .map_err(|e| format!("{e:?}"))?;
-    dealer.send(req).await.map_err(|e| e.to_string())?;
+    let stats = Arc::new(TransportStats::default());
+    let mut dealer = DealerSocket::connect(endpoint, Limits::default(), stats)
+        .await
+        .map_err(|e| e.to_string())?;
+    dealer
+        .send(&[Bytes::new(), Bytes::copy_from_slice(&encode_seq(start))])
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     loop {
         let reply = dealer.recv().await.map_err(|e| e.to_string())?;
-        let (seq, payload) = parse_replay_reply(&reply.into_vec()).map_err(|e| e.to_string())?;
+        let (seq, payload) = parse_replay_reply(&reply).map_err(|e| e.to_string())?;
         if seq == crate::wire::REPLAY_END_SEQ && payload.is_empty() {
             break;
         }
+        bytes += payload.len();
+        if out.len() >= MAX_REPLAY_BATCHES || bytes > MAX_REPLAY_BYTES {
+            return Err(format!(
+                "replay larger than {MAX_REPLAY_BATCHES} batches or {MAX_REPLAY_BYTES} bytes"
+            ));
+        }
         out.push((seq, payload));
     }
-    let _ = dealer.close().await;
     Ok(out)
 }
 

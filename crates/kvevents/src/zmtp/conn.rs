@@ -52,7 +52,7 @@ impl From<TransportError> for HandshakeError {
     }
 }
 
-/// Reads until `buf` holds at least `n` bytes; `what` names the phase for errors.
+/// Reads until `buf` holds at least `n` bytes (`total_seen` counts the bytes received).
 async fn fill(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -61,19 +61,25 @@ async fn fill(
 ) -> Result<(), HandshakeError> {
     while buf.len() < n {
         buf.reserve((n - buf.len()).max(512).min(CHUNK));
-        let read = stream.read_buf(buf).await.map_err(HandshakeError::Io)?;
+        // A peer leaving mid-handshake usually resets (it had our greeting unread), so an
+        // error counts like an end of stream.
+        let (read, how) = match stream.read_buf(buf).await {
+            Ok(n) => (n, "closed".to_string()),
+            Err(e) if *total_seen == 0 => return Err(HandshakeError::Io(e)),
+            Err(e) => (0, format!("lost ({e})")),
+        };
         if read == 0 {
             return Err(if *total_seen == 0 {
                 HandshakeError::Silent
             } else if *total_seen < GREETING_LEN {
                 HandshakeError::Protocol(TransportError::new(
                     ErrorReason::BadGreeting,
-                    format!("connection closed after {total_seen} bytes of the greeting"),
+                    format!("connection {how} after {total_seen} bytes of the greeting"),
                 ))
             } else {
                 HandshakeError::Protocol(TransportError::new(
                     ErrorReason::HandshakeFailed,
-                    "connection closed during the handshake",
+                    format!("connection {how} during the handshake"),
                 ))
             });
         }
