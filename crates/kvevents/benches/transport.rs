@@ -114,6 +114,58 @@ mod old {
     }
 }
 
+mod ours {
+    use super::*;
+    use llmsched_kvevents::zmtp::{Limits, PubSocket, SubSocket, TransportStats};
+    use std::sync::Arc;
+
+    pub struct Pair {
+        p: PubSocket,
+        s: SubSocket,
+        seq: u64,
+    }
+
+    pub async fn setup(payload: &Bytes) -> Pair {
+        let stats = Arc::new(TransportStats::default());
+        let mut p = PubSocket::new(Limits::default(), stats.clone());
+        let ep = p.bind("tcp://127.0.0.1:0").await.expect("bind");
+        let mut s = SubSocket::connect(&ep, &[b"kv@"], Limits::default(), stats)
+            .await
+            .expect("connect");
+        let mut seq = 0;
+        loop {
+            p.send(&frames(seq, payload));
+            seq += 1;
+            if tokio::time::timeout(Duration::from_millis(20), s.recv())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        while tokio::time::timeout(Duration::from_millis(50), s.recv())
+            .await
+            .is_ok()
+        {}
+        Pair { p, s, seq }
+    }
+
+    pub async fn round(pair: &mut Pair, payload: &Bytes) -> usize {
+        let mut got = 0;
+        for _ in 0..PER_ITER / WINDOW {
+            for _ in 0..WINDOW {
+                pair.p.send(&frames(pair.seq, payload));
+                pair.seq += 1;
+            }
+            for _ in 0..WINDOW {
+                let m = pair.s.recv().await.expect("recv");
+                got += black_box(m.len());
+            }
+        }
+        got
+    }
+}
+
 fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,6 +177,11 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
         ("batch_2k", batch_payload()),
         ("small_64b", Bytes::from(vec![0x90u8; 64])),
     ] {
+        let mut pair = rt.block_on(ours::setup(&payload));
+        g.bench_with_input(BenchmarkId::new("zmtp", name), &payload, |b, payload| {
+            b.iter(|| rt.block_on(ours::round(&mut pair, payload)))
+        });
+        drop(pair);
         let mut pair = rt.block_on(old::setup(&payload));
         g.bench_with_input(
             BenchmarkId::new("zeromq_crate", name),

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -16,6 +16,8 @@ use super::{ErrorReason, Limits, SocketType, TransportError};
 
 /// Bytes read from the socket per read call at most (and the write batch size).
 const CHUNK: usize = 64 << 10;
+/// Messages coalesced into one vectored write at most.
+const MAX_IOV: usize = 64;
 
 /// A connection whose handshake completed.
 pub(crate) struct Conn {
@@ -305,7 +307,7 @@ async fn write_loop(
     mut out: mpsc::Receiver<Bytes>,
     mut pong: mpsc::Receiver<Bytes>,
 ) -> End {
-    let mut batch = BytesMut::new();
+    let mut queued: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     loop {
         let first = tokio::select! {
             m = out.recv() => match m {
@@ -317,29 +319,52 @@ async fn write_loop(
             },
             Some(p) = pong.recv() => p,
         };
-        // Coalesce what is already queued into one write.
-        let mut next = out.try_recv().ok();
-        if next.is_none() {
-            if let Err(e) = wr.write_all(&first).await {
-                return End::Io(e);
+        // Coalesce what is already queued into one vectored write, without copying.
+        queued.clear();
+        let mut size = first.len();
+        queued.push(first);
+        while queued.len() < MAX_IOV && size < CHUNK {
+            match out.try_recv() {
+                Ok(m) => {
+                    size += m.len();
+                    queued.push(m);
+                }
+                Err(_) => break,
             }
-            continue;
         }
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while let Some(m) = next {
-            batch.extend_from_slice(&m);
-            next = if batch.len() < CHUNK {
-                out.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if let Err(e) = wr.write_all(&batch).await {
+        if let Err(e) = write_all_vectored(&mut wr, &mut queued).await {
             return End::Io(e);
         }
-        if batch.capacity() > 4 * CHUNK {
-            batch = BytesMut::new();
+    }
+}
+
+/// Writes every buffer of `bufs` (consuming them) with vectored writes.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, b) in slices.iter_mut().zip(&bufs[first..]) {
+            *slot = std::io::IoSlice::new(b);
+            count += 1;
+        }
+        let mut n = wr.write_vectored(&slices[..count]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < bufs.len() {
+            let len = bufs[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                bufs[first].advance(n);
+                n = 0;
+            }
+        }
+        while first < bufs.len() && bufs[first].is_empty() {
+            first += 1;
         }
     }
+    Ok(())
 }

@@ -467,12 +467,11 @@ impl Handler for SubHandler {
         let wanted = frames
             .first()
             .is_some_and(|t| matches(&self.shared.topics.read(), t));
-        let inbound = self.inbound.clone();
         async move {
             if !wanted {
                 return Ok(true);
             }
-            Ok(inbound.send(frames).await.is_ok())
+            Ok(self.inbound.send(frames).await.is_ok())
         }
     }
 
@@ -705,8 +704,7 @@ impl Handler for ForwardHandler {
         if let Some(id) = &self.identity {
             frames.insert(0, id.clone());
         }
-        let inbound = self.inbound.clone();
-        async move { Ok(inbound.send(frames).await.is_ok()) }
+        async move { Ok(self.inbound.send(frames).await.is_ok()) }
     }
 
     fn command(&mut self, _cmd: &Command) -> Result<(), TransportError> {

@@ -100,6 +100,7 @@ use llmsched_tokenizer::{
     ChatTemplate, HfTokenizer, PrefixTokenCache, PrefixTokenCacheConfig, SimTokenizer, Tokenizer,
 };
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry as PromRegistry;
 
 use crate::common::{impl_plugin, invalid, opt_go_duration, params};
@@ -301,6 +302,10 @@ pub struct PreciseMetrics {
     /// `llmsched_kv_events_dropped_blocks_total`: `BlockStored` events dropped (unknown
     /// parent or inconsistent).
     pub dropped_stores: Counter,
+    /// `llmsched_kv_events_transport_errors_total{reason}`: KV-event connections closed for a
+    /// ZMTP protocol violation or limit (`frame_too_large`, `handshake_timeout`, ...; see
+    /// `llmsched_kvevents::zmtp::ErrorReason`).
+    pub transport_errors: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl PreciseMetrics {
@@ -364,6 +369,15 @@ impl PreciseMetrics {
             "BlockStored events dropped (unknown parent or inconsistent)",
             &m.dropped_stores,
         );
+        registry.register(
+            "llmsched_kv_events_transport_errors",
+            "KV-event connections closed for a ZMTP protocol violation or limit, by reason",
+            m.transport_errors.clone(),
+        );
+        // Every reason from the start, at 0, so the series exist before the first error.
+        for r in llmsched_kvevents::zmtp::ErrorReason::ALL {
+            let _ = m.transport_errors.get_or_create(&[("reason", r.label())]);
+        }
         m
     }
 }
@@ -718,6 +732,7 @@ impl PreciseScorer {
 /// second until the scorer is dropped.
 async fn tick(inner: Weak<Inner>, m: PreciseMetrics) {
     let mut last = [0u64; 9];
+    let mut last_transport = [0u64; llmsched_kvevents::zmtp::ErrorReason::ALL.len()];
     let mut iv = tokio::time::interval(Duration::from_secs(1));
     loop {
         iv.tick().await;
@@ -760,6 +775,16 @@ async fn tick(inner: Weak<Inner>, m: PreciseMetrics) {
             if n > *l {
                 c.inc_by(n - *l);
                 *l = n;
+            }
+        }
+        if let Some(t) = inner.subscriber.as_ref().map(|s| s.stats().transport()) {
+            for ((reason, n), l) in t.error_counts().into_iter().zip(last_transport.iter_mut()) {
+                if n > *l {
+                    m.transport_errors
+                        .get_or_create(&[("reason", reason.label())])
+                        .inc_by(n - *l);
+                    *l = n;
+                }
             }
         }
     }
