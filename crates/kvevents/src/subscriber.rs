@@ -19,10 +19,18 @@
 //!
 //! Messages are spread over [`SubscriberConfig::concurrency`] workers by source, so one
 //! source's batches are always applied in arrival order by one worker while different sources
-//! proceed in parallel. A worker keeps, per stream (peer, topic, data-parallel rank), the next
-//! expected sequence number:
+//! proceed in parallel. A worker keeps, per stream, the next expected sequence number. A
+//! stream is one publisher identity: (dialled peer, the topic's `<host>:<port>` — or the
+//! whole topic when it names none —, data-parallel rank).
 //!
 //! * `seq == next`: applied.
+//! * The identity's topic changed (e.g. `kv@10.0.0.5:8000@old-model` →
+//!   `kv@10.0.0.5:8000@new-model`): a new engine publishes under that address, a
+//!   **restart** (see below).
+//! * `seq > next + restart_window` ([`SubscriberConfig::restart_window`]): a jump no gap
+//!   explains (beyond the publishers' replay buffers) — a publisher that restarted with a
+//!   higher first sequence number, or a forged one: a **restart**, not a gap, so neither the
+//!   dead engine's blocks survive nor `missed` moves by the jump.
 //! * `seq > next` (a **gap**: messages were lost): when a replay port is configured, the
 //!   missing batches are fetched from the publisher's replay ROUTER socket
 //!   (`tcp://<source host>:<replayPort>`, request `[start_seq]`, replies `[seq, payload]` up
@@ -30,9 +38,13 @@
 //!   numbers are remembered and the batch is applied.
 //! * `seq < next`: a remembered missing number arriving late (reordering) is applied; a number
 //!   already applied from a replay (the live copy arriving late) is dropped; any other
-//!   backward jump means the publisher **restarted** with a fresh sequence: the sink is told
-//!   to [`EventSink::reset`] the source (a restarted engine's cache is empty) and the batch
-//!   is applied.
+//!   backward jump means the publisher **restarted** with a fresh sequence.
+//!
+//! On a restart the sink is told to [`EventSink::reset`] the source (a restarted engine's
+//! cache is empty), the stream starts over from the batch's number and the batch is applied.
+//! Gap accounting is bounded: one gap adds at most `restart_window` to `missed`. At most
+//! [`MAX_STREAMS`] streams are tracked per worker (a sender inventing topics cannot grow
+//! memory without bound).
 //!
 //! ## Robustness
 //!
@@ -59,6 +71,8 @@ use crate::zmtp::{DealerSocket, Limits, SubSocket, TransportStats};
 /// Missing and replayed sequence numbers remembered per stream (for late arrivals and
 /// duplicates).
 const MISSING_CAP: usize = 1024;
+/// Streams tracked per worker; beyond that an arbitrary one is forgotten.
+pub const MAX_STREAMS: usize = 4096;
 
 /// Errors raised when starting a subscriber.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +108,10 @@ pub struct SubscriberConfig {
     /// Transport limits (frame and message sizes, frames per message, handshake timeout,
     /// connections). Defaults: 16 MiB, 16 MiB, 64, 10 s, 1024.
     pub limits: Limits,
+    /// A forward sequence jump larger than this is a publisher restart, not a gap (and one
+    /// gap counts at most this many missed batches). Default 10,000 (vLLM's replay buffer:
+    /// a larger gap could not be replayed anyway).
+    pub restart_window: u64,
 }
 
 impl Default for SubscriberConfig {
@@ -106,6 +124,7 @@ impl Default for SubscriberConfig {
             reconnect_interval: Duration::from_secs(1),
             queue_capacity: 8192,
             limits: Limits::default(),
+            restart_window: 10_000,
         }
     }
 }
@@ -231,14 +250,25 @@ struct Job {
     msg: WireMessage,
 }
 
-/// Per-stream state, keyed by (peer, topic, data-parallel rank).
+/// Per-stream state, keyed by (peer, publisher identity, data-parallel rank).
 type Streams = HashMap<(Option<Arc<str>>, Bytes, Option<i64>), StreamState>;
 
 #[derive(Default)]
 struct StreamState {
+    /// The topic the identity last published under.
+    topic: Bytes,
     next: Option<u64>,
     missing: VecDeque<u64>,
     replayed: VecDeque<u64>,
+}
+
+/// The publisher identity of a topic: its `<host>:<port>` when it names one, else the whole
+/// topic.
+fn identity(topic: &Bytes) -> Bytes {
+    match std::str::from_utf8(topic).ok().and_then(topic_hostport) {
+        Some(hp) => Bytes::copy_from_slice(hp.as_bytes()),
+        None => topic.clone(),
+    }
 }
 
 struct Shared {
@@ -260,7 +290,8 @@ impl Shared {
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         peer.hash(&mut h);
-        msg.topic.hash(&mut h);
+        // By identity, so that a topic change of one publisher is seen by the same worker.
+        identity(&msg.topic).hash(&mut h);
         let w = (h.finish() % self.workers.len() as u64) as usize;
         // A closed worker means we are shutting down.
         let _ = self.workers[w].send(Job { peer, msg }).await;
@@ -513,14 +544,32 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
         peer: peer.as_deref(),
         data_parallel_rank: batch.data_parallel_rank,
     };
-    let key = (peer.clone(), msg.topic.clone(), batch.data_parallel_rank);
+    let key = (peer.clone(), identity(&msg.topic), batch.data_parallel_rank);
+    if streams.len() >= MAX_STREAMS
+        && !streams.contains_key(&key)
+        && let Some(k) = streams.keys().next().cloned()
+    {
+        streams.remove(&k);
+    }
     let st = streams.entry(key).or_default();
     let seq = msg.seq;
     let Some(next) = st.next else {
+        st.topic = msg.topic.clone();
         st.next = Some(seq.wrapping_add(1));
         apply(shared, &source, &batch);
         return;
     };
+    if st.topic != msg.topic {
+        let old = String::from_utf8_lossy(&st.topic).into_owned();
+        let old_source = Source {
+            topic: &old,
+            ..source
+        };
+        restart(shared, st, &old_source, seq, next, "topic changed");
+        st.topic = msg.topic.clone();
+        apply(shared, &source, &batch);
+        return;
+    }
     if seq == next {
         st.next = Some(seq.wrapping_add(1));
         apply(shared, &source, &batch);
@@ -534,23 +583,24 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
         } else if st.replayed.contains(&seq) {
             inc(&shared.stats.duplicates, 1);
         } else {
-            inc(&shared.stats.restarts, 1);
-            tracing::info!(
-                topic,
-                peer = peer.as_deref().unwrap_or("-"),
-                seq,
-                expected = next,
-                "KV-event publisher restarted; resetting its state"
-            );
-            st.missing.clear();
-            st.replayed.clear();
-            st.next = Some(seq.wrapping_add(1));
-            shared.sink.reset(&source);
+            restart(shared, st, &source, seq, next, "sequence went back");
             apply(shared, &source, &batch);
         }
         return;
     }
-    // A gap: seq > next.
+    if seq - next > shared.cfg.restart_window {
+        restart(
+            shared,
+            st,
+            &source,
+            seq,
+            next,
+            "sequence jumped beyond the restart window",
+        );
+        apply(shared, &source, &batch);
+        return;
+    }
+    // A gap: next < seq ≤ next + restart_window.
     inc(&shared.stats.gaps, 1);
     let mut from = next;
     let host = peer_host(peer.as_deref(), topic);
@@ -605,6 +655,35 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
     }
     st.next = Some(seq.wrapping_add(1));
     apply(shared, &source, &batch);
+}
+
+/// The stream's publisher restarted: the sink forgets what it reported (`source`), and the
+/// stream starts over at `seq`.
+fn restart(
+    shared: &Shared,
+    st: &mut StreamState,
+    source: &Source<'_>,
+    seq: u64,
+    expected: u64,
+    why: &'static str,
+) {
+    let n = shared.stats.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+    // Log the first ones, then one in a thousand: a forging sender must not flood logs.
+    if n <= 16 || n.is_multiple_of(1000) {
+        tracing::info!(
+            topic = source.topic,
+            peer = source.peer.unwrap_or("-"),
+            seq,
+            expected,
+            why,
+            restarts_total = n,
+            "KV-event publisher restarted; resetting its state"
+        );
+    }
+    st.missing.clear();
+    st.replayed.clear();
+    st.next = Some(seq.wrapping_add(1));
+    shared.sink.reset(source);
 }
 
 /// Remembers the missing numbers `from..to` (only the last [`MISSING_CAP`] of a huge gap).
