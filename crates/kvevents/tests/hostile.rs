@@ -401,8 +401,10 @@ async fn slow_subscriber_is_dropped_for_not_buffered() {
     zmtp::encode_command(b"SUBSCRIBE", b"", &mut out);
     s.write_all(&out).await.unwrap();
     until("the subscription", || p.subscribed_count() == 1).await;
-    let payload = vec![0u8; 256 << 10];
-    let frames = [&b"kv@t"[..], &payload[..]];
+    let frames = [
+        Bytes::from_static(b"kv@t"),
+        Bytes::from(vec![0u8; 256 << 10]),
+    ];
     // 256 MiB offered to a subscriber that reads nothing.
     for _ in 0..1024 {
         p.send(&frames);

@@ -146,7 +146,10 @@ async fn pub_filters_by_prefix_for_either_subscription_form() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for topic in ["kv@a1", "kv@b1", "zz", "kv@a2", "kv@b2"] {
-        p.send(&[topic.as_bytes(), b"payload"]);
+        p.send(&[
+            Bytes::copy_from_slice(topic.as_bytes()),
+            Bytes::from_static(b"payload"),
+        ]);
     }
     let topics = |d: Decoded| match d {
         Decoded::Message(f) => String::from_utf8_lossy(&f[0]).into_owned(),

@@ -279,6 +279,35 @@ pub fn encode_message<B: AsRef<[u8]>>(frames: &[B], out: &mut BytesMut) {
     }
 }
 
+/// Frames up to this size are copied next to the headers; larger ones are sent from their
+/// own buffer (no copy).
+const COPY_MAX: usize = 512;
+
+/// One multipart message ready for a vectored write: the frame headers, with small frames
+/// copied in between, and large frames shared (not copied).
+pub fn encode_message_parts(frames: &[Bytes]) -> Vec<Bytes> {
+    let mut parts = Vec::with_capacity(2);
+    let inline: usize = frames
+        .iter()
+        .map(|f| 9 + if f.len() <= COPY_MAX { f.len() } else { 0 })
+        .sum();
+    let mut scratch = BytesMut::with_capacity(inline);
+    let last = frames.len().saturating_sub(1);
+    for (i, f) in frames.iter().enumerate() {
+        put_header(&mut scratch, if i < last { FLAG_MORE } else { 0 }, f.len());
+        if f.len() <= COPY_MAX {
+            scratch.put_slice(f);
+        } else {
+            parts.push(scratch.split().freeze());
+            parts.push(f.clone());
+        }
+    }
+    if !scratch.is_empty() {
+        parts.push(scratch.freeze());
+    }
+    parts
+}
+
 /// Appends one command frame.
 pub fn encode_command(name: &[u8], data: &[u8], out: &mut BytesMut) {
     let name = &name[..name.len().min(255)];
@@ -460,6 +489,26 @@ mod tests {
         assert_eq!(out.len(), (2 + 8) + 2 + (2 + 255) + (9 + 256));
         let got = decode_all(&out, &limits()).unwrap();
         assert_eq!(got, vec![Decoded::Message(frames)]);
+    }
+
+    #[test]
+    fn parts_encode_like_a_flat_message() {
+        let frames = vec![
+            Bytes::from_static(b"kv@topic"),
+            Bytes::from(vec![1u8; 8]),
+            Bytes::from(vec![7u8; 3000]),
+            Bytes::from(vec![9u8; 100]),
+        ];
+        let parts = encode_message_parts(&frames);
+        assert_eq!(
+            parts.len(),
+            3,
+            "headers+small, the large frame, header+small"
+        );
+        let flat: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let mut want = BytesMut::new();
+        encode_message(&frames, &mut want);
+        assert_eq!(flat, want.to_vec());
     }
 
     #[test]

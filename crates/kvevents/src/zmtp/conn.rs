@@ -16,7 +16,7 @@ use super::{ErrorReason, Limits, SocketType, TransportError};
 
 /// Bytes read from the socket per read call at most (and the write batch size).
 const CHUNK: usize = 64 << 10;
-/// Messages coalesced into one vectored write at most.
+/// Buffers passed to one vectored write at most.
 const MAX_IOV: usize = 64;
 
 /// A connection whose handshake completed.
@@ -234,7 +234,11 @@ pub(crate) enum End {
 /// Runs the connection: frames from the peer go to `handler`; encoded messages from `out`
 /// are written (several at a time when queued). Ends when the peer closes, breaks the
 /// protocol, `out` is closed or the handler declines a message.
-pub(crate) async fn drive<H: Handler>(conn: Conn, out: mpsc::Receiver<Bytes>, handler: H) -> End {
+pub(crate) async fn drive<H: Handler>(
+    conn: Conn,
+    out: mpsc::Receiver<Vec<Bytes>>,
+    handler: H,
+) -> End {
     let Conn {
         stream,
         buf,
@@ -254,7 +258,7 @@ async fn read_loop<H: Handler>(
     mut buf: BytesMut,
     mut decoder: Decoder,
     mut handler: H,
-    pong: mpsc::Sender<Bytes>,
+    pong: mpsc::Sender<Vec<Bytes>>,
 ) -> End {
     loop {
         loop {
@@ -272,7 +276,7 @@ async fn read_loop<H: Handler>(
                         let ctx = &ctx[..ctx.len().min(16)];
                         let mut out = BytesMut::new();
                         codec::encode_command(b"PONG", ctx, &mut out);
-                        let _ = pong.try_send(out.freeze());
+                        let _ = pong.try_send(vec![out.freeze()]);
                     }
                     b"PONG" => {}
                     b"ERROR" => {
@@ -291,9 +295,10 @@ async fn read_loop<H: Handler>(
                 Err(e) => return End::Protocol(e),
             }
         }
-        // Grow only with what arrives: at most one read chunk beyond what is buffered.
-        let want = decoder.wanted(&buf).saturating_sub(buf.len());
-        buf.reserve(want.clamp(4096, CHUNK));
+        // Read in large chunks (fewer syscalls), but grow only with what arrives: never by
+        // a size a frame header announced, at most one chunk beyond what is buffered (the
+        // buffer doubles while a large frame arrives, bounded by the frame cap).
+        buf.reserve(CHUNK);
         match rd.read_buf(&mut buf).await {
             Ok(0) => return End::Closed,
             Ok(_) => {}
@@ -304,8 +309,8 @@ async fn read_loop<H: Handler>(
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut out: mpsc::Receiver<Bytes>,
-    mut pong: mpsc::Receiver<Bytes>,
+    mut out: mpsc::Receiver<Vec<Bytes>>,
+    mut pong: mpsc::Receiver<Vec<Bytes>>,
 ) -> End {
     let mut queued: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     loop {
@@ -321,13 +326,13 @@ async fn write_loop(
         };
         // Coalesce what is already queued into one vectored write, without copying.
         queued.clear();
-        let mut size = first.len();
-        queued.push(first);
+        let mut size: usize = first.iter().map(Bytes::len).sum();
+        queued.extend(first);
         while queued.len() < MAX_IOV && size < CHUNK {
             match out.try_recv() {
                 Ok(m) => {
-                    size += m.len();
-                    queued.push(m);
+                    size += m.iter().map(Bytes::len).sum::<usize>();
+                    queued.extend(m);
                 }
                 Err(_) => break,
             }

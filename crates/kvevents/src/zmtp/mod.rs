@@ -25,7 +25,7 @@ mod socket;
 
 pub use codec::{
     Command, Decoded, Decoder, GREETING_LEN, PeerGreeting, encode_command, encode_message,
-    greeting, parse_greeting,
+    encode_message_parts, greeting, parse_greeting,
 };
 pub use socket::{DealerSocket, PubSocket, RouterSocket, SubSocket};
 

@@ -178,7 +178,7 @@ fn matches(subs: &[(Bytes, u32)], topic: &[u8]) -> bool {
 
 struct PubPeer {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Vec<Bytes>>,
     subs: Vec<(Bytes, u32)>,
     sub_bytes: usize,
 }
@@ -371,23 +371,18 @@ impl PubSocket {
 
     /// Queues `frames` for every matching subscriber; returns how many it was queued for.
     /// Subscribers with a full queue miss it (counted in [`TransportStats::hwm_drops`]).
-    pub fn send<B: AsRef<[u8]>>(&self, frames: &[B]) -> usize {
+    pub fn send(&self, frames: &[Bytes]) -> usize {
         let Some(topic) = frames.first() else {
             return 0;
         };
-        let topic = topic.as_ref();
         let peers = self.shared.peers.read();
-        let mut wire: Option<Bytes> = None;
+        let mut wire: Option<Vec<Bytes>> = None;
         let mut sent = 0;
         for p in peers.iter().filter(|p| matches(&p.subs, topic)) {
-            let bytes = wire
-                .get_or_insert_with(|| {
-                    let mut out = BytesMut::new();
-                    codec::encode_message(frames, &mut out);
-                    out.freeze()
-                })
+            let parts = wire
+                .get_or_insert_with(|| codec::encode_message_parts(frames))
                 .clone();
-            match p.tx.try_send(bytes) {
+            match p.tx.try_send(parts) {
                 Ok(()) => sent += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.shared.stats.hwm_drops.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +424,7 @@ impl PubSocket {
 
 struct SubPeer {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Vec<Bytes>>,
     commands: bool,
 }
 
@@ -440,7 +435,7 @@ struct SubShared {
     next_id: AtomicU64,
 }
 
-fn encode_subscription(topic: &[u8], on: bool, commands: bool) -> Bytes {
+fn encode_subscription(topic: &[u8], on: bool, commands: bool) -> Vec<Bytes> {
     let mut out = BytesMut::new();
     if commands {
         codec::encode_command(if on { b"SUBSCRIBE" } else { b"CANCEL" }, topic, &mut out);
@@ -450,7 +445,7 @@ fn encode_subscription(topic: &[u8], on: bool, commands: bool) -> Bytes {
         body.put_slice(topic);
         codec::encode_message(&[body], &mut out);
     }
-    out.freeze()
+    vec![out.freeze()]
 }
 
 struct SubHandler {
@@ -687,7 +682,7 @@ impl SubSocket {
 struct RouterShared {
     limits: Limits,
     stats: Arc<TransportStats>,
-    peers: Mutex<HashMap<Bytes, mpsc::Sender<Bytes>>>,
+    peers: Mutex<HashMap<Bytes, mpsc::Sender<Vec<Bytes>>>>,
     next_id: AtomicU32,
 }
 
@@ -816,9 +811,9 @@ impl RouterSocket {
         let Some(tx) = self.shared.peers.lock().get(identity).cloned() else {
             return Err(ZmqError::UnknownPeer);
         };
-        let mut out = BytesMut::new();
-        codec::encode_message(rest, &mut out);
-        tx.send(out.freeze()).await.map_err(|_| ZmqError::Closed)
+        tx.send(codec::encode_message_parts(rest))
+            .await
+            .map_err(|_| ZmqError::Closed)
     }
 
     /// Peers currently connected.
@@ -838,7 +833,7 @@ impl RouterSocket {
 /// A DEALER connected to one peer (a ROUTER, usually). [`Self::recv`] fails with
 /// [`ZmqError::Closed`] once the connection ends.
 pub struct DealerSocket {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Vec<Bytes>>,
     rx: mpsc::Receiver<Vec<Bytes>>,
     _tasks: Tasks,
 }
@@ -884,10 +879,8 @@ impl DealerSocket {
         if frames.is_empty() {
             return Err(ZmqError::EmptyMessage);
         }
-        let mut out = BytesMut::new();
-        codec::encode_message(frames, &mut out);
         self.tx
-            .send(out.freeze())
+            .send(codec::encode_message_parts(frames))
             .await
             .map_err(|_| ZmqError::Closed)
     }
