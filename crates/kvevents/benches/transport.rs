@@ -6,6 +6,9 @@
 //! transport cost (user and kernel time) of sending and receiving, on one core.
 //!
 //! Run: `cargo bench -p llmsched-kvevents --bench transport`.
+//!
+//! Measured against the `zeromq` crate (0.7) it replaced, in the same run, before removal
+//! (see README): 2.3 KB batches 1.10 M msg/s vs 0.84 M, 64-byte payloads 2.10 M vs 1.32 M.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -58,60 +61,6 @@ fn frames(seq: u64, payload: &Bytes) -> Vec<Bytes> {
         Bytes::copy_from_slice(&encode_seq(seq)),
         payload.clone(),
     ]
-}
-
-mod old {
-    use super::*;
-    use zeromq::{PubSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
-
-    pub struct Pair {
-        p: PubSocket,
-        s: SubSocket,
-        seq: u64,
-    }
-
-    pub async fn setup(payload: &Bytes) -> Pair {
-        let mut p = PubSocket::new();
-        let ep = p.bind("tcp://127.0.0.1:0").await.expect("bind").to_string();
-        let mut s = SubSocket::new();
-        s.subscribe("kv@").await.expect("subscribe");
-        s.connect(&ep).await.expect("connect");
-        let mut seq = 0;
-        loop {
-            p.send(ZmqMessage::try_from(frames(seq, payload)).expect("msg"))
-                .await
-                .expect("send");
-            seq += 1;
-            if tokio::time::timeout(Duration::from_millis(20), s.recv())
-                .await
-                .is_ok()
-            {
-                break;
-            }
-        }
-        // Drain the probes still in flight.
-        while tokio::time::timeout(Duration::from_millis(50), s.recv())
-            .await
-            .is_ok()
-        {}
-        Pair { p, s, seq }
-    }
-
-    pub async fn round(pair: &mut Pair, payload: &Bytes) -> usize {
-        let mut got = 0;
-        for _ in 0..PER_ITER / WINDOW {
-            for _ in 0..WINDOW {
-                let msg = ZmqMessage::try_from(frames(pair.seq, payload)).expect("msg");
-                pair.seq += 1;
-                pair.p.send(msg).await.expect("send");
-            }
-            for _ in 0..WINDOW {
-                let m = pair.s.recv().await.expect("recv");
-                got += black_box(m.len());
-            }
-        }
-        got
-    }
 }
 
 mod ours {
@@ -181,13 +130,6 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
         g.bench_with_input(BenchmarkId::new("zmtp", name), &payload, |b, payload| {
             b.iter(|| rt.block_on(ours::round(&mut pair, payload)))
         });
-        drop(pair);
-        let mut pair = rt.block_on(old::setup(&payload));
-        g.bench_with_input(
-            BenchmarkId::new("zeromq_crate", name),
-            &payload,
-            |b, payload| b.iter(|| rt.block_on(old::round(&mut pair, payload))),
-        );
     }
     g.finish();
 }

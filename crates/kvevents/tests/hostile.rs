@@ -4,6 +4,8 @@
 //! a frame header announcing 2^62 bytes, which made the `zeromq` crate abort the process on a
 //! failed allocation — is the first test.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -13,6 +13,8 @@
 //! (`LLMSCHED_REQUIRE_PYZMQ=1`) a missing pyzmq fails these tests; elsewhere they print why
 //! they skip.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

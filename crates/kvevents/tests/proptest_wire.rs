@@ -2,6 +2,8 @@
 //! never panic; generated batches round-trip through every encoding (positional and map
 //! layouts, int and bytes hashes); multipart parsing never panics.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use bytes::Bytes;
 use llmsched_kvevents::wire::parse_replay_reply;
 use llmsched_kvevents::{

@@ -2,6 +2,8 @@
 //! ask for more than its caps; encoded messages and commands decode to themselves however
 //! the bytes are split; the caps hold for any input.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use bytes::{Bytes, BytesMut};
 use llmsched_kvevents::zmtp::{
     Command, Decoded, Decoder, ErrorReason, Limits, encode_command, encode_message, parse_greeting,

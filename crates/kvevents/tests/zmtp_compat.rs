@@ -2,6 +2,8 @@
 //! the ZMTP 3.0 form (a message `0x01 + topic`) and the 3.1 form (a SUBSCRIBE command),
 //! publisher-side prefix filtering, CANCEL, PING → PONG, and long frames.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

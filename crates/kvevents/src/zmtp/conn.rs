@@ -62,7 +62,7 @@ async fn fill(
     total_seen: &mut usize,
 ) -> Result<(), HandshakeError> {
     while buf.len() < n {
-        buf.reserve((n - buf.len()).max(512).min(CHUNK));
+        buf.reserve((n - buf.len()).clamp(512, CHUNK));
         // A peer leaving mid-handshake usually resets (it had our greeting unread), so an
         // error counts like an end of stream.
         let (read, how) = match stream.read_buf(buf).await {
