@@ -573,6 +573,35 @@ pub struct PreciseState {
     pub keys: Vec<u64>,
     /// Tier-weighted matched blocks per endpoint.
     pub matches: PreciseMatches,
+    /// The prompt's tokens.
+    pub prompt_tokens: u64,
+    /// Per candidate with any: the estimated prompt tokens still to prefill of this EPP's
+    /// requests on it that have not produced their first token (see
+    /// `prefill-load-scorer`).
+    pub pending_prefill: SmallVec<[(EndpointKey, u64); 8]>,
+    /// Tokens per block of the keys.
+    pub block_size: u32,
+}
+
+impl PreciseState {
+    /// Prompt tokens `ep` would have to prefill: the prompt minus the blocks it holds.
+    pub fn uncached_tokens(&self, ep: EndpointKey) -> u64 {
+        let held = self
+            .matches
+            .iter()
+            .find(|m| m.endpoint == ep)
+            .map_or(0, |m| u64::from(m.blocks));
+        self.prompt_tokens
+            .saturating_sub(held * u64::from(self.block_size))
+    }
+
+    /// Pending prefill tokens on `ep`.
+    pub fn pending_prefill(&self, ep: EndpointKey) -> u64 {
+        self.pending_prefill
+            .iter()
+            .find(|(e, _)| *e == ep)
+            .map_or(0, |(_, w)| *w)
+    }
 }
 
 struct Inner {
@@ -583,8 +612,10 @@ struct Inner {
     discover_pods: bool,
     socket_port: u16,
     speculation: Option<Speculation>,
-    /// Requests with speculative entries, by request id.
+    /// Requests routed and not yet at their first token, by request id.
     inflight: parking_lot::Mutex<HashMap<String, InFlight>>,
+    /// Σ estimated prefill tokens of those requests, per endpoint.
+    pending_prefill: parking_lot::Mutex<HashMap<EndpointKey, u64>>,
     decisions: DecisionLog,
     prefix_metrics: PrefixIndexerMetrics,
 }
@@ -599,7 +630,10 @@ struct Speculation {
 /// A request whose speculative entries are live.
 struct InFlight {
     targets: SmallVec<[EndpointKey; 2]>,
+    /// Speculative keys (empty without speculation).
     keys: Vec<u64>,
+    /// Estimated prefill tokens per target.
+    work: SmallVec<[(EndpointKey, u64); 2]>,
     since: std::time::Instant,
 }
 
@@ -613,22 +647,33 @@ impl Inner {
     }
 
     fn end_inflight(&self, f: InFlight) {
-        let grace = self.speculation.map_or(Duration::ZERO, |s| s.grace);
-        for ep in f.targets {
-            self.index.end_speculative(ep, &f.keys, grace);
+        if !f.keys.is_empty() {
+            let grace = self.speculation.map_or(Duration::ZERO, |s| s.grace);
+            for &ep in &f.targets {
+                self.index.end_speculative(ep, &f.keys, grace);
+            }
+        }
+        let mut pending = self.pending_prefill.lock();
+        for (ep, w) in f.work {
+            if let Some(v) = pending.get_mut(&ep) {
+                *v = v.saturating_sub(w);
+                if *v == 0 {
+                    pending.remove(&ep);
+                }
+            }
         }
     }
 
     /// Ends the speculation of requests older than the maximum lifetime.
     fn expire_inflight(&self) {
-        let Some(spec) = self.speculation else {
-            return;
-        };
+        let max_life = self
+            .speculation
+            .map_or(Duration::from_secs(600), |s| s.max_life);
         let stale: Vec<InFlight> = {
             let mut map = self.inflight.lock();
             let old: Vec<String> = map
                 .iter()
-                .filter(|(_, f)| f.since.elapsed() >= spec.max_life)
+                .filter(|(_, f)| f.since.elapsed() >= max_life)
                 .map(|(k, _)| k.clone())
                 .collect();
             old.iter().filter_map(|k| map.remove(k)).collect()
@@ -805,6 +850,7 @@ impl PreciseScorer {
                     .unwrap_or(Duration::from_secs(600)),
             }),
             inflight: parking_lot::Mutex::new(HashMap::new()),
+            pending_prefill: parking_lot::Mutex::new(HashMap::new()),
             decisions: DecisionLog::new(TYPE),
             prefix_metrics: i.handle.metrics.prefix.clone(),
         });
@@ -926,6 +972,7 @@ impl DataProducer for PreciseScorer {
                 .tokens(request.prompt(), &mut tokens)
                 .is_some()
             {
+                state.prompt_tokens = tokens.len() as u64;
                 inner
                     .index
                     .keyer()
@@ -937,6 +984,17 @@ impl DataProducer for PreciseScorer {
             |ep| candidates.iter().any(|c| c.id().0 == ep),
             &mut state.matches,
         );
+        state.block_size = inner.index.config().block_size;
+        {
+            let pending = inner.pending_prefill.lock();
+            if !pending.is_empty() {
+                for c in candidates {
+                    if let Some(&w) = pending.get(&c.id().0) {
+                        state.pending_prefill.push((c.id().0, w));
+                    }
+                }
+            }
+        }
         let total = state.keys.len();
         if total > 0 {
             let best = state
@@ -1023,9 +1081,6 @@ impl PreRequest for PreciseScorer {
                 ),
             );
         }
-        let Some(spec) = self.inner.speculation else {
-            return;
-        };
         let prefill = result
             .profiles
             .iter()
@@ -1033,17 +1088,33 @@ impl PreRequest for PreciseScorer {
             .and_then(|(_, r)| r.targets.first())
             .filter(|p| primary.is_none_or(|t| t.id() != p.id()));
         let mut targets = SmallVec::new();
+        let mut work = SmallVec::new();
         for target in primary.into_iter().chain(prefill) {
-            self.inner
-                .index
-                .begin_speculative(target.id().0, &st.keys, spec.max_life);
-            targets.push(target.id().0);
+            let ep = target.id().0;
+            if let Some(spec) = self.inner.speculation {
+                self.inner
+                    .index
+                    .begin_speculative(ep, &st.keys, spec.max_life);
+            }
+            targets.push(ep);
+            work.push((ep, st.uncached_tokens(ep)));
+        }
+        {
+            let mut pending = self.inner.pending_prefill.lock();
+            for &(ep, w) in &work {
+                *pending.entry(ep).or_insert(0) += w;
+            }
         }
         let previous = self.inner.inflight.lock().insert(
             request.request_id.clone(),
             InFlight {
                 targets,
-                keys: st.keys.clone(),
+                keys: if self.inner.speculation.is_some() {
+                    st.keys.clone()
+                } else {
+                    Vec::new()
+                },
+                work,
                 since: std::time::Instant::now(),
             },
         );
@@ -1435,7 +1506,7 @@ mod tests {
         let (cycle, _) = run(&p, &req, &eps);
         p.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
         assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
-        assert_eq!(p.inner.inflight.lock().len(), 0);
+        assert_eq!(p.index().stats().entries, 0);
     }
 
     #[test]
