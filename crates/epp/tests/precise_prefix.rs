@@ -617,31 +617,42 @@ async fn garbled_dropped_and_reordered_messages_do_not_poison_the_index() {
 }
 
 #[test]
-fn the_example_precise_config_loads() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../config/epp/precise-prefix-cache.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let cfg = llmsched_core::config::load(
-        &text,
-        llmsched_core::config::ConfigSource::Text,
-        &llmsched_plugins::default_registry(),
-        &llmsched_core::registry::PluginHandle::default(),
-    )
-    .unwrap();
-    let p = &cfg.scheduler.profiles()[0];
-    let scorers: Vec<(&str, f64)> = p
-        .scorers()
-        .iter()
-        .map(|s| (s.scorer.type_name(), s.weight))
-        .collect();
+fn the_example_precise_configs_load() {
+    let scorers = |file: &str| -> Vec<(String, f64)> {
+        let path = format!("{}/../../config/epp/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = llmsched_core::config::load(
+            &text,
+            llmsched_core::config::ConfigSource::Text,
+            &llmsched_plugins::default_registry(),
+            &llmsched_core::registry::PluginHandle::default(),
+        )
+        .unwrap();
+        cfg.scheduler.profiles()[0]
+            .scorers()
+            .iter()
+            .map(|s| (s.scorer.type_name().to_string(), s.weight))
+            .collect()
+    };
+    let named = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+        v.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+    };
     assert_eq!(
-        scorers,
-        vec![
+        scorers("precise-prefix-cache.yaml"),
+        named(&[
+            ("precise-prefix-cache-scorer", 3.0),
+            ("prefill-load-scorer", 4.0),
+            ("kv-cache-utilization-scorer", 1.0),
+            ("queue-scorer", 1.0)
+        ])
+    );
+    // The reference guide's weights.
+    assert_eq!(
+        scorers("precise-prefix-cache-reference.yaml"),
+        named(&[
             ("precise-prefix-cache-scorer", 3.0),
             ("kv-cache-utilization-scorer", 2.0),
             ("queue-scorer", 2.0)
-        ]
+        ])
     );
 }
