@@ -640,7 +640,7 @@ fn the_example_precise_configs_load() {
     assert_eq!(
         scorers("precise-prefix-cache.yaml"),
         named(&[
-            ("precise-prefix-cache-scorer", 3.0),
+            ("precise-prefix-cache-scorer", 4.0),
             ("prefill-load-scorer", 4.0),
             ("kv-cache-utilization-scorer", 1.0),
             ("queue-scorer", 1.0)
