@@ -23,7 +23,7 @@
 # Usage: scripts/compare-routers.sh [--routers rr,llmsched,...] [--against NAME]
 #          [--workload FILE] [--time-scale F] [--ttft-slo SECONDS] [--zmq-port P]
 #          [--llmsched-config FILE] [--precise-config FILE] [--profile NAME]
-#          [--kv-cache-tokens N] [--repeat N] [--decision-log] [-o DIR]
+#          [--kv-cache-tokens N] [--sim-args "ARGS"] [--repeat N] [--decision-log] [-o DIR]
 #        --llmsched-config: an EndpointPickerConfig for the `llmsched` router (default: none,
 #        i.e. the built-in default config)
 #        --precise-config: the `precise` router's config (default
@@ -31,7 +31,9 @@
 #        `--precise-config NAME=FILE` (repeatable) adds a precise router named NAME
 #        --profile, --kv-cache-tokens: the simulator's calibration profile (default
 #        qwen3-32b-tp2-h100) and KV tokens per replica (default 164000); the replicas serve
-#        the workload's model name whatever the profile
+#        the workload's model name whatever the profile; --sim-args: more `llmsched sim`
+#        flags, split on spaces (e.g. "--max-model-len 32768" for a KV budget below the
+#        profile's context length)
 #        --decision-log: llmsched routers log each request's prefix decision
 #        (`llmsched_decisions`, JSON lines in <router>.router.log; see README)
 # Env:   CARGO_TARGET_DIR (default: target), LLMSCHED_BIN (use this llmsched binary, no
@@ -53,6 +55,7 @@ profile="qwen3-32b-tp2-h100"
 kv_tokens=164000
 repeat=1
 decision_log=0
+sim_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --routers) routers="$2"; shift 2 ;;
@@ -71,6 +74,7 @@ while [ $# -gt 0 ]; do
     --profile) profile="$2"; shift 2 ;;
     --kv-cache-tokens) kv_tokens="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
+    --sim-args) sim_args="$2"; shift 2 ;;
     --decision-log) decision_log=1; shift ;;
     -o|--output) out="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -129,6 +133,8 @@ for k in "${!precise_cfg[@]}"; do
 done
 sim_model=()
 [ -z "$model" ] || sim_model=(--model "$model")
+read -r -a sim_extra <<<"$sim_args"
+sim_model+=(${sim_extra[@]+"${sim_extra[@]}"})
 log_env=()
 [ "$decision_log" = 0 ] || log_env=(env "RUST_LOG=info,llmsched_decisions=debug")
 
