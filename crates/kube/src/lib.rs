@@ -1,0 +1,17 @@
+//! # llmsched-kube
+//!
+//! llmsched as a Kubernetes citizen. This crate holds everything that needs kube-rs, so
+//! `core` and `datalayer` stay free of it:
+//!
+//! * [`crd`] — `InferencePool` (v1 and v1alpha2), `InferenceObjective` and
+//!   `InferenceModelRewrite` (both groups) as Rust types, and the CRD manifests generated
+//!   from them (`llmsched crds`);
+//! * [`pool`] — the pool/pod contract: which pods are endpoints and what endpoints they give;
+//! * [`objectives`] — cluster objectives and rewrites into `llmsched_core` `Objectives`;
+//! * [`discovery`] — the watches feeding the data layer's endpoint and objectives stores;
+//! * [`metrics`] — `llmsched_kube_*` metrics.
+pub mod crd;
+pub mod discovery;
+pub mod metrics;
+pub mod objectives;
+pub mod pool;
