@@ -342,7 +342,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
 
     // Servers.
     let registry = Arc::new(registry);
-    let health = HealthHandle::new().await;
+    let health = HealthHandle::new();
     spawn_readiness_watch(
         health.clone(),
         store.clone() as Arc<dyn EndpointSource>,
