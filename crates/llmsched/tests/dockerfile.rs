@@ -65,7 +65,8 @@ fn dockerfile_builds_the_release_binary_into_a_non_root_epp_image() {
         .collect();
     assert_eq!(stages.len(), 2, "a builder and a runtime stage: {stages:?}");
     assert!(
-        stages[0].starts_with("docker.io/library/rust:${RUST_VERSION}-") && stages[0].ends_with(" AS builder"),
+        stages[0].starts_with("docker.io/library/rust:${RUST_VERSION}-")
+            && stages[0].ends_with(" AS builder"),
         "{}",
         stages[0]
     );
@@ -83,10 +84,16 @@ fn dockerfile_builds_the_release_binary_into_a_non_root_epp_image() {
         .find_map(|l| l.strip_prefix("rust-version = "))
         .unwrap()
         .trim_matches('"');
-    assert!(version(&rust) >= version(msrv), "RUST_VERSION {rust} < rust-version {msrv}");
+    assert!(
+        version(&rust) >= version(msrv),
+        "RUST_VERSION {rust} < rust-version {msrv}"
+    );
 
     // Exactly the release build of the llmsched package, with the committed lock file.
-    assert_eq!(arg_default(&ins, "CARGO_PROFILE").as_deref(), Some("release"));
+    assert_eq!(
+        arg_default(&ins, "CARGO_PROFILE").as_deref(),
+        Some("release")
+    );
     let build = ins
         .iter()
         .find(|(k, v)| k == "RUN" && v.contains("cargo build"))
@@ -101,10 +108,7 @@ fn dockerfile_builds_the_release_binary_into_a_non_root_epp_image() {
     assert!(!build.contains("--features") && !build.contains("--no-default-features"));
 
     // The runtime stage: the binary at /llmsched, user 65532, entrypoint `llmsched epp`.
-    let runtime_at = ins
-        .iter()
-        .rposition(|(k, _)| k == "FROM")
-        .unwrap();
+    let runtime_at = ins.iter().rposition(|(k, _)| k == "FROM").unwrap();
     let runtime = &ins[runtime_at..];
     assert!(
         runtime
@@ -114,10 +118,17 @@ fn dockerfile_builds_the_release_binary_into_a_non_root_epp_image() {
     );
     let user = runtime.iter().rev().find(|(k, _)| k == "USER").unwrap();
     assert_eq!(user.1, "65532:65532");
-    let entry = runtime.iter().rev().find(|(k, _)| k == "ENTRYPOINT").unwrap();
+    let entry = runtime
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "ENTRYPOINT")
+        .unwrap();
     let entry: Vec<String> = serde_json::from_str(&entry.1).expect("exec-form ENTRYPOINT");
     assert_eq!(entry, ["/llmsched", "epp"]);
-    assert!(!runtime.iter().any(|(k, _)| k == "CMD"), "no CMD: the chart's args are the arguments");
+    assert!(
+        !runtime.iter().any(|(k, _)| k == "CMD"),
+        "no CMD: the chart's args are the arguments"
+    );
 }
 
 /// `.dockerignore` patterns (only the plain folder/file names this repository uses).
@@ -132,7 +143,13 @@ fn ignored(root: &Path) -> Vec<String> {
 }
 
 fn is_ignored(patterns: &[String], rel: &Path) -> bool {
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy().into_owned();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
     patterns.iter().any(|p| {
         if let Some(prefix) = p.strip_suffix('*') {
             first.starts_with(prefix)
@@ -146,11 +163,23 @@ fn is_ignored(patterns: &[String], rel: &Path) -> bool {
 fn dockerignore_keeps_everything_the_build_reads() {
     let root = repo_root();
     let patterns = ignored(&root);
-    for needed in ["Cargo.toml", "Cargo.lock", "crates", "config", "rustfmt.toml"] {
-        assert!(!is_ignored(&patterns, Path::new(needed)), "{needed} is ignored");
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "crates",
+        "config",
+        "rustfmt.toml",
+    ] {
+        assert!(
+            !is_ignored(&patterns, Path::new(needed)),
+            "{needed} is ignored"
+        );
     }
     for big in [".git", "target", ".tools"] {
-        assert!(is_ignored(&patterns, Path::new(big)), "{big} is sent to the daemon");
+        assert!(
+            is_ignored(&patterns, Path::new(big)),
+            "{big} is sent to the daemon"
+        );
     }
     // Files compiled into the binary from outside the crates (include_str!/include_bytes!).
     let mut stack: Vec<PathBuf> = vec![root.join("crates")];
@@ -204,10 +233,17 @@ fn hadolint_accepts_the_dockerfile() {
     // The linter is live: a Dockerfile with known problems fails.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("Dockerfile");
-    std::fs::write(&bad, "FROM debian:latest\nRUN cd /tmp && apt-get install curl\nCMD run\n")
-        .unwrap();
+    std::fs::write(
+        &bad,
+        "FROM debian:latest\nRUN cd /tmp && apt-get install curl\nCMD run\n",
+    )
+    .unwrap();
     let out = run(Command::new(&hadolint).arg("--no-color").arg(&bad));
-    assert!(!out.status.success(), "hadolint accepted a bad Dockerfile: {}", both(&out));
+    assert!(
+        !out.status.success(),
+        "hadolint accepted a bad Dockerfile: {}",
+        both(&out)
+    );
     let text = both(&out);
     assert!(text.contains("DL3007") || text.contains("DL3003"), "{text}");
 }
