@@ -222,7 +222,9 @@ impl LeaderMetrics {
 
     /// Transitions of kind `event` (`acquired`, `lost`, `released`).
     pub fn transitions(&self, event: &'static str) -> u64 {
-        self.transitions.get_or_create(&TransitionLabels { event }).get()
+        self.transitions
+            .get_or_create(&TransitionLabels { event })
+            .get()
     }
 
     /// Failed Lease calls of `operation` for `reason`.
@@ -320,7 +322,7 @@ impl Record {
 }
 
 /// What a candidate or leader does with the Lease it read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Plan {
     /// Another replica holds a valid lease.
     Follow { holder: String },
@@ -514,10 +516,10 @@ impl Elector {
                 match outcome {
                     Attempt::Leader => last_renew = Instant::now(),
                     Attempt::Follower
-                        if self
-                            .observed
-                            .as_ref()
-                            .is_some_and(|(r, _)| r.holder.is_some() && r.holder.as_deref() != Some(self.config.identity.as_str())) =>
+                        if self.observed.as_ref().is_some_and(|(r, _)| {
+                            r.holder.is_some()
+                                && r.holder.as_deref() != Some(self.config.identity.as_str())
+                        }) =>
                     {
                         tracing::warn!(
                             lease = %self.config.lease_name,
@@ -679,7 +681,13 @@ impl Elector {
                 Duration::ZERO
             }
         };
-        match plan(&me, &record, observed_for, self.config.lease_duration, now()) {
+        match plan(
+            &me,
+            &record,
+            observed_for,
+            self.config.lease_duration,
+            now(),
+        ) {
             Plan::Follow { holder } => {
                 tracing::trace!(lease = %name, %holder, "leader election: Lease held by another replica");
                 Ok(Attempt::Follower)
@@ -732,9 +740,8 @@ impl Elector {
                 ..LeaseSpec::default()
             }),
         };
-        let call = self
-            .api
-            .replace(&self.config.lease_name, &PostParams::default(), &lease);
+        let params = PostParams::default();
+        let call = self.api.replace(&self.config.lease_name, &params, &lease);
         match tokio::time::timeout(RELEASE_TIMEOUT, call).await {
             Ok(Ok(_)) => {
                 tracing::info!(lease = %self.config.lease_name, "leader election: released the Lease")
@@ -795,7 +802,13 @@ mod tests {
 
     #[test]
     fn a_valid_lease_of_another_holder_is_followed() {
-        let p = plan("me", &rec(Some("other"), 3), Duration::from_secs(14), D, t(200));
+        let p = plan(
+            "me",
+            &rec(Some("other"), 3),
+            Duration::from_secs(14),
+            D,
+            t(200),
+        );
         assert_eq!(
             p,
             Plan::Follow {
