@@ -50,10 +50,12 @@ def strict(schema):
                 walk(child)
 
     walk(schema)
-    # metadata is ObjectMeta, described by the API server, not by the CRD.
-    props = schema.get("properties", {})
-    if "metadata" in props:
-        props["metadata"] = {"type": "object"}
+    # apiVersion, kind and metadata (ObjectMeta) belong to every object; the API server
+    # describes them, a CRD's schema may leave them out.
+    props = schema.setdefault("properties", {})
+    props["apiVersion"] = {"type": "string"}
+    props["kind"] = {"type": "string"}
+    props["metadata"] = {"type": "object"}
     return schema
 
 
