@@ -910,7 +910,7 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         max_backoff: Duration::from_secs(1),
         max_body_bytes: 1,
         path: "/metrics".into(),
-        metrics_port: None,
+        metrics_port: crate::MetricsPort::default(),
     };
     let ep = Endpoint::new(
         EndpointId(0),
@@ -928,7 +928,7 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         "http://[fd00::1]:8000/metrics"
     );
     let s2 = crate::ScrapeSettings {
-        metrics_port: Some(9100),
+        metrics_port: crate::MetricsPort::new(Some(9100)),
         path: "/custom/metrics".into(),
         ..settings
     };

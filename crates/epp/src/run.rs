@@ -29,7 +29,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Args, ArgsError};
+use crate::args::{Args, ArgsError, Discovery};
+use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
 
 /// Why the EPP cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,9 @@ pub enum EppError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// Kubernetes discovery cannot start (no usable kubeconfig or service account).
+    #[error("Kubernetes: {0}")]
+    Kube(#[from] llmsched_kube::discovery::ClientError),
     /// A server failed while running.
     #[error("{server} server failed: {error}")]
     Serve {
@@ -96,6 +100,7 @@ pub struct EppHandle {
     cancel: CancellationToken,
     servers: JoinSet<(&'static str, Result<(), String>)>,
     datalayer: Option<DataLayerHandle>,
+    kube: Option<llmsched_kube::discovery::KubeDiscovery>,
 }
 
 impl EppHandle {
@@ -145,6 +150,9 @@ impl EppHandle {
             self.servers.abort_all();
             while self.servers.join_next().await.is_some() {}
         }
+        if let Some(k) = self.kube.take() {
+            k.shutdown().await;
+        }
         if let Some(dl) = self.datalayer.take() {
             dl.shutdown().await;
         }
@@ -163,7 +171,12 @@ impl Drop for EppHandle {
 /// Loads the configuration named by the flags (file, text, or the built-in default).
 pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
     let registry = llmsched_plugins::default_registry();
-    if let Some(path) = &args.config_file {
+    // An empty --config-file means unset, as pflag's empty string does.
+    if let Some(path) = args
+        .config_file
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
             path: path.display().to_string(),
             error,
@@ -253,7 +266,16 @@ fn tls_config(args: &Args) -> Result<Option<TlsConfig>, EppError> {
 /// Starts the EPP: every listener is bound and every task spawned when this returns.
 pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     args.validate()?;
+    for w in args.compatibility_warnings() {
+        tracing::warn!("{w}");
+    }
     let cancel = CancellationToken::new();
+    let kube_source = kube_source(&args.discovery(std::env::var("NAMESPACE").ok().as_deref())?);
+    // The Kubernetes client (configuration only; nothing is contacted yet).
+    let kube_client = match &kube_source {
+        None => None,
+        Some(_) => Some(llmsched_kube::discovery::client(args.kubeconfig.as_deref()).await?),
+    };
 
     // Metrics registry shared by scheduler, plugins, director and data layer.
     let mut registry = Registry::default();
@@ -264,6 +286,9 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         env!("CARGO_PKG_VERSION"),
     );
     let dl_metrics = llmsched_datalayer::register_metrics(&mut registry);
+    let kube_metrics = kube_client
+        .as_ref()
+        .map(|_| llmsched_kube::metrics::KubeMetrics::register(&mut registry));
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -318,6 +343,17 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     )
     .await?;
     let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
+    let kube = match (&kube_client, kube_metrics, kube_source) {
+        (Some(client), Some(metrics), Some((namespace, source))) => Some(start_kube_discovery(
+            client.clone(),
+            &args,
+            DiscoveryConfig::new(namespace, source),
+            &dl,
+            metrics,
+            cancel.clone(),
+        )),
+        _ => None,
+    };
 
     let pool_name = args.pool_name.clone().unwrap_or_else(|| "llmsched".into());
     PoolCollector::new(
@@ -400,7 +436,66 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         cancel,
         servers,
         datalayer: Some(dl),
+        kube,
     })
+}
+
+/// The Kubernetes source of `discovery` and its namespace (`None`: no Kubernetes).
+fn kube_source(discovery: &Discovery) -> Option<(String, Source)> {
+    match discovery {
+        Discovery::Static => None,
+        Discovery::Pool {
+            name,
+            namespace,
+            group,
+        } => Some((
+            namespace.clone(),
+            Source::Pool {
+                name: name.clone(),
+                group: group.clone(),
+            },
+        )),
+        Discovery::Selector {
+            labels,
+            target_ports,
+            namespace,
+        } => Some((
+            namespace.clone(),
+            Source::Selector(llmsched_kube::pool::PoolView {
+                selector: labels.clone(),
+                target_ports: target_ports.clone(),
+            }),
+        )),
+    }
+}
+
+/// Starts the InferencePool / pod / objectives watches feeding the data layer's stores.
+fn start_kube_discovery(
+    client: llmsched_kube::Client,
+    args: &Args,
+    mut config: DiscoveryConfig,
+    dl: &DataLayerHandle,
+    metrics: llmsched_kube::metrics::KubeMetrics,
+    cancel: CancellationToken,
+) -> llmsched_kube::discovery::KubeDiscovery {
+    config.model_server_metrics_port = args.model_server_metrics_port;
+    if args.objectives_file.is_some() {
+        tracing::info!(
+            "--objectives-file is set: objectives and rewrites come from the file, not from the cluster"
+        );
+        config.watch_objectives = false;
+    }
+    llmsched_kube::discovery::start(
+        client,
+        config,
+        Sinks {
+            store: dl.store().clone(),
+            objectives: dl.objectives().clone(),
+            metrics_port: dl.metrics_port().clone(),
+        },
+        metrics,
+        cancel,
+    )
 }
 
 /// `llmsched epp`: runs until Ctrl-C (or SIGTERM) or a server fails.

@@ -364,7 +364,7 @@ struct EndpointsTask {
     cfg: DiscoveryConfig,
     sinks: Sinks,
     metrics: KubeMetrics,
-    /// The pool in effect (fixed in selector mode).
+    /// The pool in effect (from the flags in selector mode).
     pool: Option<PoolView>,
     /// Pods of the current selector, by name (complete once `pods_listed`).
     pods: BTreeMap<String, Pod>,
@@ -382,16 +382,13 @@ struct EndpointsTask {
 
 impl EndpointsTask {
     fn new(client: Client, cfg: DiscoveryConfig, sinks: Sinks, metrics: KubeMetrics) -> Self {
-        let pool = match &cfg.source {
-            Source::Selector(view) => Some(view.clone()),
-            Source::Pool { .. } => None,
-        };
         Self {
             client,
             cfg,
             sinks,
             metrics,
-            pool,
+            // Set by `run` (from the flags in selector mode, from the pool otherwise).
+            pool: None,
             pods: BTreeMap::new(),
             pods_listed: false,
             pod_buffer: None,
