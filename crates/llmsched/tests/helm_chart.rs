@@ -746,18 +746,14 @@ fn rbac_grants_exactly_what_the_epp_needs() {
         assert_eq!(election.is_some(), r.replicas() > 1, "{}", r.label);
         if let Some(role) = election {
             assert_eq!(role["metadata"]["namespace"], r.pool_namespace().as_str());
+            // What crates/kube/src/leader.rs calls: get_opt, create, replace.
             assert_eq!(
                 rules(role),
-                vec![
-                    (
-                        s(&["coordination.k8s.io"]),
-                        s(&["leases"]),
-                        s(&[
-                            "get", "list", "watch", "create", "update", "patch", "delete"
-                        ])
-                    ),
-                    (s(&[""]), s(&["events"]), s(&["create", "patch"])),
-                ]
+                vec![(
+                    s(&["coordination.k8s.io"]),
+                    s(&["leases"]),
+                    s(&["get", "create", "update"])
+                )]
             );
         }
 
