@@ -300,6 +300,21 @@ pub struct Args {
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub ha_enable_leader_election: bool,
 
+    /// Leader election: how long a Lease stays valid after its last renewal (whole
+    /// seconds). Hidden: for tests; controller-runtime's default.
+    #[arg(long, default_value = "15s", value_parser = go_duration, hide = true)]
+    pub leader_election_lease_duration: Duration,
+
+    /// Leader election: how long the leader keeps trying to renew before it steps down.
+    /// Hidden: for tests; controller-runtime's default.
+    #[arg(long, default_value = "10s", value_parser = go_duration, hide = true)]
+    pub leader_election_renew_deadline: Duration,
+
+    /// Leader election: time between attempts. Hidden: for tests; controller-runtime's
+    /// default.
+    #[arg(long, default_value = "2s", value_parser = go_duration, hide = true)]
+    pub leader_election_retry_period: Duration,
+
     // --- Scheduling ---------------------------------------------------------------------
     /// Ignore the gateway's subset hint.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
@@ -368,8 +383,11 @@ pub struct Args {
 
     /// Authenticate /metrics: a bearer token allowed by a Kubernetes TokenReview and a
     /// SubjectAccessReview (get on /metrics); `--metrics-endpoint-auth=false` turns it off.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
-    pub metrics_endpoint_auth: bool,
+    /// Default: on, as the reference, whenever endpoints come from Kubernetes; off (with a
+    /// log line) for static endpoints, where no Kubernetes client exists.
+    /// `--metrics-endpoint-auth=true` without a usable kubeconfig is a startup error.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub metrics_endpoint_auth: Option<bool>,
 
     /// Log verbosity (0-1 info, 2-3 debug, 4+ trace), as the reference's -v.
     #[arg(short = 'v', long = "v", default_value_t = 0, value_parser = verbosity)]
@@ -883,10 +901,13 @@ mod tests {
         );
         assert_eq!(a.verbosity, 1);
         assert_eq!(a.tracing, Some(false));
-        assert!(
-            a.metrics_endpoint_auth,
-            "defaults to true, as the reference"
+        assert_eq!(
+            a.metrics_endpoint_auth, None,
+            "unset: on whenever a Kubernetes client exists, as the reference"
         );
+        assert_eq!(a.leader_election_lease_duration, Duration::from_secs(15));
+        assert_eq!(a.leader_election_renew_deadline, Duration::from_secs(10));
+        assert_eq!(a.leader_election_retry_period, Duration::from_secs(2));
         assert!(!a.ha_enable_leader_election);
         assert_eq!(
             a.log_settings(),
@@ -1042,7 +1063,7 @@ mod tests {
         assert!(w.contains("pprof is Go-only"), "{w}");
         assert!(a.health_checking);
         assert!(a.enable_cert_reload);
-        assert!(!a.metrics_endpoint_auth);
+        assert_eq!(a.metrics_endpoint_auth, Some(false));
         for (flag, want) in [
             ("--metrics-endpoint-auth", true),
             ("--metrics-endpoint-auth=true", true),
@@ -1053,7 +1074,7 @@ mod tests {
                 parse(&["--pool-name=p", flag])
                     .unwrap()
                     .metrics_endpoint_auth,
-                want,
+                Some(want),
                 "{flag}"
             );
         }

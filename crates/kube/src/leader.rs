@@ -60,6 +60,22 @@ pub fn lease_name(pool_namespace: &str, pool_name: &str) -> String {
     format!("epp-{pool_namespace}-{pool_name}.gateway-api-inference-extension.sigs.k8s.io")
 }
 
+/// The Deployment name in a pod name made by a ReplicaSet (`<deployment>-<hash>-<suffix>`),
+/// which names the Lease in `--endpoint-selector` mode (there is no pool), as the reference
+/// derives it from `POD_NAME`.
+pub fn deployment_of_pod(pod_name: &str) -> Option<&str> {
+    let mut parts = pod_name.rsplitn(3, '-');
+    let suffix = parts.next()?;
+    let hash = parts.next()?;
+    let deployment = parts.next()?;
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    (token(suffix) && token(hash) && !deployment.is_empty()).then_some(deployment)
+}
+
 /// This replica's identity in the Lease: env `POD_NAME` (the chart sets it from the downward
 /// API), else the host name plus `_` and a random suffix, so two processes on one host differ.
 pub fn holder_identity() -> String {
@@ -789,6 +805,16 @@ mod tests {
             lease_name("llm-d", "gaie-inference-scheduling"),
             "epp-llm-d-gaie-inference-scheduling.gateway-api-inference-extension.sigs.k8s.io"
         );
+    }
+
+    #[test]
+    fn deployment_names_come_from_replicaset_pod_names() {
+        assert_eq!(deployment_of_pod("my-epp-7d9f8b6c5-x2x4z"), Some("my-epp"));
+        assert_eq!(deployment_of_pod("epp-abc-def"), Some("epp"));
+        assert_eq!(deployment_of_pod("epp-abc"), None);
+        assert_eq!(deployment_of_pod("epp-ABC-def"), None);
+        assert_eq!(deployment_of_pod("-abc-def"), None);
+        assert_eq!(deployment_of_pod(""), None);
     }
 
     #[test]
