@@ -38,7 +38,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::crd::{POOL_GROUP_V1, X_K8S_GROUP};
+use crate::crd::X_K8S_GROUP;
 use crate::metrics::{ErrorReason, KubeMetrics};
 use crate::objectives::{self, Kind, PoolRef};
 use crate::pool::{self, PoolView, Skip};
@@ -409,23 +409,11 @@ impl EndpointsTask {
     }
 
     async fn run(mut self, cancel: CancellationToken) {
-        let mut pool_stream: Option<EventStream<DynamicObject>> = match &self.cfg.source {
-            Source::Pool { name, group } => {
-                let ar = pool_resource(group);
-                let api = Api::<DynamicObject>::namespaced_with(
-                    self.client.clone(),
-                    &self.cfg.namespace,
-                    &ar,
-                );
-                let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
-                Some(watch_stream(api, wc, &self.cfg))
-            }
-            Source::Selector(view) => {
-                let view = view.clone();
-                self.apply_pool_view(view);
-                None
-            }
-        };
+        let mut pool_stream = self.pool_stream();
+        if let Source::Selector(view) = &self.cfg.source {
+            let view = view.clone();
+            self.apply_pool_view(view);
+        }
         loop {
             tokio::select! {
                 biased;
@@ -439,7 +427,7 @@ impl EndpointsTask {
                     }
                     None => {
                         tracing::error!("InferencePool watch ended; restarting it");
-                        pool_stream = None;
+                        pool_stream = self.pool_stream();
                     }
                 },
                 ev = next_event(&mut self.pods_stream) => match ev {
@@ -458,6 +446,18 @@ impl EndpointsTask {
                 },
             }
         }
+    }
+
+    /// The pool watch (none in selector mode).
+    fn pool_stream(&self) -> Option<EventStream<DynamicObject>> {
+        let Source::Pool { name, group } = &self.cfg.source else {
+            return None;
+        };
+        let ar = pool_resource(group);
+        let api =
+            Api::<DynamicObject>::namespaced_with(self.client.clone(), &self.cfg.namespace, &ar);
+        let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        Some(watch_stream(api, wc, &self.cfg))
     }
 
     fn on_pool_event(&mut self, ev: Event<DynamicObject>) {
@@ -879,14 +879,5 @@ impl ObjectivesTask {
             );
             self.store.replace(built.objectives);
         }
-    }
-}
-
-/// The API group's pool CRD, for messages.
-pub fn pool_api_version(group: &str) -> String {
-    if group == POOL_GROUP_V1 {
-        format!("{group}/v1")
-    } else {
-        format!("{group}/v1alpha2")
     }
 }

@@ -523,3 +523,52 @@ async fn objectives_follow_the_installed_crds() {
     .await;
     h.stop().await;
 }
+
+/// Discovery latency, pod Ready → endpoint in the store (what the scheduler reads): a
+/// measurement, not a check (run it on purpose; it asserts nothing about time):
+///
+/// `cargo test --release -p llmsched-kube --test discovery -- --ignored --nocapture discovery_latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn discovery_latency() {
+    let server = Harness::server().await;
+    server
+        .create(
+            &ResourceKind::inference_pools_v1(),
+            objects::inference_pool_v1(NS, POOL, &[("app", "vllm")], &[8000]),
+        )
+        .unwrap();
+    let h = Harness::start(server, pool_config()).await;
+    h.add_pod("vllm-0", "10.0.0.1", true, APP);
+    h.add_pod("vllm-1", "10.0.0.2", false, APP);
+    h.wait_endpoints(&["vllm-0-rank-0@10.0.0.1:8000"]).await;
+    let mut ready = Vec::new();
+    let mut unready = Vec::new();
+    for _ in 0..200 {
+        let t = std::time::Instant::now();
+        h.server.set_pod_ready(NS, "vllm-1", true).unwrap();
+        while h.store.snapshot().by_name("vllm-1-rank-0").is_none() {
+            tokio::task::yield_now().await;
+        }
+        ready.push(t.elapsed());
+        let t = std::time::Instant::now();
+        h.server.set_pod_ready(NS, "vllm-1", false).unwrap();
+        while h.store.snapshot().by_name("vllm-1-rank-0").is_some() {
+            tokio::task::yield_now().await;
+        }
+        unready.push(t.elapsed());
+    }
+    for (what, mut v) in [("ready -> routable", ready), ("not ready -> unroutable", unready)] {
+        v.sort();
+        let q = |p: f64| v[((v.len() - 1) as f64 * p) as usize];
+        println!(
+            "{what}: n={} p50={:?} p90={:?} p99={:?} max={:?}",
+            v.len(),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            v[v.len() - 1]
+        );
+    }
+    h.stop().await;
+}
