@@ -161,4 +161,8 @@ pub struct WatchInfo {
     pub bookmarks: bool,
     /// The user who opened it.
     pub user: String,
+    /// Events sent so far (bookmarks and errors included).
+    pub events_sent: u64,
+    /// Of those, how many were deliberately malformed ([`TestApiServer::set_malformed`]).
+    pub garbage_sent: u64,
 }

@@ -209,6 +209,33 @@ impl ResourceKind {
         k
     }
 
+    /// authorization.k8s.io/v1 `selfsubjectaccessreviews` (`kubectl auth can-i`), answered for
+    /// the requesting user from the permission table.
+    pub fn self_subject_access_reviews() -> Self {
+        let mut k = Self::new(
+            "authorization.k8s.io/v1",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+            false,
+        )
+        .with_verbs(&["create"]);
+        k.virtual_create_only = true;
+        k
+    }
+
+    /// authentication.k8s.io/v1 `selfsubjectreviews` (`kubectl auth whoami`).
+    pub fn self_subject_reviews() -> Self {
+        let mut k = Self::new(
+            "authentication.k8s.io/v1",
+            "SelfSubjectReview",
+            "selfsubjectreviews",
+            false,
+        )
+        .with_verbs(&["create"]);
+        k.virtual_create_only = true;
+        k
+    }
+
     /// `inference.networking.k8s.io/v1` `inferencepools` (GIE v1).
     pub fn inference_pools_v1() -> Self {
         Self::new(
@@ -285,6 +312,8 @@ impl ResourceKind {
             Self::custom_resource_definitions(),
             Self::token_reviews(),
             Self::subject_access_reviews(),
+            Self::self_subject_access_reviews(),
+            Self::self_subject_reviews(),
         ]
     }
 

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -45,13 +45,14 @@ const GARBAGE: &str =
 /// Server version reported at `/version`.
 pub const SERVER_MINOR: &str = "34";
 
-/// How watch streams are told to end.
-#[derive(Clone, Copy, Debug)]
-enum WatchCtl {
-    /// Abort the connection mid-stream (the client sees a broken chunked body).
-    Drop,
-    /// Send an `ERROR` event with a 410 `Expired` status, then end the stream.
-    Expire,
+/// How watch streams are told to end: counters bumped by [`TestApiServer::drop_watches`]
+/// (abort the connection mid-stream) and [`TestApiServer::expire_watches`] (an `ERROR` event
+/// with 410 Expired). A watch acts on a bump newer than its start before sending anything
+/// written after the bump.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct WatchCtl {
+    drops: u64,
+    expires: u64,
 }
 
 pub(crate) struct Options {
@@ -69,11 +70,26 @@ pub(crate) struct Shared {
     pub log: Mutex<Vec<RequestRecord>>,
     pub watches: Mutex<HashMap<u64, WatchInfo>>,
     next_watch: AtomicU64,
-    watch_ctl: broadcast::Sender<WatchCtl>,
+    watch_ctl: watch::Sender<WatchCtl>,
     pub options: Options,
 }
 
 impl Shared {
+    /// Runs a write against the store, or against a scratch copy for `dryRun=All` (nothing
+    /// persists, no watch sees it), then wakes the watches.
+    fn write<T>(&self, dry_run: bool, f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut store = self.store.lock();
+        if dry_run {
+            let mut scratch = store.clone();
+            drop(store);
+            return f(&mut scratch);
+        }
+        let r = f(&mut store);
+        drop(store);
+        self.notify();
+        r
+    }
+
     pub fn notify(&self) {
         let rv = self.store.lock().rv;
         self.rv_tx.send_replace(rv);
@@ -169,9 +185,10 @@ impl ServerBuilder {
         } else {
             None
         };
-        let store = Store::new(self.kinds.clone(), self.history_limit);
+        let mut store = Store::new(self.kinds.clone(), self.history_limit);
+        store.seed_namespaces();
         let (rv_tx, _) = watch::channel(store.rv);
-        let (watch_ctl, _) = broadcast::channel(16);
+        let (watch_ctl, _) = watch::channel(WatchCtl::default());
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
             rv_tx,
@@ -392,6 +409,7 @@ impl TestApiServer {
         if !keep_state {
             let mut s = self.shared.store.lock();
             *s = s.wiped();
+            s.seed_namespaces();
         }
         self.shared.notify();
         self.resume().await
@@ -443,13 +461,10 @@ impl TestApiServer {
     /// included. Namespace from `metadata.namespace` (default `default`).
     pub fn create(&self, kind: &ResourceKind, obj: Value) -> Result<Value, ApiStatus> {
         let ns = Self::ns_of(kind, &obj);
-        let r = self
-            .shared
-            .store
-            .lock()
-            .create(kind, &ns, obj, UpdateMode::Raw);
-        self.shared.notify();
-        r
+        self.shared.write(false, |s| {
+            s.ensure_namespace(kind, &ns);
+            s.create(kind, &ns, obj, UpdateMode::Raw)
+        })
     }
 
     /// Replaces an object (status included). `metadata.resourceVersion`, when set, must be
@@ -634,14 +649,14 @@ impl TestApiServer {
 
     /// Aborts every open watch connection mid-stream (a dropped connection).
     pub fn drop_watches(&self) {
-        let _ = self.shared.watch_ctl.send(WatchCtl::Drop);
+        self.shared.watch_ctl.send_modify(|c| c.drops += 1);
     }
 
     /// Compacts the history and ends every open watch with an `ERROR` event carrying a 410
     /// Expired status, as when the watch cache drops a watcher: clients must re-list.
     pub fn expire_watches(&self) {
         self.compact();
-        let _ = self.shared.watch_ctl.send(WatchCtl::Expire);
+        self.shared.watch_ctl.send_modify(|c| c.expires += 1);
     }
 
     /// Forgets the watch history (an etcd compaction): a watch asking to resume from an
@@ -816,6 +831,8 @@ enum Route {
     Group(String),
     GroupVersion(String, String),
     Resource(ResPath),
+    OpenApiRoot,
+    OpenApiDoc(String),
     NotFound,
 }
 
@@ -842,6 +859,8 @@ fn route(path: &str) -> Route {
         ["api"] => Route::CoreGroup,
         ["api", v] => Route::CoreVersion(v.to_string()),
         ["api", v, rest @ ..] => res_route("", v, rest),
+        ["openapi", "v3"] => Route::OpenApiRoot,
+        ["openapi", "v3", rest @ ..] => Route::OpenApiDoc(rest.join("/")),
         ["apis"] => Route::Groups,
         ["apis", g] => Route::Group(g.to_string()),
         ["apis", g, v] => Route::GroupVersion(g.to_string(), v.to_string()),
@@ -1009,6 +1028,8 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> (Response<Body>, String) {
         Route::Group(g) => get_only(group(shared, &g)),
         Route::GroupVersion(g, v) => get_only(resource_list(shared, &g, &v)),
         Route::Resource(rp) => resource_request(shared, req, rp).await,
+        Route::OpenApiRoot => get_only(openapi_root(shared)),
+        Route::OpenApiDoc(gv) => get_only(openapi_doc(shared, &gv)),
         Route::NotFound => (status_response(&ApiStatus::no_such_path()), String::new()),
     }
 }
@@ -1198,7 +1219,122 @@ fn group(shared: &Shared, group: &str) -> Response<Body> {
     }
 }
 
+/// `/openapi/v3`: one entry per group-version, as the real server lists them.
+fn openapi_root(shared: &Shared) -> Response<Body> {
+    let store = shared.store.lock();
+    let mut paths = serde_json::Map::new();
+    for k in &store.kinds {
+        let p = if k.group.is_empty() {
+            format!("api/{}", k.version)
+        } else {
+            format!("apis/{}/{}", k.group, k.version)
+        };
+        let url = format!("/openapi/v3/{p}?hash=kubetest{}", store.kinds.len());
+        paths.insert(p, json!({"serverRelativeURL": url}));
+    }
+    json_response(200, &json!({"paths": paths}))
+}
+
+/// `/openapi/v3/apis/<group>/<version>`: the operations of each resource, with the query
+/// parameters clients probe for (kubectl checks `fieldValidation` on PATCH to decide that
+/// the server validates). No schemas: this server does not validate against them.
+fn openapi_doc(shared: &Shared, gv: &str) -> Response<Body> {
+    let store = shared.store.lock();
+    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => (String::new(), v.to_string()),
+        ["apis", g, v] => (g.to_string(), v.to_string()),
+        _ => return status_response(&ApiStatus::no_such_path()),
+    };
+    let kinds: Vec<&ResourceKind> = store
+        .kinds
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .collect();
+    if kinds.is_empty() {
+        return status_response(&ApiStatus::no_such_path());
+    }
+    let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    let mut paths = serde_json::Map::new();
+    for k in kinds {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let base = if k.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}", k.plural)
+        } else {
+            format!("{prefix}/{}", k.plural)
+        };
+        let gvk = json!({"group": k.group, "version": k.version, "kind": k.kind});
+        let op = |action: &str, params: Vec<Value>| {
+            json!({
+                "operationId": format!("{action}{}", k.kind),
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": params,
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        let write_params = || {
+            vec![
+                param("dryRun"),
+                param("fieldManager"),
+                param("fieldValidation"),
+            ]
+        };
+        paths.insert(
+            base.clone(),
+            json!({
+                "get": op("list", vec![param("labelSelector"), param("fieldSelector"), param("resourceVersion"), param("watch")]),
+                "post": op("post", write_params()),
+            }),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({
+                "get": op("get", vec![]),
+                "put": op("put", write_params()),
+                "patch": op("patch", {
+                    let mut p = write_params();
+                    p.push(param("force"));
+                    p
+                }),
+                "delete": op("delete", vec![param("dryRun"), param("gracePeriodSeconds")]),
+            }),
+        );
+    }
+    json_response(
+        200,
+        &json!({
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": format!("v1.{SERVER_MINOR}.0")},
+            "paths": paths,
+            "components": {"schemas": {}},
+        }),
+    )
+}
+
+/// `dryRun=All`: validate and answer, persist nothing.
+fn dry_run(req: &Req) -> bool {
+    req.query.iter().any(|(k, v)| k == "dryRun" && v == "All")
+}
+
 fn parse_body(req: &Req) -> Result<Value, ApiStatus> {
+    let ct = req
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct.starts_with("application/vnd.kubernetes.protobuf") || ct.starts_with("application/cbor") {
+        return Err(ApiStatus::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (kubetest does not decode {ct}; send JSON)"
+            ),
+        ));
+    }
     if req.body.is_empty() {
         return Err(ApiStatus::bad_request("the request body is empty"));
     }
@@ -1373,10 +1509,34 @@ fn review(shared: &Shared, req: &Req, kind: &ResourceKind) -> Response<Body> {
         Err(s) => return status_response(&s),
     };
     let auth = shared.auth.lock();
-    let answer = if kind.plural == "tokenreviews" {
-        auth.token_review(&body)
-    } else {
-        auth.subject_access_review(&body)
+    let answer = match kind.plural.as_str() {
+        "tokenreviews" => auth.token_review(&body),
+        "subjectaccessreviews" => auth.subject_access_review(&body),
+        "selfsubjectaccessreviews" => {
+            // The requesting user asks about themself.
+            let mut sar = body.clone();
+            sar["spec"]["user"] = json!(req.user.username);
+            sar["spec"]["groups"] = json!(req.user.groups);
+            auth.subject_access_review(&sar).map(|mut v| {
+                v["apiVersion"] = json!(kind.api_version());
+                v["kind"] = json!(kind.kind);
+                if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.remove("user");
+                    spec.remove("groups");
+                }
+                v
+            })
+        }
+        _ => Ok(json!({
+            "apiVersion": kind.api_version(),
+            "kind": kind.kind,
+            "metadata": {"creationTimestamp": null},
+            "status": {"userInfo": {
+                "username": req.user.username,
+                "uid": req.user.uid,
+                "groups": req.user.groups,
+            }},
+        })),
     };
     match answer {
         Ok(v) => json_response(201, &v),
@@ -1407,23 +1567,88 @@ fn partial(obj: &Value) -> Value {
     })
 }
 
+/// An object's age as kubectl prints it (`42s`, `5m`, `3h`, `2d`).
+fn age(obj: &Value) -> String {
+    let Some(t) = meta_str(obj, "creationTimestamp").and_then(|t| humantime::parse_rfc3339(t).ok())
+    else {
+        return "<unknown>".into();
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3 * 3600 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// The server-side table kubectl prints: Name and Age, plus Ready/Status/Restarts/IP/Node
+/// for pods.
 fn table(kind: &ResourceKind, objs: &[Value], rv: &str) -> Value {
+    let is_pod = kind.group.is_empty() && kind.plural == "pods";
+    let col = |name: &str, ty: &str, priority: u8| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": name, "priority": priority});
+    let columns = if is_pod {
+        vec![
+            col("Name", "string", 0),
+            col("Ready", "string", 0),
+            col("Status", "string", 0),
+            col("Restarts", "string", 0),
+            col("Age", "string", 0),
+            col("IP", "string", 1),
+            col("Node", "string", 1),
+        ]
+    } else {
+        vec![col("Name", "string", 0), col("Age", "string", 0)]
+    };
     let rows: Vec<Value> = objs
         .iter()
         .map(|o| {
             let name = meta_str(o, "name").unwrap_or_default();
-            let created = meta_str(o, "creationTimestamp").unwrap_or_default();
-            json!({"cells": [name, created], "object": partial(o)})
+            let cells = if is_pod {
+                let ready = o
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                    .is_some_and(|c| c["status"] == "True");
+                let containers = o
+                    .pointer("/spec/containers")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len);
+                let status = if o.pointer("/metadata/deletionTimestamp").is_some() {
+                    "Terminating".to_string()
+                } else {
+                    o.pointer("/status/phase")
+                        .and_then(Value::as_str)
+                        .unwrap_or("Pending")
+                        .to_string()
+                };
+                json!([
+                    name,
+                    format!("{}/{containers}", if ready { containers } else { 0 }),
+                    status,
+                    "0",
+                    age(o),
+                    o.pointer("/status/podIP")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>"),
+                    o.pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>"),
+                ])
+            } else {
+                json!([name, age(o)])
+            };
+            json!({"cells": cells, "object": partial(o)})
         })
         .collect();
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": rv},
-        "columnDefinitions": [
-            {"name": "Name", "type": "string", "format": "name", "description": format!("Name of the {}", kind.kind), "priority": 0},
-            {"name": "Created At", "type": "date", "format": "", "description": "creationTimestamp", "priority": 0}
-        ],
+        "columnDefinitions": columns,
         "rows": rows,
     })
 }
@@ -1637,8 +1862,8 @@ fn create(shared: &Arc<Shared>, kind: &ResourceKind, ns: &str, req: &Req) -> Res
     } else {
         UpdateMode::Main
     };
-    let r = {
-        let mut store = shared.store.lock();
+    let r = shared.write(dry_run(req), |store| {
+        store.ensure_namespace(kind, ns);
         let r = store.create(kind, ns, body, mode);
         if r.is_ok() {
             for k in crd_kinds {
@@ -1646,8 +1871,7 @@ fn create(shared: &Arc<Shared>, kind: &ResourceKind, ns: &str, req: &Req) -> Res
             }
         }
         r
-    };
-    shared.notify();
+    });
     match r {
         Ok(v) => json_response(201, &v),
         Err(s) => status_response(&s),
@@ -1671,8 +1895,9 @@ fn update(
     } else {
         UpdateMode::Main
     };
-    let r = shared.store.lock().update(kind, ns, name, body, mode);
-    shared.notify();
+    let r = shared.write(dry_run(req), |store| {
+        store.update(kind, ns, name, body, mode)
+    });
     match r {
         Ok(v) => json_response(200, &v),
         Err(s) => status_response(&s),
@@ -1721,8 +1946,7 @@ fn patch(
     } else {
         UpdateMode::Main
     };
-    let r = {
-        let mut store = shared.store.lock();
+    let r = shared.write(dry_run(req), |store| {
         let current = store.get(kind, ns, name);
         match ct.as_str() {
             "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
@@ -1786,6 +2010,7 @@ fn patch(
                                     &mut b,
                                     &json!({"metadata": {"name": name}}),
                                 );
+                                store.ensure_namespace(kind, ns);
                                 store.create(kind, ns, b, UpdateMode::Main)
                             }
                         }
@@ -1799,8 +2024,7 @@ fn patch(
             }
             other => Err(ApiStatus::unsupported_media_type(other)),
         }
-    };
-    shared.notify();
+    });
     match r {
         Ok(v) => json_response(200, &v),
         Err(s) => status_response(&s),
@@ -1837,6 +2061,7 @@ fn delete_one(
     name: &str,
     pre: &Preconditions,
     grace: Option<i64>,
+    dry: bool,
 ) -> Result<Value, ApiStatus> {
     let termination = if kind.group.is_empty() && kind.plural == "pods" {
         shared.options.pod_termination
@@ -1848,8 +2073,7 @@ fn delete_one(
         (None, Some(d)) => i64::try_from(d.as_secs().max(1)).unwrap_or(30),
         (None, None) => 0,
     };
-    let r = {
-        let mut store = shared.store.lock();
+    let r = shared.write(dry, |store| {
         let r = store.delete(kind, ns, name, pre, grace_secs);
         if kind.plural == "customresourcedefinitions"
             && let Ok(Deleted::Gone(v)) = &r
@@ -1859,13 +2083,12 @@ fn delete_one(
             store.unregister(&k.group, &k.plural);
         }
         r
-    };
-    shared.notify();
+    });
     match r? {
         Deleted::Gone(v) => Ok(v),
         Deleted::Marked(v) => {
             // The "kubelet" finishes the termination after the configured delay.
-            if let (Some(d), true) = (termination, grace_secs > 0) {
+            if let (Some(d), true, false) = (termination, grace_secs > 0, dry) {
                 let uid = meta_str(&v, "uid").unwrap_or_default().to_string();
                 let shared = shared.clone();
                 let kind = kind.clone();
@@ -1896,7 +2119,7 @@ fn delete(
         Ok(x) => x,
         Err(s) => return status_response(&s),
     };
-    match delete_one(shared, kind, ns, name, &pre, grace) {
+    match delete_one(shared, kind, ns, name, &pre, grace, dry_run(req)) {
         Ok(v) => {
             if kind.group == "apiextensions.k8s.io" {
                 let uid = meta_str(&v, "uid").unwrap_or_default().to_string();
@@ -1937,7 +2160,15 @@ fn delete_collection(
         .collect();
     let mut items = Vec::new();
     for (ons, name) in targets {
-        if let Ok(v) = delete_one(shared, kind, &ons, &name, &Preconditions::default(), grace) {
+        if let Ok(v) = delete_one(
+            shared,
+            kind,
+            &ons,
+            &name,
+            &Preconditions::default(),
+            grace,
+            dry_run(req),
+        ) {
             items.push(v);
         }
     }
@@ -2019,6 +2250,8 @@ fn watch(
         resource_version: req.q("resourceVersion").unwrap_or("").to_string(),
         bookmarks,
         user: req.user.username.clone(),
+        events_sent: 0,
+        garbage_sent: 0,
     };
     shared.watches.lock().insert(id, info);
     let guard = WatchGuard {
@@ -2036,8 +2269,9 @@ fn watch(
         timeout,
         tx,
         ctl: shared.watch_ctl.subscribe(),
+        ctl_seen: *shared.watch_ctl.borrow(),
         rv_rx: shared.rv_tx.subscribe(),
-        _guard: guard,
+        guard,
     };
     tokio::spawn(task.run(start));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -2065,9 +2299,10 @@ struct WatchTask {
     bookmarks: bool,
     timeout: Option<Duration>,
     tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
-    ctl: broadcast::Receiver<WatchCtl>,
+    ctl: watch::Receiver<WatchCtl>,
+    ctl_seen: WatchCtl,
     rv_rx: watch::Receiver<u64>,
-    _guard: WatchGuard,
+    guard: WatchGuard,
 }
 
 impl WatchTask {
@@ -2086,9 +2321,17 @@ impl WatchTask {
         let mut line = if malformed {
             format!("{{\"type\":\"{etype}\",\"object\":{GARBAGE}").into_bytes()
         } else {
-            serde_json::to_vec(&json!({"type": etype, "object": object})).unwrap_or_default()
+            // `type` first, as the real server writes it.
+            let obj = serde_json::to_string(object).unwrap_or_default();
+            format!("{{\"type\":\"{etype}\",\"object\":{obj}}}").into_bytes()
         };
         line.push(b'\n');
+        if let Some(w) = self.shared.watches.lock().get_mut(&self.guard.id) {
+            w.events_sent += 1;
+            if malformed {
+                w.garbage_sent += 1;
+            }
+        }
         self.tx
             .send(Ok(Frame::data(Bytes::from(line))))
             .await
@@ -2138,6 +2381,22 @@ impl WatchTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
+            let ctl = *self.ctl.borrow_and_update();
+            if ctl.drops != self.ctl_seen.drops {
+                let _ = self
+                    .tx
+                    .send(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "kubetest: watch dropped",
+                    )))
+                    .await;
+                return;
+            }
+            if ctl.expires != self.ctl_seen.expires {
+                let oldest = self.shared.store.lock().oldest;
+                self.expire(last, oldest).await;
+                return;
+            }
             self.rv_rx.borrow_and_update();
             let (events, current) = {
                 let store = self.shared.store.lock();
@@ -2196,21 +2455,11 @@ impl WatchTask {
                     }
                 }
                 _ = sleep => return,
-                ctl = self.ctl.recv() => match ctl {
-                    Ok(WatchCtl::Drop) | Err(broadcast::error::RecvError::Closed) => {
-                        let _ = self
-                            .tx
-                            .send(Err(io::Error::new(io::ErrorKind::ConnectionReset, "kubetest: watch dropped")))
-                            .await;
+                changed = self.ctl.changed() => {
+                    if changed.is_err() {
                         return;
                     }
-                    Ok(WatchCtl::Expire) => {
-                        let oldest = self.shared.store.lock().oldest;
-                        self.expire(last, oldest).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                },
+                }
                 _ = self.tx.closed() => return,
             }
         }

@@ -82,6 +82,7 @@ pub(crate) enum Deleted {
     Marked(Value),
 }
 
+#[derive(Clone)]
 pub(crate) struct Store {
     pub rv: u64,
     pub kinds: Vec<ResourceKind>,
@@ -248,6 +249,31 @@ impl Store {
             history: VecDeque::new(),
             oldest: self.rv + 1,
             history_limit: self.history_limit,
+        }
+    }
+
+    /// Creates the Namespace object for `ns` if a namespaced write goes there and it does
+    /// not exist yet (this server creates namespaces on first use rather than refusing).
+    pub fn ensure_namespace(&mut self, kind: &ResourceKind, ns: &str) {
+        if !kind.namespaced || ns.is_empty() {
+            return;
+        }
+        let nk = ResourceKind::namespaces();
+        if self.get(&nk, "", ns).is_some() {
+            return;
+        }
+        let obj = json!({
+            "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"}
+        });
+        let _ = self.create(&nk, "", obj, UpdateMode::Raw);
+    }
+
+    /// The namespaces a fresh cluster has.
+    pub fn seed_namespaces(&mut self) {
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            self.ensure_namespace(&ResourceKind::pods(), ns);
         }
     }
 
@@ -548,7 +574,14 @@ impl Store {
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_none_or(Vec::is_empty);
-        let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+        // Marked for deletion with no grace period left: the last finalizer going removes it
+        // (an object in a grace period stays until the period ends, as a terminating pod).
+        let deleting = new.pointer("/metadata/deletionTimestamp").is_some()
+            && new
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                == 0;
         let stored = Arc::new(new);
         let map = self.objects.entry(key.clone()).or_default();
         let etype = if deleting && finalizers_done {

@@ -356,3 +356,171 @@ async fn streaming_list_initial_events_end_with_a_bookmark() {
     .await;
     task.abort();
 }
+
+/// Not a real API server (none can run here): kubetest speaks its watch protocol.
+#[tokio::test]
+async fn graceful_pod_deletion_is_seen_as_terminating_then_deleted() {
+    let server = TestApiServer::builder()
+        .pod_termination(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client(&server).await, "llm-d");
+    pods.create(&PostParams::default(), &pod("a", &[]))
+        .await
+        .unwrap();
+    let terminating = Arc::new(Mutex::new(Vec::new()));
+    let t = terminating.clone();
+    let api = pods.clone();
+    let task = tokio::spawn(async move {
+        let mut s = watcher(api, watcher::Config::default()).boxed();
+        while let Some(ev) = s.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(p)) => t.lock().push(format!(
+                    "apply deleting={}",
+                    p.metadata.deletion_timestamp.is_some()
+                )),
+                Ok(watcher::Event::Delete(_)) => t.lock().push("delete".to_string()),
+                _ => {}
+            }
+        }
+    });
+    eventually("watching", || !server.watches().is_empty()).await;
+    let deleted = pods.delete("a", &Default::default()).await.unwrap();
+    let marked = deleted.left().expect("the pod, marked");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(1));
+    eventually("terminating then gone", || terminating.lock().len() >= 2).await;
+    assert_eq!(*terminating.lock(), ["apply deleting=true", "delete"]);
+    assert!(server.get(&ResourceKind::pods(), "llm-d", "a").is_none());
+
+    // gracePeriodSeconds=0 removes at once; the test-side helper marks without removing.
+    pods.create(&PostParams::default(), &pod("b", &[]))
+        .await
+        .unwrap();
+    server
+        .begin_graceful_delete(&ResourceKind::pods(), "llm-d", "b", 30)
+        .unwrap();
+    let b = pods.get("b").await.unwrap();
+    assert!(b.metadata.deletion_timestamp.is_some());
+    pods.delete("b", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("b").await.unwrap().is_none());
+    task.abort();
+}
+
+/// Not a real API server (none can run here): kubetest speaks its watch protocol.
+#[tokio::test]
+async fn watch_object_follows_one_named_object() {
+    let server = TestApiServer::start().await.unwrap();
+    server.register_inference_extension_kinds();
+    let ar = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("inference.networking.k8s.io", "v1", "InferencePool"),
+        "inferencepools",
+    );
+    let pools: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client(&server).await, "llm-d", &ar);
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = watcher::watch_object(pools, "pool").boxed();
+        while let Some(ev) = stream.next().await {
+            if let Ok(obj) = ev {
+                let ports = obj.map(|o| o.data["spec"]["targetPorts"].to_string());
+                let mut v = s.lock();
+                if v.last() != Some(&ports) {
+                    v.push(ports);
+                }
+            }
+        }
+    });
+    eventually("missing reported", || *seen.lock() == [None]).await;
+    let w = server.watches();
+    assert_eq!(w[0].field_selector, "metadata.name=pool");
+    let kind = ResourceKind::inference_pools_v1();
+    // Another pool in the namespace is not this one.
+    server
+        .create(
+            &kind,
+            objects::inference_pool_v1("llm-d", "other", &[("a", "b")], &[1]),
+        )
+        .unwrap();
+    server
+        .create(
+            &kind,
+            objects::inference_pool_v1("llm-d", "pool", &[("app", "vllm")], &[8000]),
+        )
+        .unwrap();
+    server
+        .merge_patch(
+            &kind,
+            "llm-d",
+            "pool",
+            &json!({"spec": {"targetPorts": [{"number": 8000}, {"number": 8001}]}}),
+        )
+        .unwrap();
+    server.delete(&kind, "llm-d", "pool").unwrap();
+    eventually("followed to deletion", || seen.lock().len() == 4).await;
+    assert_eq!(
+        *seen.lock(),
+        [
+            None,
+            Some("[{\"number\":8000}]".to_string()),
+            Some("[{\"number\":8000},{\"number\":8001}]".to_string()),
+            None
+        ]
+    );
+    task.abort();
+}
+
+/// Not a real API server (none can run here): kubetest speaks its watch protocol.
+#[tokio::test]
+async fn watcher_survives_garbage_events_and_forbidden_watches() {
+    let server = TestApiServer::start().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client(&server).await, "llm-d");
+    pods.create(&PostParams::default(), &pod("a", &[]))
+        .await
+        .unwrap();
+
+    // Watch denied (RBAC without the watch verb): the list works, the watch gets 403.
+    server.deny("watch", "pods");
+    let (store, task) = reflect(pods.clone(), watcher::Config::default());
+    eventually("listed despite the denied watch", || names(&store) == ["a"]).await;
+    eventually("the watch was refused", || {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.is_watch() && r.status == 403)
+    })
+    .await;
+    server.clear_faults();
+    eventually("watching once allowed", || !server.watches().is_empty()).await;
+
+    // Garbage on the watch stream: a decode error in the client for that event (the event is
+    // lost, as with a real corrupt stream), the stream goes on, and a re-list repairs it.
+    server.set_malformed("pods", true);
+    pods.create(&PostParams::default(), &pod("b", &[]))
+        .await
+        .unwrap();
+    eventually("a garbage event was sent", || {
+        server.watches().iter().any(|w| w.garbage_sent >= 1)
+    })
+    .await;
+    server.set_malformed("pods", false);
+    pods.create(&PostParams::default(), &pod("c", &[]))
+        .await
+        .unwrap();
+    eventually("later events still arrive", || {
+        names(&store).contains(&"c".to_string())
+    })
+    .await;
+    assert_eq!(
+        names(&store),
+        ["a", "c"],
+        "the garbage event never reached the store"
+    );
+    server.expire_watches();
+    eventually("a re-list repairs it", || names(&store) == ["a", "b", "c"]).await;
+    task.abort();
+}

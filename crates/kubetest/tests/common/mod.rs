@@ -46,3 +46,52 @@ pub fn api_code(e: &kube::Error) -> Option<u16> {
         _ => None,
     }
 }
+
+/// The real kubectl: `$LLMSCHED_KUBECTL_BIN` (set by `scripts/test.sh` from
+/// `scripts/install-tools.sh --env`), else installed by `scripts/install-tools.sh kubectl`
+/// into `.tools/`. A missing tool fails the test; it never turns into a skipped check.
+pub fn kubectl() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("LLMSCHED_KUBECTL_BIN").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "$LLMSCHED_KUBECTL_BIN is {} but that is not a file",
+            p.display()
+        );
+        return p;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root");
+    let tools = std::env::var_os("LLMSCHED_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools"));
+    std::fs::create_dir_all(&tools).expect("tools dir");
+    // The same lock file the other test binaries take around installs.
+    let lock = std::fs::File::create(tools.join(".install.lock")).expect("lock file");
+    lock.lock().expect("install lock");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/install-tools.sh"))
+        .arg("kubectl")
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run scripts/install-tools.sh kubectl");
+    drop(lock);
+    assert!(
+        out.status.success(),
+        "scripts/install-tools.sh kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or(""),
+    );
+    assert!(path.is_file(), "install-tools.sh printed {path:?}");
+    path
+}
