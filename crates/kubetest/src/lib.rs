@@ -10,8 +10,12 @@
 //! through an ordinary kubeconfig. Everything a client can observe follows the real server:
 //! paths, discovery documents, `Status` error bodies, resourceVersion semantics, watch event
 //! streams, 409/410/403/401 behaviour. What it does not do: validation against OpenAPI
-//! schemas, admission, defaulting, garbage collection, namespace existence checks, protobuf,
-//! full server-side apply field ownership (apply is a merge patch here).
+//! schemas (the `/openapi/v3` documents list operations, not schemas), admission, defaulting,
+//! garbage collection, cascading namespace deletion, protobuf or CBOR request bodies (a clear
+//! 415; kube-rs and `kubectl apply` send JSON), full server-side apply field ownership (apply
+//! is a merge patch here), authorization of non-resource URLs. Namespaces exist once used:
+//! `default`, `kube-system`, `kube-public` and `kube-node-lease` are seeded, others are
+//! created on first write.
 //!
 //! # What it serves
 //!
@@ -35,7 +39,17 @@
 //!   BOOKMARKs with `allowWatchBookmarks=true`; `timeoutSeconds`; selectors applied to
 //!   events, an object that stops matching is sent as DELETED; 410 Expired as an `ERROR`
 //!   event when the history no longer reaches back.
-//! * `TokenReview` and `SubjectAccessReview`, answered from a table the test fills.
+//! * `TokenReview` and `SubjectAccessReview`, answered from a table the test fills
+//!   ([`TestApiServer::add_token`], [`TestApiServer::allow`]); `SelfSubjectAccessReview`
+//!   and `SelfSubjectReview` for `kubectl auth can-i` / `whoami`.
+//! * What kubectl needs besides: server-side tables (`as=Table`), `PartialObjectMetadata`,
+//!   `/openapi/v3` (operations only), `dryRun=All`.
+//! * Authentication: none (everyone is an administrator) or bearer tokens
+//!   ([`ServerBuilder::require_token`]: 401 otherwise); optional RBAC-like authorization of
+//!   every resource request from the permission table ([`ServerBuilder::authorize_requests`]).
+//!
+//! Manual runs: `cargo run -p llmsched-kubetest --example serve -- --port 6443 --tls
+//! --token admin --kubeconfig /tmp/kubetest.kubeconfig --inference-kinds --pods 2`.
 //!
 //! # Faults
 //!
@@ -77,7 +91,7 @@ pub use kubeconfig::Kubeconfig;
 pub use patch::{json_patch, merge_patch};
 pub use resource::{ResourceKind, STANDARD_VERBS};
 pub use selector::{FieldSelector, LabelSelector};
-pub use server::{SERVER_MINOR, ServerBuilder, TestApiServer};
+pub use server::{REQUEST_LOG_CAP, SERVER_MINOR, ServerBuilder, TestApiServer};
 pub use status::ApiStatus;
 pub use store::EventType;
 

@@ -42,6 +42,9 @@ type Body = BoxBody<Bytes, io::Error>;
 const GARBAGE: &str =
     "{\"kind\":\"PodList\",\"items\":[{\"metadata\":{\"name\": <<malformed by kubetest>>";
 
+/// The request log keeps about this many of the newest requests (long soak tests).
+pub const REQUEST_LOG_CAP: usize = 200_000;
+
 /// Server version reported at `/version`.
 pub const SERVER_MINOR: &str = "34";
 
@@ -88,6 +91,15 @@ impl Shared {
         drop(store);
         self.notify();
         r
+    }
+
+    /// Appends to the request log, keeping the newest [`REQUEST_LOG_CAP`] entries.
+    fn log_request(&self, r: RequestRecord) {
+        let mut log = self.log.lock();
+        if log.len() >= REQUEST_LOG_CAP {
+            log.drain(..REQUEST_LOG_CAP / 2);
+        }
+        log.push(r);
     }
 
     pub fn notify(&self) {
@@ -942,7 +954,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Err(e) => {
             let s = ApiStatus::bad_request(format!("reading the request body: {e}"));
             record.status = s.code;
-            shared.log.lock().push(record);
+            shared.log_request(record);
             return status_response(&s);
         }
     };
@@ -950,7 +962,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(u) => u,
         Err(s) => {
             record.status = s.code;
-            shared.log.lock().push(record);
+            shared.log_request(record);
             return status_response(&s);
         }
     };
@@ -966,7 +978,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let (resp, verb) = dispatch(&shared, &req).await;
     record.verb = verb;
     record.status = resp.status().as_u16();
-    shared.log.lock().push(record);
+    shared.log_request(record);
     resp
 }
 
