@@ -69,7 +69,7 @@ pub enum EppError {
         error: std::io::Error,
     },
     /// Kubernetes discovery cannot start (no usable kubeconfig or service account).
-    #[error("Kubernetes: {0}")]
+    #[error(transparent)]
     Kube(#[from] llmsched_kube::discovery::ClientError),
     /// Leader election cannot start (bad timings, no pool or POD_NAME to name the Lease).
     #[error(transparent)]

@@ -461,7 +461,10 @@ impl EndpointsTask {
     }
 
     fn on_pool_event(&mut self, ev: Event<DynamicObject>) {
-        self.pool_errors.ok(&self.metrics, POOLS);
+        // `Init` comes before the list is attempted: not a sign of recovery.
+        if !matches!(ev, Event::Init) {
+            self.pool_errors.ok(&self.metrics, POOLS);
+        }
         match ev {
             Event::Init => self.pool_buffer = Some(None),
             Event::InitApply(obj) => {
@@ -548,7 +551,10 @@ impl EndpointsTask {
     }
 
     fn on_pod_event(&mut self, ev: Event<Pod>) {
-        self.pod_errors.ok(&self.metrics, PODS);
+        // `Init` comes before the list is attempted: not a sign of recovery.
+        if !matches!(ev, Event::Init) {
+            self.pod_errors.ok(&self.metrics, PODS);
+        }
         match ev {
             Event::Init => self.pod_buffer = Some(BTreeMap::new()),
             Event::InitApply(p) => {
@@ -804,7 +810,9 @@ impl ObjectivesTask {
                 return;
             }
         };
-        w.errors.ok(&self.metrics, resource);
+        if !matches!(ev, Event::Init) {
+            w.errors.ok(&self.metrics, resource);
+        }
         let to_value = |o: DynamicObject| -> Option<(String, Value)> {
             let name = o.metadata.name.clone()?;
             serde_json::to_value(&o).ok().map(|v| (name, v))

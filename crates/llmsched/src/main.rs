@@ -63,8 +63,14 @@ fn init_logging(verbosity: u8, json: bool) {
 /// Logging to stderr as the EPP's flags say (`-v`, `--log-format`, the zap flags);
 /// `RUST_LOG` wins over the level.
 fn init_logging_with(settings: &llmsched_epp::LogSettings) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(settings.level));
+    // kube-rs logs every failed request at error level; discovery reports each failure
+    // itself, once per change of reason, so that line is silenced unless RUST_LOG asks.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},kube_client::client::builder=off",
+            settings.level
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(!settings.json && std::io::stderr().is_terminal())
