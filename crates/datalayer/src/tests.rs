@@ -864,8 +864,14 @@ async fn metrics_port_changes_while_running() {
     wait_for("scrapes on the endpoint's own port", || own.hits() >= 2).await;
     let side_hits = side.hits();
     let own_hits = own.hits();
-    wait_for("more scrapes on the own port", || own.hits() >= own_hits + 3).await;
-    assert!(side.hits() <= side_hits + 1, "the old port is no longer scraped");
+    wait_for("more scrapes on the own port", || {
+        own.hits() >= own_hits + 3
+    })
+    .await;
+    assert!(
+        side.hits() <= side_hits + 1,
+        "the old port is no longer scraped"
+    );
     h.shutdown().await;
 }
 

@@ -558,7 +558,10 @@ async fn discovery_latency() {
         }
         unready.push(t.elapsed());
     }
-    for (what, mut v) in [("ready -> routable", ready), ("not ready -> unroutable", unready)] {
+    for (what, mut v) in [
+        ("ready -> routable", ready),
+        ("not ready -> unroutable", unready),
+    ] {
         v.sort();
         let q = |p: f64| v[((v.len() - 1) as f64 * p) as usize];
         println!(
