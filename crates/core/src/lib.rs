@@ -6,6 +6,8 @@
 //!
 //! * [`request`] — the request model (`InferenceRequest`, parsed body, headers, usage);
 //! * [`endpoint`] — endpoints with lock-free metrics snapshots and in-flight counters;
+//! * [`health`] — endpoint health (scrape freshness and a circuit breaker fed by transport
+//!   failures), atomics only;
 //! * [`plugin`] — the extension points (filters, scorers, pickers, profile handlers, data
 //!   producers, admission, pre-request and response hooks, parsers);
 //! * [`scheduler`] — profiles (filters → weighted scorers → picker) and the scheduler;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod cycle;
 pub mod endpoint;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod objectives;
 pub mod plugin;
@@ -36,6 +39,7 @@ pub use endpoint::{
     Endpoint, EndpointId, EndpointMeta, EndpointMetrics, EndpointSet, EndpointSource,
 };
 pub use error::{ErrorCode, InferenceError};
+pub use health::{FailureKind, Health, HealthPolicy};
 pub use plugin::{Candidate, Plugin, SchedulingContext};
 pub use request::{Headers, InferenceRequest, Prompt, RequestBody, ResponseInfo, Usage};
 pub use scheduler::{Scheduler, SchedulerProfile, SchedulingResult};
