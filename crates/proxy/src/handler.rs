@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -22,7 +22,7 @@ use llmsched_core::request::header as names;
 use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
 use rand::Rng;
 
-use crate::body::{Accounting, InflightGuard, ProxyBody};
+use crate::body::{Accounting, InflightGuard, ProxyBody, read_request_body};
 use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
 
@@ -120,56 +120,22 @@ impl Proxy {
         }
     }
 
-    /// Reads the whole request body: the single frame as is (no copy), or the frames
-    /// appended into one buffer pre-sized from `content-length`.
+    /// Reads the whole request body within the size limit ([`crate::body::read_request_body`]:
+    /// nothing pre-sized from `content-length`); errors become the client's answer.
     async fn read_body(
         &self,
         headers: &HeaderMap,
         body: Incoming,
     ) -> Result<Bytes, Response<ProxyBody>> {
         let limit = self.options.max_body_bytes;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(too_large(limit));
-        }
-        let mut body = Limited::new(body, limit);
-        let mut first: Option<Bytes> = None;
-        let mut buf: Option<BytesMut> = None;
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(f) => f,
-                Err(e) => {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        return Err(too_large(limit));
-                    }
-                    tracing::debug!(error = %e, "reading the request body failed");
-                    return Err(error_response(&InferenceError::bad_request(format!(
-                        "failed to read the request body: {e}"
-                    ))));
-                }
-            };
-            // Request trailers are not forwarded (OpenAI requests carry none).
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if let Some(b) = buf.as_mut() {
-                b.extend_from_slice(&data);
-            } else if let Some(f) = first.take() {
-                let cap = declared.map_or(0, |n| n as usize).max(f.len() + data.len());
-                let mut b = BytesMut::with_capacity(cap);
-                b.extend_from_slice(&f);
-                b.extend_from_slice(&data);
-                buf = Some(b);
-            } else {
-                first = Some(data);
+        read_request_body(headers, body, limit).await.map_err(|e| {
+            let e = e.to_inference_error(limit);
+            if self.options.baseline.is_none() {
+                self.director
+                    .metrics()
+                    .record_error("", "", e.code.as_str());
             }
-        }
-        Ok(match buf {
-            Some(b) => b.freeze(),
-            None => first.unwrap_or_default(),
+            error_response(&e)
         })
     }
 
@@ -462,13 +428,6 @@ pub(crate) fn error_response(e: &InferenceError) -> Response<ProxyBody> {
         set(r.headers_mut(), k, v);
     }
     r
-}
-
-fn too_large(limit: usize) -> Response<ProxyBody> {
-    text_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("request body is larger than the proxy's limit of {limit} bytes"),
-    )
 }
 
 /// No endpoint answered: 503, as Envoy answers when its upstream connection fails.
