@@ -17,6 +17,14 @@ fn go_duration(s: &str) -> Result<Duration, String> {
     parse_go_duration(s).map_err(|e| e.to_string())
 }
 
+fn body_bytes(s: &str) -> Result<usize, String> {
+    let v = llmsched_core::units::parse_quantity(s).map_err(|e| e.to_string())?;
+    if v == 0 {
+        return Err("must be at least 1 byte".into());
+    }
+    usize::try_from(v).map_err(|_| format!("{v} bytes is more than this machine can address"))
+}
+
 fn port(s: &str) -> Result<u16, String> {
     let v: u32 = s
         .parse()
@@ -65,6 +73,13 @@ pub struct Args {
     /// Reload the certificates in --cert-path when they change.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_cert_reload: bool,
+
+    /// Largest request body accepted, in bytes (a plain number or a quantity such as 64Mi),
+    /// on the ext_proc path and the proxy: a larger one is answered 413 (`PayloadTooLarge`)
+    /// without being buffered. Also the most of a non-streaming response held for the
+    /// model-name rewrite.
+    #[arg(long, default_value = "67108864", value_parser = body_bytes, value_name = "BYTES")]
+    pub max_request_body_bytes: usize,
 
     /// Enables gRPC health checking (the health server always runs; accepted for compatibility).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -345,6 +360,11 @@ mod tests {
         );
         assert_eq!(a.total_queued_requests_metric, "vllm:num_requests_waiting");
         assert_eq!(a.pool_group, "inference.networking.k8s.io");
+        assert_eq!(a.max_request_body_bytes, 64 << 20, "the proxy's 64 MiB");
+        let a = parse(&["--endpoints=a:1", "--max-request-body-bytes=1Mi"]).unwrap();
+        assert_eq!(a.max_request_body_bytes, 1 << 20);
+        let a = parse(&["--endpoints=a:1", "--max-request-body-bytes", "4096"]).unwrap();
+        assert_eq!(a.max_request_body_bytes, 4096);
     }
 
     #[test]
@@ -412,6 +432,14 @@ mod tests {
                 "cannot be used with",
             ),
             (&["--endpoints=a:1", "--metrics-port=9002"], "both 9002"),
+            (
+                &["--endpoints=a:1", "--max-request-body-bytes=0"],
+                "at least 1 byte",
+            ),
+            (
+                &["--endpoints=a:1", "--max-request-body-bytes=lots"],
+                "max-request-body-bytes",
+            ),
             (
                 &["--endpoints=a:1", "--baseline=round-robin"],
                 "--proxy-port",

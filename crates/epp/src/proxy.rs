@@ -25,6 +25,7 @@ pub(crate) fn spawn(
     };
     let options = ProxyOptions {
         baseline,
+        max_body_bytes: args.max_request_body_bytes,
         ..ProxyOptions::default()
     };
     servers.spawn(async move {

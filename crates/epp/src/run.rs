@@ -354,9 +354,12 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     {
         let (d, c, h) = (director.clone(), cancel.clone(), health.clone());
         let health_on_grpc = args.health_checking.then_some(h);
+        let options = ExtProcOptions {
+            max_request_body_bytes: args.max_request_body_bytes,
+            ..ExtProcOptions::default()
+        };
         servers.spawn(async move {
-            let r =
-                serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
+            let r = serve_ext_proc(grpc, d, tls, health_on_grpc, options, c).await;
             ("ext_proc", r.map_err(err))
         });
     }
