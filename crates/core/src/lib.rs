@@ -15,6 +15,7 @@
 //! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
 //! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
 //! * [`metrics`] — scheduler-level Prometheus metrics with the reference's names;
+//! * [`labels`] — bounded label values for client-controlled names (unknown models → `other`);
 //! * [`error`] — the client-facing error model (`inference error: <Code> - <message>`);
 //! * [`units`] — Go durations and Kubernetes quantities.
 
@@ -23,6 +24,7 @@ pub mod cycle;
 pub mod endpoint;
 pub mod error;
 pub mod health;
+pub mod labels;
 pub mod metrics;
 pub mod objectives;
 pub mod plugin;

@@ -208,7 +208,10 @@ impl DirectorBuilder {
     /// The director.
     pub fn build(self) -> Director {
         let shared = Arc::new(Shared {
-            metrics: self.metrics.unwrap_or_default(),
+            metrics: self
+                .metrics
+                .unwrap_or_default()
+                .sharing_known_names(self.scheduler_metrics.as_deref()),
             endpoints: self.endpoints.clone(),
             health: self.options.health.clone(),
             health_metrics: self.health_metrics.unwrap_or_default(),
@@ -396,6 +399,10 @@ impl Director {
             headers_to_set: Vec::new(),
             received_at,
             subset_hint: None,
+            labels: ModelLabels {
+                model_name: String::new(),
+                target_model_name: String::new(),
+            },
             tokens: 0,
             active: active.clone(),
             shared: self.shared.clone(),
@@ -454,6 +461,7 @@ impl Director {
         // Target model, priority, fairness, objectives.
         let mut request = InferenceRequest::new(request_id, headers, Some(parsed));
         let objectives = self.objectives.load();
+        metrics.known.sync_objectives(&objectives);
         // As in the reference: the rewrite header sets the target, and a matching
         // InferenceModelRewrite rule (looked up by the requested model) overrides it.
         if let Some(rewrite) = request.headers.get_control(header::MODEL_NAME_REWRITE) {
@@ -467,7 +475,7 @@ impl Director {
                 .rewrite_decisions
                 .get_or_create(&RewriteLabels {
                     model_rewrite_name: rule.rewrite_name.clone(),
-                    model_name: request.incoming_model.clone(),
+                    model_name: self.model_label(&request.incoming_model),
                     target_model: request.target_model.clone(),
                 })
                 .inc();
@@ -484,10 +492,15 @@ impl Director {
             ttft_ms: parse_ms(request.headers.get_control(header::SLO_TTFT_MS)),
             tpot_ms: parse_ms(request.headers.get_control(header::SLO_TPOT_MS)),
         };
-        let fail = |e: InferenceError, request: &InferenceRequest| {
+        // Label values, bounded (see `llmsched_core::labels`), fixed for the request's life.
+        let labels = ModelLabels {
+            model_name: self.model_label(&request.incoming_model),
+            target_model_name: self.model_label(&request.target_model),
+        };
+        let fail = |e: InferenceError, _: &InferenceRequest| {
             metrics.record_error(
-                &request.incoming_model,
-                &request.target_model,
+                &labels.model_name,
+                &labels.target_model_name,
                 e.code.as_str(),
             );
             e
@@ -500,8 +513,8 @@ impl Director {
                 fairness_id: request.fairness_id.clone(),
                 priority: request.priority,
                 bytes: request.size_bytes as u64,
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
+                model_name: labels.model_name.clone(),
+                target_model_name: labels.target_model_name.clone(),
             };
             if let Err(e) = flow.enqueue_and_wait(&fr).await {
                 metrics.observe_phase(Phase::Admission, t.elapsed());
@@ -569,23 +582,20 @@ impl Director {
         metrics
             .request_total
             .get_or_create(&PriorityLabels {
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
+                model_name: labels.model_name.clone(),
+                target_model_name: labels.target_model_name.clone(),
                 priority: request.priority.to_string(),
             })
             .inc();
         metrics
             .request_sizes
-            .get_or_create(&ModelLabels {
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
-            })
+            .get_or_create(&labels)
             .observe(forward_body.len() as f64);
-        if !request.incoming_model.is_empty() {
+        if !labels.model_name.is_empty() {
             metrics
                 .running_requests
                 .get_or_create(&ModelNameLabel {
-                    model_name: request.incoming_model.clone(),
+                    model_name: labels.model_name.clone(),
                 })
                 .inc();
         }
@@ -608,6 +618,7 @@ impl Director {
             headers_to_set,
             received_at,
             subset_hint,
+            labels,
             tokens,
             active: active.clone(),
             shared: self.shared.clone(),
@@ -694,6 +705,30 @@ impl Director {
         let targets = result.targets().to_vec();
         routed.retarget(cycle, Some(result), targets, headers_to_set);
         Ok(())
+    }
+}
+
+impl Director {
+    /// The label value of model `name`: itself when known (objectives, rewrites, served
+    /// before) or listed as a LoRA adapter by an endpoint (then remembered), else `other`.
+    fn model_label(&self, name: &str) -> String {
+        let known = &self.shared.metrics.known;
+        if known.is_known(name) {
+            return name.to_string();
+        }
+        let snap = self.endpoints.snapshot();
+        let advertised = snap.endpoints.iter().any(|e| {
+            let m = e.metrics();
+            m.running_lora_adapters
+                .iter()
+                .chain(&m.waiting_lora_adapters)
+                .any(|a| a == name)
+        });
+        if advertised {
+            known.advertise(name);
+            return name.to_string();
+        }
+        llmsched_core::labels::OTHER.to_string()
     }
 }
 

@@ -60,6 +60,7 @@ pub(crate) struct RoutedParts {
     pub(crate) headers_to_set: Vec<(String, String)>,
     pub(crate) received_at: Instant,
     pub(crate) subset_hint: Option<Vec<String>>,
+    pub(crate) labels: ModelLabels,
     pub(crate) tokens: u64,
     pub(crate) active: Arc<ActiveConfig>,
     pub(crate) shared: Arc<Shared>,
@@ -77,6 +78,8 @@ pub struct Routed {
     headers_to_set: Vec<(String, String)>,
     received_at: Instant,
     subset_hint: Option<Vec<String>>,
+    // Metric label values, bounded and fixed when the request was routed.
+    labels: ModelLabels,
     active: Arc<ActiveConfig>,
     shared: Arc<Shared>,
     // In-flight accounting: the endpoint charged and the tokens charged to it.
@@ -132,6 +135,7 @@ impl Routed {
             headers_to_set: p.headers_to_set,
             received_at: p.received_at,
             subset_hint: p.subset_hint,
+            labels: p.labels,
             active: p.active,
             shared: p.shared,
             charged,
@@ -288,6 +292,10 @@ impl Routed {
             e.record_success(Instant::now(), &self.shared.health);
         }
         self.headers_seen = true;
+        if (200..300).contains(&status) && self.kind == RouteKind::Scheduled {
+            // A model server served this model: from now on it is a label value of its own.
+            self.shared.metrics.known.learn(&self.request.target_model);
+        }
         self.response.status = status;
         self.response.headers = headers.clone();
         if headers.get("content-type").is_some_and(is_event_stream) {
@@ -438,8 +446,7 @@ impl Routed {
             self.take_sse_usage();
         }
         let m = &self.shared.metrics;
-        let incoming = &self.request.incoming_model;
-        let target = &self.request.target_model;
+        let labels = &self.labels;
         if let Some(ep) = self.charged.clone() {
             let hooks = self.active.hooks.clone();
             for (h, timers) in &hooks.hooks {
@@ -450,48 +457,48 @@ impl Routed {
             ep.complete(self.tokens);
         }
         if self.headers_seen && self.response.status != 200 {
-            m.record_error(incoming, target, MODEL_SERVER_ERROR);
+            m.record_error(
+                &labels.model_name,
+                &labels.target_model_name,
+                MODEL_SERVER_ERROR,
+            );
         }
-        if !incoming.is_empty() {
+        if !labels.model_name.is_empty() {
             m.running_requests
                 .get_or_create(&ModelNameLabel {
-                    model_name: incoming.clone(),
+                    model_name: labels.model_name.clone(),
                 })
                 .dec();
         }
         if completed {
-            let labels = ModelLabels {
-                model_name: incoming.clone(),
-                target_model_name: target.clone(),
-            };
             let elapsed = self.received_at.elapsed();
             if !elapsed.is_zero() {
                 m.request_duration
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .observe(elapsed.as_secs_f64());
             }
             m.response_sizes
-                .get_or_create(&labels)
+                .get_or_create(labels)
                 .observe(self.response.body_bytes as f64);
             if let Some(u) = self.response.usage {
                 if u.prompt_tokens > 0 {
                     m.input_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.prompt_tokens as f64);
                 }
                 if u.completion_tokens > 0 {
                     m.output_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.completion_tokens as f64);
                     if !elapsed.is_zero() {
                         m.ntpot
-                            .get_or_create(&labels)
+                            .get_or_create(labels)
                             .observe(elapsed.as_secs_f64() / u.completion_tokens as f64);
                     }
                 }
                 if self.cached_reported {
                     m.prompt_cached_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.cached_tokens as f64);
                 }
             }
