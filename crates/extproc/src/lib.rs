@@ -42,7 +42,8 @@ pub mod tls;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
-pub use health::{HealthHandle, serve_health, spawn_readiness_watch};
-pub use server::{ServeError, serve_ext_proc, serve_metrics};
+pub use health::{HealthHandle, serve_health, serve_health_on, spawn_readiness_watch};
+pub use llmsched_listener::{Limits, Listener, ListenerMetrics};
+pub use server::{ServeError, serve_ext_proc, serve_ext_proc_on, serve_metrics, serve_metrics_on};
 pub use service::{ExtProcOptions, ExtProcService};
 pub use tls::{TlsConfig, TlsError};

@@ -385,7 +385,9 @@ impl Listener {
             ..limits
         };
         // The gauge exists (at 0) from the start.
-        let _ = metrics.open.get_or_create(&ListenerLabel { listener: name });
+        let _ = metrics
+            .open
+            .get_or_create(&ListenerLabel { listener: name });
         Self {
             tcp,
             shared: Arc::new(Shared {
@@ -507,6 +509,19 @@ impl Slot {
 
     pub(crate) fn state(&self) -> &Arc<ConnState> {
         &self.state
+    }
+
+    /// The deadline for the connection's first request (accept time + header timeout):
+    /// bound work done before a [`GuardedStream`] exists, such as a TLS handshake.
+    pub fn header_deadline(&self) -> Instant {
+        self.state.deadline().map_or_else(Instant::now, |(d, _)| d)
+    }
+
+    /// Reports that the connection is being closed for `reason` by its owner (e.g. its TLS
+    /// handshake ran past [`Self::header_deadline`]): counted and logged as the listener's
+    /// own closes are.
+    pub fn closed_for(&self, reason: CloseReason) {
+        self.state.closing(reason);
     }
 }
 
