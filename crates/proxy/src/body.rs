@@ -25,10 +25,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use llmsched_core::endpoint::Endpoint;
 use llmsched_core::error::InferenceError;
 use llmsched_director::Routed;
+
+use crate::timeout::{BoxError, UpstreamBody};
 
 /// Most of a request body's buffer allocated before its bytes arrive (from `content-length`).
 pub const MAX_PREALLOC_BYTES: usize = 1 << 20;
@@ -224,7 +225,7 @@ pub(crate) enum Accounting {
 }
 
 struct Relay {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     accounting: Option<Accounting>,
     /// Rewrite the model name back in each chunk (the length may change).
     rewrite: bool,
@@ -281,7 +282,7 @@ impl ProxyBody {
     }
 
     /// The upstream body relayed frame by frame with `accounting`.
-    pub(crate) fn relay(upstream: Incoming, accounting: Accounting, rewrite: bool) -> Self {
+    pub(crate) fn relay(upstream: UpstreamBody, accounting: Accounting, rewrite: bool) -> Self {
         Self {
             kind: Kind::Relay(Box::new(Relay {
                 upstream,
@@ -295,12 +296,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let relay = match &mut self.kind {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Relay(r) => r,
