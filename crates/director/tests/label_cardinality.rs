@@ -259,3 +259,42 @@ async fn client_chosen_targets_fold() {
         Some(50)
     );
 }
+
+/// Fairness ids come from a header: the first 64 keep their label in the flow-control
+/// metrics, later ones count under `other`; the queues still key on the real ids.
+#[tokio::test]
+async fn fairness_ids_in_flow_control_metrics_are_bounded() {
+    let mut registry = Registry::default();
+    let metrics = EppMetrics::register(&mut registry, "test", "test");
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: max-score-picker\n";
+    let d = Director::builder(load_config(yaml).unwrap(), endpoints(1))
+        .metrics(metrics)
+        .build();
+    for i in 0..200 {
+        let mut h = post_headers("/v1/completions");
+        let id = format!("tenant-{i}");
+        h.insert("x-llm-d-inference-fairness-id", id.as_str());
+        let r = d
+            .route(IncomingRequest::new(h, completion_body("m", "x", false)))
+            .await
+            .unwrap();
+        r.finish();
+    }
+    let text = metrics_text(&registry);
+    let ids: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("inference_extension_flow_control_request_queue_duration_seconds_count")
+        })
+        .filter_map(|l| l.split("fairness_id=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(ids.len(), 65, "{ids:?}");
+    assert!(ids.contains("other") && ids.contains("tenant-0") && !ids.contains("tenant-199"));
+    assert_eq!(
+        count_of(
+            &text,
+            "inference_extension_flow_control_request_queue_duration_seconds_count{fairness_id=\"other\",priority=\"0\",outcome=\"Dispatched\",inference_pool=\"\",model_name=\"other\",target_model_name=\"other\"}"
+        ),
+        Some(136)
+    );
+}
