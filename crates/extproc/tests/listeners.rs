@@ -4,6 +4,8 @@
 //! never idle, and draining turns readiness off for good. Nothing is timed: each wait polls
 //! for the expected state with a generous deadline.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

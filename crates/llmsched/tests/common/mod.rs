@@ -380,9 +380,7 @@ impl EppProc {
                 .unwrap_or_else(|| panic!("no {name} in {started}"));
             let rest = &started[at + name.len() + 1..];
             let rest = rest.trim_start_matches("Some(");
-            let end = rest
-                .find(|c: char| c == ' ' || c == ')')
-                .unwrap_or(rest.len());
+            let end = rest.find([' ', ')']).unwrap_or(rest.len());
             rest[..end].parse().unwrap()
         };
         let p = Self {
