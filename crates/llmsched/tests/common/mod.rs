@@ -331,8 +331,27 @@ pub struct EppProc {
 
 impl EppProc {
     pub async fn start(endpoints: &[SocketAddr], extra: &[&str]) -> Self {
+        Self::start_limited(endpoints, extra, None).await
+    }
+
+    /// [`Self::start`] with at most `nofile` open file descriptors (`prlimit`).
+    pub async fn start_limited(
+        endpoints: &[SocketAddr],
+        extra: &[&str],
+        nofile: Option<u32>,
+    ) -> Self {
         let eps: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmsched"))
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_llmsched"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_llmsched")),
+        };
+        let mut child = cmd
             .args([
                 "epp",
                 "--bind-address=127.0.0.1",
