@@ -61,8 +61,10 @@ use crate::messages::{
 /// Default of [`ExtProcOptions::max_request_body_bytes`]: 64 MiB, as the built-in proxy's.
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 64 << 20;
 
-/// Default of [`ExtProcOptions::max_prealloc_bytes`]: 1 MiB.
-pub const DEFAULT_MAX_PREALLOC_BYTES: usize = 1 << 20;
+/// Default of [`ExtProcOptions::max_prealloc_bytes`]: 16 KiB. Small on purpose: with mimalloc
+/// and transparent huge pages a buffer's capacity is resident as soon as a few bytes are
+/// written into it, so a stalled stream must cost what it sent, not what it announced.
+pub const DEFAULT_MAX_PREALLOC_BYTES: usize = 16 << 10;
 
 /// Options of the ext_proc service.
 #[derive(Debug, Clone)]
@@ -74,7 +76,7 @@ pub struct ExtProcOptions {
     /// Upper bound of the body buffer pre-allocated from `content-length` (request and
     /// response): what a peer announces is only a hint, so a thousand streams announcing
     /// 64 MiB and stalling cost a thousand small buffers, not 64 GiB. Larger bodies grow the
-    /// buffer as their bytes arrive. Default 1 MiB.
+    /// buffer as their bytes arrive (doubling, never beyond the limit). Default 16 KiB.
     pub max_prealloc_bytes: usize,
 }
 

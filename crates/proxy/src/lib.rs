@@ -19,7 +19,7 @@
 //!
 //! | request | what happens |
 //! | --- | --- |
-//! | with a body (`POST /v1/completions`, `/v1/chat/completions`, any other path) | body collected (at most [`ProxyOptions::max_body_bytes`], else 413 `PayloadTooLarge`; the buffer grows as bytes arrive, never pre-sized beyond 1 MiB from `content-length`; the single-frame case without a copy), then `Director::route`; the forwarded body is the director's (model rewritten when a rewrite applies) |
+//! | with a body (`POST /v1/completions`, `/v1/chat/completions`, any other path) | body collected (at most [`ProxyOptions::max_body_bytes`], else 413 `PayloadTooLarge`; the buffer grows as bytes arrive, never pre-sized beyond 16 KiB from `content-length`; the single-frame case without a copy), then `Director::route`; the forwarded body is the director's (model rewritten when a rewrite applies) |
 //! | without a body (`GET /v1/models`, `/health`, …) | `Director::route_without_body`: a random endpoint, exactly as the ext_proc path does for a header-only request; so `/v1/models` is **forwarded to one endpoint** (every endpoint of a pool serves the same models), not aggregated |
 //! | director error | the error's status, body `inference error: <Code> - <message>`, its headers and `content-type: text/plain` — the ext_proc path's immediate response |
 //!
