@@ -234,7 +234,9 @@ impl Endpoint {
     fn observe_health_at(&self, now_ms: u64, policy: &HealthPolicy) -> Option<Transition> {
         let t = self.health.observe(now_ms, policy)?;
         let from = t.from.map_or("unknown", Health::as_str);
-        if t.flipped() && t.to.is_healthy() {
+        if t.flipped() && t.to.is_healthy() && t.from == Some(Health::NeverScraped) {
+            tracing::info!(endpoint = %self.name(), "endpoint is healthy (first successful scrape): routable");
+        } else if t.flipped() && t.to.is_healthy() {
             tracing::info!(endpoint = %self.name(), from, "endpoint is healthy again: routable");
         } else if t.flipped() {
             tracing::warn!(

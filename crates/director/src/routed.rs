@@ -328,13 +328,22 @@ impl Routed {
             if is_gateway_failure(self.response.status, chunk)
                 && let Some(e) = self.answering_endpoint()
             {
-                tracing::warn!(
-                    request_id = %self.request.request_id,
-                    endpoint = %e.name(),
-                    status = self.response.status,
-                    "the gateway could not reach the endpoint"
-                );
-                e.record_failure(FailureKind::Gateway, Instant::now(), &self.shared.health);
+                let opened =
+                    e.record_failure(FailureKind::Gateway, Instant::now(), &self.shared.health);
+                if opened {
+                    tracing::warn!(
+                        request_id = %self.request.request_id,
+                        endpoint = %e.name(),
+                        status = self.response.status,
+                        "the gateway could not reach the endpoint"
+                    );
+                } else {
+                    tracing::debug!(
+                        request_id = %self.request.request_id,
+                        endpoint = %e.name(),
+                        "the gateway could not reach the endpoint (already failing)"
+                    );
+                }
             }
         }
         if self.kind == RouteKind::Fallback {

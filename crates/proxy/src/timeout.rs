@@ -193,8 +193,13 @@ impl Body for UpstreamBody {
             } else {
                 FailureKind::Reset
             };
-            tracing::warn!(endpoint = %endpoint.name(), error = %e, "upstream response body failed");
-            endpoint.record_failure(kind, std::time::Instant::now(), &policy);
+            // One warning per outage (the failure that takes the endpoint out); the other
+            // requests cut by the same outage are logged at debug.
+            if endpoint.record_failure(kind, std::time::Instant::now(), &policy) {
+                tracing::warn!(endpoint = %endpoint.name(), error = %e, "upstream response body failed");
+            } else {
+                tracing::debug!(endpoint = %endpoint.name(), error = %e, "upstream response body failed");
+            }
         }
         polled
     }
