@@ -95,7 +95,7 @@ run_door() { # proxy|envoy
   # Every stream has its first token before the signal.
   for _ in $(seq 1 600); do
     local started
-    started=$(grep -l '^data: {' "$dir"/streams/*.sse 2>/dev/null | wc -l)
+    started=$( (grep -l '^data: {' "$dir"/streams/*.sse 2>/dev/null || true) | wc -l)
     [ "$started" -ge "$streams" ] && break
     sleep 0.1
   done
@@ -108,7 +108,7 @@ run_door() { # proxy|envoy
   t1=$(date +%s.%N)
   for c in "${curls[@]}"; do wait "$c" || true; done
   local done_count
-  done_count=$(grep -l '^data: \[DONE\]' "$dir"/streams/*.sse 2>/dev/null | wc -l)
+  done_count=$( (grep -l '^data: \[DONE\]' "$dir"/streams/*.sse 2>/dev/null || true) | wc -l)
   echo "$door $streams $done_count $((streams - done_count)) $(awk "BEGIN {print $t1 - $t0}")" >>"$out/summary.txt"
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
