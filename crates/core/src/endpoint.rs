@@ -218,10 +218,12 @@ impl Endpoint {
     }
 
     /// Reports a response received through the endpoint (resets the backoff once the
-    /// endpoint is healthy).
+    /// endpoint is healthy). One relaxed load (no clock read) when there is nothing to reset.
     #[inline]
-    pub fn record_success(&self, now: Instant, policy: &HealthPolicy) {
-        self.health.record_success(clock_ms(now), policy);
+    pub fn record_success(&self, policy: &HealthPolicy) {
+        if self.health.level() != 0 {
+            self.health.record_success(clock_ms(Instant::now()), policy);
+        }
     }
 
     /// Logs and counts the endpoint's health transition since the last observation, if

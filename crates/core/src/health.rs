@@ -147,6 +147,24 @@ impl FailureKind {
     }
 }
 
+/// True when `error` (or one of its sources) is a shortage on this side of the connection —
+/// out of file descriptors (`EMFILE`, `ENFILE`), buffers or memory (`ENOBUFS`, `ENOMEM`),
+/// local ports (`EADDRNOTAVAIL`) — which says nothing about the endpoint's health.
+pub fn is_local_resource_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    // Linux errno values (the EPP runs on Linux; elsewhere this matches nothing it should).
+    const LOCAL: [i32; 5] = [24, 23, 105, 12, 99];
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error().is_some_and(|c| LOCAL.contains(&c))
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn origin() -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     // An hour back (when the clock allows), so instants taken shortly before the first
@@ -477,6 +495,27 @@ mod tests {
         assert_eq!(opened, 1);
         assert_eq!(s.level(), 1);
         assert_eq!(s.counters().failures[FailureKind::Reset as usize], 800);
+    }
+
+    #[test]
+    fn local_resource_errors_are_recognised_through_the_chain() {
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connect failed")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let emfile = Wrap(std::io::Error::from_raw_os_error(24));
+        assert!(is_local_resource_error(&emfile));
+        let refused = Wrap(std::io::Error::from_raw_os_error(111));
+        assert!(!is_local_resource_error(&refused));
+        assert!(!is_local_resource_error(&std::fmt::Error));
     }
 
     #[test]

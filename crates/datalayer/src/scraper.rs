@@ -166,7 +166,10 @@ async fn fetch(shared: &Shared, uri: &Uri) -> Result<Bytes, ScrapeError> {
     let resp = shared.client.request(req).await.map_err(|e| {
         // Connect errors and connections that broke before the response (refused, reset,
         // closed); not our own request-building errors.
-        if e.is_connect() {
+        if llmsched_core::health::is_local_resource_error(&e) {
+            // Out of descriptors or ports here: not the endpoint's fault.
+            ScrapeError::Request(error_chain(&e))
+        } else if e.is_connect() {
             ScrapeError::Connection {
                 kind: FailureKind::Connect,
                 detail: error_chain(&e),

@@ -289,7 +289,7 @@ impl Routed {
         if !self.gateway_check
             && let Some(e) = self.answering_endpoint()
         {
-            e.record_success(Instant::now(), &self.shared.health);
+            e.record_success(&self.shared.health);
         }
         self.headers_seen = true;
         if (200..300).contains(&status) && self.kind == RouteKind::Scheduled {

@@ -7,7 +7,9 @@
 //!   arrives at the limit, the connection idle the longest (no request in flight) is closed
 //!   to make room; only when every connection is busy is the new one refused (closed at
 //!   once). Running out of file descriptors (`accept` failing) also closes an idle
-//!   connection. So idle connections can never starve real requests;
+//!   connection, of another listener of the process when this one has none (descriptors
+//!   are shared: idle proxy clients must not make the health port unreachable). So idle
+//!   connections can never starve real requests;
 //! * **header timeout** ([`Limits::header_timeout`]): a connection must start its first
 //!   request within this long (a client that connects and sends nothing, or stalls in its
 //!   TLS handshake, HTTP/2 preface or request head, is closed);
@@ -102,8 +104,6 @@ pub enum CloseReason {
     IdleTimeout = 2,
     /// Closed (idle) to admit a new connection at the limit or when out of descriptors.
     Evicted = 3,
-    /// The listener is shutting down and the connection was idle.
-    Shutdown = 4,
 }
 
 impl CloseReason {
@@ -113,7 +113,6 @@ impl CloseReason {
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Evicted => "evicted",
-            CloseReason::Shutdown => "shutdown",
         }
     }
 
@@ -122,7 +121,6 @@ impl CloseReason {
             1 => CloseReason::HeaderTimeout,
             2 => CloseReason::IdleTimeout,
             3 => CloseReason::Evicted,
-            4 => CloseReason::Shutdown,
             _ => return None,
         })
     }
@@ -341,14 +339,19 @@ impl Shared {
             .inc();
     }
 
-    /// Closes the connection idle the longest; false when every connection is busy.
-    fn evict_idle(&self) -> bool {
+    /// Closes the connection idle the longest, if it has been idle for `min_idle` at least;
+    /// false when there is none.
+    fn evict_idle(&self, min_idle: Duration) -> bool {
+        let newest = self
+            .now_ms()
+            .saturating_sub(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX));
         let victim = {
             let conns = self.conns.lock();
             conns
                 .values()
                 .filter(|c| c.close.load(Ordering::Acquire) == 0)
                 .filter(|c| c.inflight.load(Ordering::Acquire) == 0)
+                .filter(|c| c.idle_since.load(Ordering::Acquire) <= newest)
                 .min_by_key(|c| c.idle_since.load(Ordering::Acquire))
                 .cloned()
         };
@@ -362,6 +365,42 @@ impl Shared {
             None => false,
         }
     }
+}
+
+/// Every live listener of the process: file descriptors are shared by all of them, so a
+/// listener that runs out of them may close an idle connection of another (a flood of idle
+/// connections on the proxy must not make the health or metrics port unreachable).
+static LISTENERS: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
+
+fn register_listener(shared: &Arc<Shared>) {
+    let mut all = LISTENERS.lock();
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(shared));
+}
+
+/// How long a connection must have been idle before running out of file descriptors closes
+/// it. Linux's `accept` fails for want of a descriptor even when no client is waiting, so
+/// an accept error is no proof that someone needs the room; this keeps a client that has
+/// just connected (and is about to send its request) from being taken for an idle one.
+const FD_EVICTION_MIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Closes an idle connection (idle for [`FD_EVICTION_MIN_IDLE`] at least) of `own` or, when
+/// it has none, of another listener of the process. False when there is none.
+fn evict_idle_anywhere(own: &Shared) -> bool {
+    if own.evict_idle(FD_EVICTION_MIN_IDLE) {
+        return true;
+    }
+    let others: Vec<Arc<Shared>> = LISTENERS
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    for other in others {
+        if !std::ptr::eq(Arc::as_ptr(&other), own) && other.evict_idle(FD_EVICTION_MIN_IDLE) {
+            return true;
+        }
+    }
+    false
 }
 
 /// A TCP listener with the limits of this crate.
@@ -388,19 +427,18 @@ impl Listener {
         let _ = metrics
             .open
             .get_or_create(&ListenerLabel { listener: name });
-        Self {
-            tcp,
-            shared: Arc::new(Shared {
-                name,
-                limits,
-                metrics,
-                origin: Instant::now(),
-                conns: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
-                limit_log: RateLimit::new(Duration::from_secs(10)),
-                error_log: RateLimit::new(Duration::from_secs(10)),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            name,
+            limits,
+            metrics,
+            origin: Instant::now(),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            limit_log: RateLimit::new(Duration::from_secs(10)),
+            error_log: RateLimit::new(Duration::from_secs(10)),
+        });
+        register_listener(&shared);
+        Self { tcp, shared }
     }
 
     /// The listener's name.
@@ -423,16 +461,6 @@ impl Listener {
         self.shared.conns.lock().len()
     }
 
-    /// Asks every idle connection to close (shutdown: busy ones finish their requests).
-    pub fn close_idle(&self) {
-        let conns: Vec<Arc<ConnState>> = self.shared.conns.lock().values().cloned().collect();
-        for c in conns {
-            if c.inflight.load(Ordering::Acquire) == 0 {
-                c.request_close(CloseReason::Shutdown);
-            }
-        }
-    }
-
     /// The next connection, within the limit (TCP_NODELAY set). Never fails: accept errors
     /// (out of file descriptors …) are counted, logged at most every 10 s, answered by
     /// closing an idle connection, and retried after a short pause.
@@ -443,7 +471,7 @@ impl Listener {
                 Ok(a) => a,
                 Err(e) => {
                     s.count_rejected("accept_error");
-                    let evicted = s.evict_idle();
+                    let evicted = evict_idle_anywhere(s);
                     if s.error_log.allow(s.now_ms()) {
                         tracing::warn!(
                             listener = s.name,
@@ -458,7 +486,9 @@ impl Listener {
                 }
             };
             let open = s.conns.lock().len();
-            if open >= s.limits.max_connections && !s.evict_idle() {
+            // A client is waiting here: the longest-idle connection makes room, however
+            // recently it connected.
+            if open >= s.limits.max_connections && !s.evict_idle(Duration::ZERO) {
                 s.count_rejected("limit");
                 if s.limit_log.allow(s.now_ms()) {
                     tracing::warn!(

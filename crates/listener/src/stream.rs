@@ -25,7 +25,7 @@ pub struct GuardedStream<T> {
 fn closed_error(reason: CloseReason) -> io::Error {
     let kind = match reason {
         CloseReason::HeaderTimeout | CloseReason::IdleTimeout => io::ErrorKind::TimedOut,
-        CloseReason::Evicted | CloseReason::Shutdown => io::ErrorKind::ConnectionAborted,
+        CloseReason::Evicted => io::ErrorKind::ConnectionAborted,
     };
     io::Error::new(
         kind,

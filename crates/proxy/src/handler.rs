@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llmsched_core::endpoint::{Endpoint, EndpointId};
 use llmsched_core::error::InferenceError;
-use llmsched_core::health::FailureKind;
+use llmsched_core::health::{FailureKind, is_local_resource_error};
 use llmsched_core::request::header as names;
 use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
 use rand::Rng;
@@ -180,7 +180,7 @@ impl Proxy {
             // the send is polled first (handing the request to its connection), then this
             // task yields so the connection writes it, then the bookkeeping runs.
             let (sent, ()) = tokio::join!(
-                self.send(&parts.method, &parts.uri, &headers, &body, &targets),
+                self.send(&parts.method, &parts.uri, headers, &body, &targets),
                 async {
                     tokio::task::yield_now().await;
                     routed.run_after_dispatch();
@@ -257,7 +257,7 @@ impl Proxy {
             .collect();
         let mut guard = InflightGuard::new(targets[0].clone());
         match self
-            .send(&parts.method, &parts.uri, &parts.headers, &body, &targets)
+            .send(&parts.method, &parts.uri, parts.headers, &body, &targets)
             .await
         {
             Ok((resp, served)) => {
@@ -286,7 +286,7 @@ impl Proxy {
         &self,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
+        mut headers: HeaderMap,
         body: &Bytes,
         targets: &[Arc<Endpoint>],
     ) -> Result<(Response<Incoming>, usize), UpstreamFailure> {
@@ -306,7 +306,12 @@ impl Proxy {
             let mut req = Request::new(Full::new(body.clone()));
             *req.method_mut() = method.clone();
             *req.uri_mut() = uri;
-            *req.headers_mut() = headers.clone();
+            // The headers are copied only when a fallback may still need them.
+            *req.headers_mut() = if i + 1 < targets.len() {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             if !req.headers().contains_key(header::HOST)
                 && let Ok(v) = HeaderValue::from_str(target.hostport())
             {
@@ -345,7 +350,10 @@ impl Proxy {
             last = error_chain(&e);
             if e.is_connect() {
                 tracing::warn!(endpoint = target.hostport(), error = %last, "cannot connect to the endpoint");
-                target.record_failure(FailureKind::Connect, Instant::now(), policy);
+                // Out of descriptors or ports here is not the endpoint's fault.
+                if !is_local_resource_error(&e) {
+                    target.record_failure(FailureKind::Connect, Instant::now(), policy);
+                }
                 continue;
             }
             // The request may have reached the model server: never resend it.
