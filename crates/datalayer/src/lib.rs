@@ -12,7 +12,8 @@
 //! * [`mapping`] — metric names per engine (vLLM, SGLang, TensorRT-LLM, Triton) and the
 //!   deprecated override flags;
 //! * [`prom`] — a strict, allocation-light exposition-format parser;
-//! * [`metrics`] — scrape-health counters and the pool aggregates.
+//! * [`metrics`] — scrape-health counters and the pool aggregates;
+//! * [`health`] — the endpoints' health as Prometheus metrics ([`HealthCollector`]).
 //!
 //! [`start`] wires it all from a [`DataLayerConfig`] the flag layer fills in:
 //!
@@ -29,6 +30,7 @@
 //! | `--total-queued-requests-metric`, `--total-running-requests-metric`, `--kv-cache-usage-percentage-metric`, `--lora-info-metric`, `--cache-info-metric` | [`DataLayerConfig::metric_overrides`] |
 
 pub mod discovery;
+pub mod health;
 pub mod mapping;
 pub mod metrics;
 pub mod objectives;
@@ -50,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use discovery::{DiscoveryError, parse_endpoints_file, parse_endpoints_flag};
+pub use health::HealthCollector;
 pub use mapping::{EngineMapping, MetricMappings, MetricOverrides, MetricSpec};
 pub use metrics::{DataLayerMetrics, PoolStats, pool_stats, register_metrics};
 pub use objectives::ObjectivesStore;
@@ -91,6 +94,8 @@ pub struct DataLayerConfig {
     pub objectives_file: Option<PathBuf>,
     /// How often watched files are checked (1s).
     pub file_poll_interval: Duration,
+    /// Endpoint health rules (scrapes are its active signal and half-open probe).
+    pub health: llmsched_core::health::HealthPolicy,
 }
 
 impl Default for DataLayerConfig {
@@ -111,6 +116,7 @@ impl Default for DataLayerConfig {
             target_ports: Vec::new(),
             objectives_file: None,
             file_poll_interval: Duration::from_secs(1),
+            health: Default::default(),
         }
     }
 }
@@ -184,6 +190,7 @@ impl DataLayerConfig {
             max_body_bytes: self.max_body_bytes,
             path: self.metrics_path.clone(),
             metrics_port,
+            health: self.health.clone(),
         }
     }
 }

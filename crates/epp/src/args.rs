@@ -59,6 +59,14 @@ fn go_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+fn body_bytes(s: &str) -> Result<usize, String> {
+    let v = llmsched_core::units::parse_quantity(unquote(s)).map_err(|e| e.to_string())?;
+    if v == 0 {
+        return Err("must be at least 1 byte".into());
+    }
+    usize::try_from(v).map_err(|_| format!("{v} bytes is more than this machine can address"))
+}
+
 fn port(s: &str) -> Result<u16, String> {
     // Quotes cannot be part of a port; a quoted list ("8000,8001") is split before this.
     let s = s.trim_matches(['"', '\'']);
@@ -219,7 +227,8 @@ pub struct Args {
     #[arg(long, default_value_t = 9090, value_parser = port)]
     pub metrics_port: u16,
 
-    /// Address to bind the ext_proc, health, metrics and proxy listeners to.
+    /// Address to bind the ext_proc, health, metrics and proxy listeners to (0.0.0.0: every
+    /// interface; 127.0.0.1 or a pod IP to expose less, see the README's Security section).
     #[arg(long, default_value = "0.0.0.0", value_parser = unquoted)]
     pub bind_address: String,
 
@@ -235,6 +244,13 @@ pub struct Args {
     /// Reload the certificates in --cert-path when they change.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub enable_cert_reload: bool,
+
+    /// Largest request body accepted, in bytes (a plain number or a quantity such as 64Mi),
+    /// on the ext_proc path and the proxy: a larger one is answered 413 (`PayloadTooLarge`)
+    /// without being buffered. Also the most of a non-streaming response held for the
+    /// model-name rewrite.
+    #[arg(long, default_value = "67108864", value_parser = body_bytes, value_name = "BYTES")]
+    pub max_request_body_bytes: usize,
 
     /// Also serve gRPC health on the ext_proc port (the health port always serves it).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
@@ -418,6 +434,48 @@ pub struct Args {
     /// Log timestamp format: epoch, millis, nano, iso8601, rfc3339 or rfc3339nano.
     #[arg(long, value_parser = zap_time_encoding)]
     pub zap_time_encoding: Option<TimeEncoding>,
+
+    // --- Endpoint health, connections, shutdown (llmsched) ---------------------------------
+    /// Leave unhealthy endpoints out of scheduling: never scraped, metrics older than
+    /// --metrics-staleness-threshold, or failing (connection refused or reset, timeouts, the
+    /// gateway's "upstream connect error" reply; readmitted by the next successful scrape
+    /// after a doubling backoff). When none is healthy, all are candidates (fail-open).
+    /// false: every endpoint is always a candidate, as in the reference.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub endpoint_health_checks: bool,
+
+    /// Most open connections per listener (ext_proc, health, metrics, proxy). At the limit the
+    /// connection idle the longest is closed to admit the new one; only when every
+    /// connection has a request in flight is the new one refused.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub max_connections: usize,
+
+    /// A new connection must start a request within this long (finish its TLS handshake and
+    /// send a request head or gRPC stream); also the HTTP/1.1 header read timeout, which
+    /// bounds the wait for the next request on a keep-alive connection.
+    #[arg(long, default_value = "30s", value_parser = go_duration)]
+    pub request_header_timeout: Duration,
+
+    /// A connection with no request in flight for this long is closed (keep-alive idle).
+    #[arg(long, default_value = "60s", value_parser = go_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Proxy: longest gap between two chunks of a client's request body (then 408 and the
+    /// connection closes). 0 disables.
+    #[arg(long, default_value = "30s", value_parser = go_duration)]
+    pub request_body_timeout: Duration,
+
+    /// Proxy: longest wait for a model server's response headers (then 504 "upstream request
+    /// timeout") and longest gap between two chunks of its response body (then the response
+    /// is cut); the endpoint is marked failing either way. 0 disables.
+    #[arg(long, default_value = "10m", value_parser = go_duration)]
+    pub proxy_upstream_timeout: Duration,
+
+    /// On SIGTERM or Ctrl-C: readiness turns NOT_SERVING at once, the ext_proc and proxy
+    /// listeners stop accepting connections and streams, and requests in flight get this long
+    /// to finish before they are cut. A second signal exits at once.
+    #[arg(long, default_value = "60s", value_parser = go_duration)]
+    pub drain_timeout: Duration,
 
     // --- Standalone mode ------------------------------------------------------------------
     /// Also serve an OpenAI-compatible HTTP proxy on this port (standalone mode, no gateway).
@@ -681,6 +739,17 @@ impl Args {
                 "--refresh-metrics-interval must be positive".into(),
             ));
         }
+        if self.max_connections == 0 {
+            return Err(ArgsError("--max-connections must be at least 1".into()));
+        }
+        for (flag, d) in [
+            ("request-header-timeout", self.request_header_timeout),
+            ("connection-idle-timeout", self.connection_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ArgsError(format!("--{flag} must be positive")));
+            }
+        }
         let ports = [
             ("grpc-port", Some(self.grpc_port)),
             ("grpc-health-port", Some(self.grpc_health_port)),
@@ -732,6 +801,22 @@ mod tests {
         );
         assert_eq!(a.total_queued_requests_metric, "vllm:num_requests_waiting");
         assert_eq!(a.pool_group, "inference.networking.k8s.io");
+        assert_eq!(a.max_request_body_bytes, 64 << 20, "the proxy's 64 MiB");
+        assert!(a.endpoint_health_checks);
+        assert_eq!(a.max_connections, 10_000);
+        assert_eq!(a.request_header_timeout, Duration::from_secs(30));
+        assert_eq!(a.connection_idle_timeout, Duration::from_secs(60));
+        assert_eq!(a.request_body_timeout, Duration::from_secs(30));
+        assert_eq!(a.proxy_upstream_timeout, Duration::from_secs(600));
+        assert_eq!(
+            a.drain_timeout,
+            Duration::from_secs(60),
+            "inside the chart's 130 s"
+        );
+        let a = parse(&["--endpoints=a:1", "--max-request-body-bytes=1Mi"]).unwrap();
+        assert_eq!(a.max_request_body_bytes, 1 << 20);
+        let a = parse(&["--endpoints=a:1", "--max-request-body-bytes", "4096"]).unwrap();
+        assert_eq!(a.max_request_body_bytes, 4096);
     }
 
     #[test]
@@ -847,6 +932,27 @@ mod tests {
                 "cannot be used with",
             ),
             (&["--endpoints=a:1", "--metrics-port=9002"], "both 9002"),
+            (
+                &["--endpoints=a:1", "--max-request-body-bytes=0"],
+                "at least 1 byte",
+            ),
+            (&["--endpoints=a:1", "--max-connections=0"], "at least 1"),
+            (
+                &["--endpoints=a:1", "--request-header-timeout=0"],
+                "must be positive",
+            ),
+            (
+                &["--endpoints=a:1", "--drain-timeout=forever"],
+                "drain-timeout",
+            ),
+            (
+                &["--endpoints=a:1", "--endpoint-health-checks=maybe"],
+                "endpoint-health-checks",
+            ),
+            (
+                &["--endpoints=a:1", "--max-request-body-bytes=lots"],
+                "max-request-body-bytes",
+            ),
             (
                 &["--endpoints=a:1", "--baseline=round-robin"],
                 "--proxy-port",

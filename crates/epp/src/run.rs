@@ -4,25 +4,33 @@
 //! [`start`] binds every listener before returning, so callers (tests, the demo) learn the
 //! real addresses, including ephemeral ports (`--grpc-port=0`). [`run`] is the subcommand:
 //! start, then wait for Ctrl-C or a server failure, then shut down cleanly.
+//!
+//! Shutdown drains ([`EppHandle::shutdown`]): readiness turns NOT_SERVING at once (liveness
+//! stays SERVING), the ext_proc and proxy listeners stop accepting connections and streams,
+//! and requests in flight (long generations included) get `--drain-timeout` to finish; then
+//! whatever is left is cut and the health and metrics servers stop. A second SIGTERM or
+//! Ctrl-C ends the drain at once.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use llmsched_core::EndpointSource;
 use llmsched_core::config::{self, ConfigSource, LoadedConfig};
+use llmsched_core::health::HealthPolicy;
 use llmsched_core::metrics::SchedulerMetrics;
 use llmsched_core::objectives::Objectives;
 use llmsched_core::registry::{Extensions, PluginHandle};
 use llmsched_datalayer::{
-    DataLayerConfig, DataLayerHandle, EndpointStore, MetricOverrides, parse_endpoints_flag,
+    DataLayerConfig, DataLayerHandle, EndpointStore, HealthCollector, MetricOverrides,
+    parse_endpoints_flag,
 };
-use llmsched_director::{Director, DirectorOptions, EppMetrics, PoolCollector};
+use llmsched_director::{Director, DirectorOptions, EppMetrics, HealthMetrics, PoolCollector};
 use llmsched_extproc::{
-    ExtProcOptions, HealthHandle, ServeError, TlsConfig, serve_ext_proc, serve_health,
-    serve_metrics_with_auth, spawn_readiness_watch,
+    ExtProcOptions, HealthHandle, Limits, Listener, ListenerMetrics, ServeError, TlsConfig,
+    serve_ext_proc_on, serve_health_on, serve_metrics_on, spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -104,11 +112,19 @@ pub struct EppHandle {
     store: Arc<EndpointStore>,
     health: HealthHandle,
     cancel: CancellationToken,
-    servers: JoinSet<(&'static str, Result<(), String>)>,
+    /// Stops the ext_proc and proxy listeners (they then finish what is in flight).
+    drain: CancellationToken,
+    drain_timeout: Duration,
+    /// ext_proc and proxy: drained first.
+    draining: Servers,
+    /// health and metrics: up until the drain is over.
+    servers: Servers,
     datalayer: Option<DataLayerHandle>,
     kube: Option<llmsched_kube::discovery::KubeDiscovery>,
     leader: Option<llmsched_kube::leader::LeaderElection>,
 }
+
+type Servers = JoinSet<(&'static str, Result<(), String>)>;
 
 impl EppHandle {
     /// The director (shared by every transport).
@@ -139,42 +155,81 @@ impl EppHandle {
             l.abort();
         }
         self.cancel.cancel();
+        self.drain.cancel();
+        self.draining.abort_all();
         self.servers.abort_all();
     }
 
     /// Waits until a server stops on its own (an error) or `shutdown` is cancelled.
     pub async fn wait(&mut self, shutdown: CancellationToken) -> Result<(), EppError> {
-        tokio::select! {
-            () = shutdown.cancelled() => Ok(()),
-            Some(joined) = self.servers.join_next() => {
-                let (server, outcome) = match joined {
-                    Ok(v) => v,
-                    Err(e) => ("(task)", Err(e.to_string())),
-                };
-                match outcome {
-                    Ok(()) => Err(EppError::Serve { server, error: "stopped unexpectedly".into() }),
-                    Err(error) => Err(EppError::Serve { server, error }),
-                }
-            }
+        let joined = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            Some(j) = self.draining.join_next() => j,
+            Some(j) = self.servers.join_next() => j,
+        };
+        let (server, outcome) = match joined {
+            Ok(v) => v,
+            Err(e) => ("(task)", Err(e.to_string())),
+        };
+        match outcome {
+            Ok(()) => Err(EppError::Serve {
+                server,
+                error: "stopped unexpectedly".into(),
+            }),
+            Err(error) => Err(EppError::Serve { server, error }),
         }
     }
 
-    /// Stops every server and background task and waits for them. Open streams (Envoy keeps
-    /// ext_proc streams and proxy clients keep connections) get [`DRAIN_TIMEOUT`] to finish,
-    /// then they are cut.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        // The leader gives its Lease back first (unready, then released), so a follower takes
-        // over while this replica's open streams drain.
+    /// The drain timeout (`--drain-timeout`).
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
+    /// Drains and stops (see the module documentation): health NOT_SERVING, no new
+    /// connections or streams on ext_proc and the proxy, requests in flight get
+    /// `--drain-timeout` to finish, then every server and background task stops.
+    pub async fn shutdown(self) {
+        self.shutdown_until(CancellationToken::new()).await;
+    }
+
+    /// [`Self::shutdown`], cutting the drain short when `force` is cancelled (a second
+    /// signal).
+    pub async fn shutdown_until(mut self, force: CancellationToken) {
+        let started = Instant::now();
+        tracing::info!(
+            drain_timeout = ?self.drain_timeout,
+            "draining: readiness NOT_SERVING, no new connections or streams; requests in flight may finish"
+        );
+        self.health.set_draining();
+        self.drain.cancel();
+        // The leader gives its Lease back first (its election stops with the drain token), so
+        // a follower takes over while this replica's requests in flight finish.
         if let Some(l) = self.leader.take() {
             l.stopped().await;
         }
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while self.servers.join_next().await.is_some() {}
+        let draining = &mut self.draining;
+        tokio::select! {
+            () = async { while draining.join_next().await.is_some() {} } => {
+                tracing::info!(elapsed = ?started.elapsed(), "drained: every request in flight finished");
+            }
+            () = tokio::time::sleep(self.drain_timeout) => {
+                tracing::warn!(drain_timeout = ?self.drain_timeout, "requests still in flight at the drain timeout: cutting them");
+            }
+            () = force.cancelled() => {
+                tracing::warn!("second signal: cutting the drain short");
+            }
+        }
+        self.draining.abort_all();
+        while self.draining.join_next().await.is_some() {}
+        self.cancel.cancel();
+        // Health and metrics hold no long requests: a moment for their connections to close
+        // gracefully, then they are cut.
+        let servers = &mut self.servers;
+        let closed = tokio::time::timeout(Duration::from_secs(2), async {
+            while servers.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
-            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "open streams did not finish in time; closing them");
+        if closed.is_err() {
             self.servers.abort_all();
             while self.servers.join_next().await.is_some() {}
         }
@@ -187,11 +242,9 @@ impl EppHandle {
     }
 }
 
-/// How long [`EppHandle::shutdown`] waits for open streams before cutting them.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl Drop for EppHandle {
     fn drop(&mut self) {
+        self.drain.cancel();
         self.cancel.cancel();
     }
 }
@@ -254,8 +307,34 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
         endpoints_file: args.endpoints_file.clone(),
         target_ports: args.endpoint_target_ports.clone(),
         objectives_file: args.objectives_file.clone(),
+        health: health_policy(args),
         ..DataLayerConfig::default()
     })
+}
+
+/// Endpoint health from the flags. Metrics count as stale after
+/// `--metrics-staleness-threshold`, but never sooner than two refresh intervals plus a
+/// scrape timeout, so a long `--refresh-metrics-interval` cannot make every endpoint look
+/// stale between two scrapes.
+pub fn health_policy(args: &Args) -> HealthPolicy {
+    let floor = args
+        .refresh_metrics_interval
+        .saturating_mul(2)
+        .saturating_add(DataLayerConfig::default().scrape_timeout);
+    HealthPolicy {
+        enabled: args.endpoint_health_checks,
+        staleness: args.metrics_staleness_threshold.max(floor),
+        ..HealthPolicy::default()
+    }
+}
+
+/// Connection limits of every listener, from the flags.
+pub fn listener_limits(args: &Args) -> Limits {
+    Limits {
+        max_connections: args.max_connections,
+        header_timeout: args.request_header_timeout,
+        idle_timeout: args.connection_idle_timeout,
+    }
 }
 
 async fn bind(args: &Args, port: u16, flag: &'static str) -> Result<TcpListener, EppError> {
@@ -320,6 +399,9 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     // --metrics-endpoint-auth and --ha-enable-leader-election (both need the client).
     let metrics_auth = metrics_authorizer(&args, kube_client.as_ref(), &mut registry).await?;
     let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
+    let health_metrics = HealthMetrics::register(&mut registry);
+    let listener_metrics = ListenerMetrics::register(&mut registry);
+    let health_policy = health_policy(&args);
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -393,15 +475,22 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         args.metrics_staleness_threshold,
     )
     .register(&mut registry);
+    HealthCollector::new(
+        store.clone() as Arc<dyn EndpointSource>,
+        health_policy.clone(),
+    )
+    .register(&mut registry);
 
     let director = Arc::new(
         Director::builder(config, store.clone() as Arc<dyn EndpointSource>)
             .objectives(objectives)
             .metrics(epp_metrics)
+            .health_metrics(health_metrics)
             .scheduler_metrics(scheduler_metrics)
             .options(DirectorOptions {
                 disable_endpoint_subset_filter: args.disable_endpoint_subset_filter,
                 pool_name,
+                health: health_policy,
                 ..DirectorOptions::default()
             })
             .build(),
@@ -410,6 +499,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     // Servers.
     let registry = Arc::new(registry);
     let health = HealthHandle::with_leader_election(args.ha_enable_leader_election);
+    // Cancelled first on shutdown: stops the ext_proc and proxy listeners and the election.
+    let drain = CancellationToken::new();
     let leader = match election {
         Some((client, config, metrics)) => {
             let h = health.clone();
@@ -418,7 +509,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
                 config,
                 metrics,
                 Arc::new(move |leader| h.set_leader(leader)),
-                cancel.clone(),
+                drain.clone(),
             )?)
         }
         None => None,
@@ -429,35 +520,52 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         Duration::from_millis(100),
         cancel.clone(),
     );
+    let limits = listener_limits(&args);
+    let listener = |tcp: TcpListener, name: &'static str| {
+        Listener::new(tcp, name, limits, listener_metrics.clone())
+    };
+    let (grpc, health_l, metrics_l) = (
+        listener(grpc, "ext_proc"),
+        listener(health_l, "health"),
+        listener(metrics_l, "metrics"),
+    );
+    let mut draining = JoinSet::new();
     let mut servers = JoinSet::new();
     let err = |e: ServeError| e.to_string();
     {
-        let (d, c, h) = (director.clone(), cancel.clone(), health.clone());
+        let (d, c, h) = (director.clone(), drain.clone(), health.clone());
         let health_on_grpc = args.health_checking.then_some(h);
-        servers.spawn(async move {
-            let r =
-                serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
+        let options = ExtProcOptions {
+            max_request_body_bytes: args.max_request_body_bytes,
+            ..ExtProcOptions::default()
+        };
+        draining.spawn(async move {
+            let r = serve_ext_proc_on(grpc, d, tls, health_on_grpc, options, c).await;
             ("ext_proc", r.map_err(err))
         });
     }
     {
         let (h, c) = (health.clone(), cancel.clone());
-        servers.spawn(async move { ("health", serve_health(health_l, h, c).await.map_err(err)) });
+        servers.spawn(async move {
+            let r = serve_health_on(health_l, h, c).await;
+            ("health", r.map_err(err))
+        });
     }
     {
         let (r, c) = (registry.clone(), cancel.clone());
         servers.spawn(async move {
-            let served = serve_metrics_with_auth(metrics_l, r, metrics_auth, c).await;
+            let served = serve_metrics_on(metrics_l, r, metrics_auth, c).await;
             ("metrics", served.map_err(err))
         });
     }
     if let Some(listener) = proxy_l {
         crate::proxy::spawn(
-            &mut servers,
+            &mut draining,
             listener,
             director.clone(),
             &args,
-            cancel.clone(),
+            listener_metrics.clone(),
+            drain.clone(),
         );
     }
 
@@ -480,6 +588,9 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         store,
         health,
         cancel,
+        drain,
+        drain_timeout: args.drain_timeout,
+        draining,
         servers,
         datalayer: Some(dl),
         kube,
@@ -633,41 +744,51 @@ fn start_kube_discovery(
     )
 }
 
-/// `llmsched epp`: runs until Ctrl-C (or SIGTERM) or a server fails.
+/// `llmsched epp`: runs until SIGTERM or Ctrl-C (or a server fails), then drains
+/// ([`EppHandle::shutdown`]); a second signal cuts the drain short.
 pub async fn run(args: Args) -> Result<(), EppError> {
     let mut epp = start(args).await?;
-    let shutdown = CancellationToken::new();
+    let first = CancellationToken::new();
+    let second = CancellationToken::new();
     {
-        let s = shutdown.clone();
+        let (first, second) = (first.clone(), second.clone());
         tokio::spawn(async move {
-            wait_for_signal().await;
-            s.cancel();
+            let mut signals = Signals::new();
+            signals.next().await;
+            first.cancel();
+            signals.next().await;
+            second.cancel();
         });
     }
-    let outcome = epp.wait(shutdown).await;
-    tracing::info!("shutting down");
-    epp.shutdown().await;
+    let outcome = epp.wait(first).await;
+    tracing::info!("shutting down (a second SIGTERM or Ctrl-C exits at once)");
+    epp.shutdown_until(second).await;
     outcome
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), registered once so that none is missed between two waits.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(term) = self.term.as_mut() {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -16,6 +16,10 @@
 //! `Check` answers with a status, never a gRPC error (the reference answers SERVICE_UNKNOWN
 //! rather than the standard NOT_FOUND). `Watch` (which the reference leaves unimplemented)
 //! sends the current status at once and then every change, until the server shuts down.
+//!
+//! On shutdown [`HealthHandle::set_draining`] turns every name but `liveness` NOT_SERVING for
+//! good (in both modes) while the servers drain, so Kubernetes and Envoy stop sending new work
+//! at once; `liveness` stays SERVING (the process is fine, it is leaving).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,7 +35,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::server::{ServeError, tcp_incoming};
+use llmsched_listener::Listener;
+
+use crate::server::{ServeError, default_listener, tcp_incoming};
 
 /// Liveness service name (the multi-replica chart's liveness probe).
 pub const LIVENESS: &str = "liveness";
@@ -52,6 +58,8 @@ pub struct HealthState {
     pub synced: bool,
     /// This replica holds the leader lease (ignored without leader election).
     pub leader: bool,
+    /// The process is shutting down (set once, never cleared).
+    pub draining: bool,
 }
 
 /// Controls the health answers. Cheap to clone; every clone shares the state.
@@ -108,6 +116,19 @@ impl HealthHandle {
     /// Records whether this replica holds the leader lease.
     pub fn set_leader(&self, leader: bool) {
         self.update(|s| s.leader = leader);
+    }
+
+    /// The EPP is shutting down: every service but `liveness` answers NOT_SERVING from now on.
+    pub fn set_draining(&self) {
+        if !self.is_draining() {
+            self.update(|s| s.draining = true);
+            tracing::info!("health: draining, readiness NOT_SERVING");
+        }
+    }
+
+    /// True once [`Self::set_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.state().draining
     }
 
     /// Alias of [`HealthHandle::set_synced`].
@@ -167,6 +188,15 @@ pub fn status_for(leader_election: bool, state: HealthState, service: &str) -> S
             ServingStatus::NotServing
         }
     };
+    if state.draining {
+        return if service == LIVENESS {
+            ServingStatus::Serving
+        } else if leader_election && !matches!(service, READINESS | "" | EXT_PROC) {
+            ServingStatus::ServiceUnknown
+        } else {
+            ServingStatus::NotServing
+        };
+    }
     if !leader_election {
         return serving(state.synced);
     }
@@ -252,14 +282,25 @@ impl Health for HealthGrpc {
     }
 }
 
-/// Serves gRPC health on `listener` (plaintext, as the reference) until `shutdown`.
+/// Serves gRPC health on `listener` (plaintext, as the reference) until `shutdown`, with the
+/// default connection limits; see [`serve_health_on`].
 pub async fn serve_health(
     listener: TcpListener,
     handle: HealthHandle,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    serve_health_on(default_listener(listener, "health"), handle, shutdown).await
+}
+
+/// [`serve_health`] on a listener with its own limits.
+pub async fn serve_health_on(
+    listener: Listener,
+    handle: HealthHandle,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let incoming = tcp_incoming(listener, shutdown.clone());
     tonic::transport::Server::builder()
+        .layer(llmsched_listener::InflightLayer)
         .add_service(handle.service(shutdown.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
@@ -300,7 +341,31 @@ mod tests {
     ];
 
     fn st(synced: bool, leader: bool) -> HealthState {
-        HealthState { synced, leader }
+        HealthState {
+            synced,
+            leader,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn draining_turns_all_but_liveness_not_serving_for_good() {
+        for election in [false, true] {
+            let h = HealthHandle::with_leader_election(election);
+            h.set_synced(true);
+            h.set_leader(true);
+            assert!(h.is_ready());
+            h.set_draining();
+            assert!(h.is_draining());
+            assert!(!h.is_ready());
+            assert_eq!(h.status(LIVENESS), ServingStatus::Serving);
+            for name in READY_SERVICES {
+                assert_eq!(h.status(name), ServingStatus::NotServing, "{name:?}");
+            }
+            h.set_synced(true);
+            h.set_leader(true);
+            assert!(!h.is_ready(), "draining is never undone");
+        }
     }
 
     #[test]

@@ -43,10 +43,14 @@ pub mod tls;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
-pub use health::{HealthHandle, HealthState, serve_health, spawn_readiness_watch};
+pub use health::{HealthHandle, HealthState, serve_health, serve_health_on, spawn_readiness_watch};
+pub use llmsched_listener::{Limits, Listener, ListenerMetrics};
 pub use metrics_auth::{
     MetricsAuthDecision, MetricsAuthError, MetricsAuthRequest, MetricsAuthorizer,
 };
-pub use server::{ServeError, serve_ext_proc, serve_metrics, serve_metrics_with_auth};
+pub use server::{
+    ServeError, serve_ext_proc, serve_ext_proc_on, serve_metrics, serve_metrics_on,
+    serve_metrics_with_auth,
+};
 pub use service::{ExtProcOptions, ExtProcService};
 pub use tls::{TlsConfig, TlsError};

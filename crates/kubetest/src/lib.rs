@@ -48,7 +48,7 @@
 //!   ([`ServerBuilder::require_token`]: 401 otherwise); optional RBAC-like authorization of
 //!   every resource request from the permission table ([`ServerBuilder::authorize_requests`]).
 //!
-//! Manual runs: `cargo run -p llmsched-kubetest --example serve -- --port 6443 --tls
+//! Manual runs: `cargo run -p llmsched-kubetest --example kube-apiserver -- --port 6443 --tls
 //! --token admin --kubeconfig /tmp/kubetest.kubeconfig --inference-kinds --pods 2`.
 //!
 //! # Faults

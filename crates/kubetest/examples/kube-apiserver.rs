@@ -1,7 +1,7 @@
 //! Runs the test API server for manual use:
 //!
 //! ```sh
-//! cargo run -p llmsched-kubetest --example serve -- --port 6443 --tls --token admin \
+//! cargo run -p llmsched-kubetest --example kube-apiserver -- --port 6443 --tls --token admin \
 //!     --kubeconfig /tmp/kubetest.kubeconfig --inference-kinds
 //! KUBECONFIG=/tmp/kubetest.kubeconfig kubectl get pods -A
 //! ```
