@@ -81,9 +81,9 @@ pub struct FlowRequest {
     pub prompt_tokens: u64,
     /// `max_tokens` of the request, if given.
     pub max_tokens: Option<u64>,
-    /// Requested model (metrics label).
+    /// Requested model, as a metrics label value (already bounded by the director).
     pub model_name: String,
-    /// Target model (metrics label).
+    /// Target model, as a metrics label value (already bounded by the director).
     pub target_model_name: String,
 }
 
@@ -480,7 +480,8 @@ impl FlowController {
     pub async fn enqueue_and_wait(&self, req: &FlowRequest) -> Result<FlowTicket, InferenceError> {
         let shared = &*self.shared;
         let labels = FlowQueueLabels {
-            fairness_id: req.fairness_id.clone(),
+            // The queue is keyed by the real id; only the label is bounded.
+            fairness_id: shared.metrics.known.fairness(&req.fairness_id).to_string(),
             priority: req.priority.to_string(),
             inference_pool: shared.pool.clone(),
             model_name: req.model_name.clone(),
