@@ -6,8 +6,12 @@
 //! neighbours still is. [`run`] runs a [`Suite`] with it, or with wall-clock time when
 //! `BENCH_CLOCK=wall`.
 //!
+//! [`ProcessCpuTime`] counts every thread of the process instead: the measure for benches
+//! whose work runs on other threads than the benchmark loop's (a loopback client and server
+//! on a tokio runtime), run with [`run_process`].
+//!
 //! [`bench_main!`] writes a bench file's `main` (the shared [`config`], a [`Suite`] over the
-//! file's benchmark function, [`run`]); [`Lcg`] is the small deterministic generator the
+//! file's benchmark function, [`run`] or, with `clock = process`, [`run_process`]); [`Lcg`] is the small deterministic generator the
 //! benches build their fixtures from.
 
 use std::time::Duration;
@@ -34,6 +38,7 @@ pub fn config(measurement: Duration) -> Criterion {
 /// fn bench<M: Measurement>(c: &mut Criterion<M>) { /* c.benchmark_group(...) */ }
 /// llmsched_benchkit::bench_main!(bench);               // 2 s of measurement
 /// llmsched_benchkit::bench_main!(bench, seconds = 3);
+/// llmsched_benchkit::bench_main!(bench, seconds = 3, clock = process); // every thread's CPU
 /// ```
 #[macro_export]
 macro_rules! bench_main {
@@ -41,6 +46,12 @@ macro_rules! bench_main {
         $crate::bench_main!($bench, seconds = 2);
     };
     ($bench:path, seconds = $secs:expr) => {
+        $crate::bench_main!(@with $bench, $secs, $crate::run);
+    };
+    ($bench:path, seconds = $secs:expr, clock = process) => {
+        $crate::bench_main!(@with $bench, $secs, $crate::run_process);
+    };
+    (@with $bench:path, $secs:expr, $run:path) => {
         /// The benchmarks of this file.
         struct Benches;
 
@@ -54,7 +65,7 @@ macro_rules! bench_main {
         }
 
         fn main() {
-            $crate::run(
+            $run(
                 $crate::config(::std::time::Duration::from_secs($secs)),
                 &Benches,
             );
@@ -92,6 +103,14 @@ pub fn thread_cpu_ns() -> u64 {
     secs * 1_000_000_000 + nanos
 }
 
+/// Nanoseconds of CPU time consumed by every thread of the process.
+pub fn process_cpu_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1_000_000_000 + nanos
+}
+
 /// True when `BENCH_CLOCK=wall`.
 pub fn wall_clock_requested() -> bool {
     std::env::var("BENCH_CLOCK").is_ok_and(|v| v == "wall")
@@ -117,6 +136,22 @@ pub fn run(config: Criterion, suite: &impl Suite) {
     }
 }
 
+/// Runs `suite` as [`run`] does, but measured with the whole process's CPU time
+/// ([`ProcessCpuTime`]; wall-clock time when `BENCH_CLOCK=wall`).
+pub fn run_process(config: Criterion, suite: &impl Suite) {
+    if wall_clock_requested() {
+        let mut c = config.configure_from_args();
+        suite.run(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = config
+            .with_measurement(ProcessCpuTime)
+            .configure_from_args();
+        suite.run(&mut c);
+        c.final_summary();
+    }
+}
+
 /// Thread CPU time, in nanoseconds.
 pub struct CpuTime;
 
@@ -129,6 +164,34 @@ impl Measurement for CpuTime {
     }
     fn end(&self, start: u64) -> u64 {
         thread_cpu_ns().saturating_sub(start)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuFormatter
+    }
+}
+
+/// CPU time of every thread of the process, in nanoseconds. Counts whatever else the
+/// process runs meanwhile, so a bench measured with it must keep the process otherwise idle.
+pub struct ProcessCpuTime;
+
+impl Measurement for ProcessCpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        process_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        process_cpu_ns().saturating_sub(start)
     }
     fn add(&self, a: &u64, b: &u64) -> u64 {
         a + b
@@ -192,6 +255,22 @@ impl ValueFormatter for CpuFormatter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_time_counts_other_threads() {
+        let spin = || {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            x
+        };
+        let (p0, t0) = (process_cpu_ns(), thread_cpu_ns());
+        let x = std::thread::spawn(spin).join().unwrap_or(0);
+        let (process, thread) = (process_cpu_ns() - p0, thread_cpu_ns() - t0);
+        // The spawned thread's work shows in the process's time, not in this thread's.
+        assert!(process > thread + 1_000_000, "{process} vs {thread} ({x})");
+    }
 
     #[test]
     fn thread_cpu_time_advances_with_work_only() {

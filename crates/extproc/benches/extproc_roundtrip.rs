@@ -5,16 +5,26 @@
 //! ratio shows what the transport (gRPC, protobuf, buffering, chunking) adds; a header-only
 //! round trip (no parsing or scheduling) shows the transport's floor.
 //!
+//! `extproc_response/*` adds the response phase to the round trip, as Envoy drives it:
+//! response headers, then the body chunks, every answer read to the body's end of stream:
+//! an SSE stream of 64 events (each its own chunk), the same with the model name rewritten
+//! back (`x-llm-d-model-name-rewrite`), and a 256 KB JSON response in 16 KiB chunks (held to
+//! its end, then re-chunked).
+//!
+//! Measured in CPU time of the whole process (client, server and runtime threads; the
+//! machine is shared), wall-clock time with `BENCH_CLOCK=wall`.
+//!
 //! `cargo bench -p llmsched-extproc --bench extproc_roundtrip`
 
 use std::sync::Arc;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::Measurement;
+use criterion::{BenchmarkId, Criterion, Throughput};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, body_mutation, processing_request,
-    processing_response,
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
+    processing_request, processing_response,
 };
 use llmsched_director::testing::{
     completion_body, endpoints, load_config, post_headers, set_queue,
@@ -28,25 +38,156 @@ use tokio_util::sync::CancellationToken;
 const CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: max-score-picker\n";
 const ENVOY_CHUNK: usize = 16 * 1024;
 
+fn header_map<'a>(h: impl Iterator<Item = (&'a str, &'a str)>) -> HeaderMap {
+    HeaderMap {
+        headers: h
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                value: String::new(),
+                raw_value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+    }
+}
+
 fn headers_msg(end_of_stream: bool) -> ProcessingRequest {
+    headers_msg_with(end_of_stream, &[])
+}
+
+fn headers_msg_with(end_of_stream: bool, extra: &[(&str, &str)]) -> ProcessingRequest {
     let h = post_headers("/v1/completions");
+    let all = h.iter().chain(extra.iter().copied());
     ProcessingRequest {
         request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: h
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: k.to_string(),
-                        value: String::new(),
-                        raw_value: v.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
+            headers: Some(header_map(all)),
             end_of_stream,
             ..Default::default()
         })),
         ..Default::default()
     }
+}
+
+fn response_headers_msg(content_type: &str) -> ProcessingRequest {
+    let h = [(":status", "200"), ("content-type", content_type)];
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
+            headers: Some(header_map(h.into_iter())),
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn response_body_msgs(chunks: &[Vec<u8>]) -> Vec<ProcessingRequest> {
+    let n = chunks.len();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ProcessingRequest {
+            request: Some(processing_request::Request::ResponseBody(HttpBody {
+                body: c.clone(),
+                end_of_stream: i + 1 == n,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// An SSE completion stream of `events` events answered as `model`, one chunk per event
+/// (the last one carries usage and `[DONE]`).
+fn sse_chunks(model: &str, events: usize) -> Vec<Vec<u8>> {
+    (0..events)
+        .map(|i| {
+            let mut e = format!(
+                "data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\" word{i}\",\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+            );
+            if i + 1 == events {
+                e.push_str(&format!("data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n", 12 + events));
+            }
+            e.into_bytes()
+        })
+        .collect()
+}
+
+/// A non-streaming completion of about `size` bytes answered as `model`, in `chunk`-byte
+/// pieces.
+fn json_chunks(model: &str, size: usize, chunk: usize) -> Vec<Vec<u8>> {
+    let text = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
+    let body = format!(
+        "{{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"{}\",\"finish_reason\":\"length\"}}],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":4000,\"total_tokens\":4012}}}}",
+        &text[..size]
+    );
+    body.as_bytes().chunks(chunk).map(<[u8]>::to_vec).collect()
+}
+
+/// The body forwarded in one body response (request or response direction), if it is one.
+fn streamed_body(m: &ProcessingResponse) -> Option<(usize, bool)> {
+    let b = match &m.response {
+        Some(processing_response::Response::RequestBody(b))
+        | Some(processing_response::Response::ResponseBody(b)) => b,
+        _ => return None,
+    };
+    match b
+        .response
+        .as_ref()
+        .and_then(|c| c.body_mutation.as_ref())
+        .and_then(|bm| bm.mutation.as_ref())
+    {
+        Some(body_mutation::Mutation::StreamedResponse(s)) => Some((s.body.len(), s.end_of_stream)),
+        _ => None,
+    }
+}
+
+async fn next(resp: &mut tonic::Streaming<ProcessingResponse>) -> ProcessingResponse {
+    match resp.message().await {
+        Ok(Some(m)) => m,
+        other => panic!("unexpected end: {other:?}"),
+    }
+}
+
+/// Reads body responses until one has end of stream; the bytes forwarded.
+async fn read_body(resp: &mut tonic::Streaming<ProcessingResponse>) -> usize {
+    let mut forwarded = 0;
+    loop {
+        let m = next(resp).await;
+        if let Some((n, eos)) = streamed_body(&m) {
+            forwarded += n;
+            if eos {
+                return forwarded;
+            }
+        }
+    }
+}
+
+/// A whole exchange: the request (headers + body) routed, then the response (headers +
+/// body) passed back. Returns the response bytes forwarded.
+async fn exchange(
+    client: &mut ExternalProcessorClient<tonic::transport::Channel>,
+    request: &[ProcessingRequest],
+    response: &[ProcessingRequest],
+) -> usize {
+    let (tx, rx) = mpsc::channel(request.len() + response.len() + 1);
+    for m in request {
+        // Capacity is sufficient: never blocks.
+        let _ = tx.try_send(m.clone());
+    }
+    let mut resp = match client.process(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => panic!("process failed: {e}"),
+    };
+    // The routing answer: headers response, then the request body.
+    let _ = next(&mut resp).await;
+    read_body(&mut resp).await;
+    let _ = tx.try_send(response[0].clone());
+    let _ = next(&mut resp).await;
+    for m in &response[1..] {
+        let _ = tx.try_send(m.clone());
+    }
+    let n = read_body(&mut resp).await;
+    drop(tx);
+    n
 }
 
 fn body_msgs(body: &[u8]) -> Vec<ProcessingRequest> {
@@ -104,7 +245,7 @@ async fn round_trip(
     forwarded
 }
 
-fn bench(c: &mut Criterion) {
+fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -194,8 +335,58 @@ fn bench(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // The response phase.
+    let mut group = c.benchmark_group("extproc_response");
+    let model = "meta-llama/Llama-3.1-8B-Instruct";
+    let target = "llama-adapter";
+    let request = |stream: bool, rewrite: bool| {
+        let extra: &[(&str, &str)] = if rewrite {
+            &[("x-llm-d-model-name-rewrite", target)]
+        } else {
+            &[]
+        };
+        let mut msgs = vec![headers_msg_with(false, extra)];
+        msgs.extend(body_msgs(&completion_body(
+            model,
+            "Say hello in French.",
+            stream,
+        )));
+        msgs
+    };
+    let response = |content_type: &str, chunks: Vec<Vec<u8>>| {
+        let mut msgs = vec![response_headers_msg(content_type)];
+        msgs.extend(response_body_msgs(&chunks));
+        (msgs, chunks.iter().map(Vec::len).sum::<usize>())
+    };
+    let cases = [
+        (
+            "sse_64_events",
+            request(true, false),
+            response("text/event-stream", sse_chunks(model, 64)),
+        ),
+        (
+            "sse_64_events_rewritten",
+            request(true, true),
+            response("text/event-stream", sse_chunks(target, 64)),
+        ),
+        (
+            "json_256KB",
+            request(false, false),
+            response(
+                "application/json",
+                json_chunks(model, 256 << 10, ENVOY_CHUNK),
+            ),
+        ),
+    ];
+    for (name, req, (resp, bytes)) in &cases {
+        group.throughput(Throughput::Bytes(*bytes as u64));
+        group.bench_function(*name, |b| {
+            b.iter(|| rt.block_on(exchange(&mut client, req, resp)))
+        });
+    }
+    group.finish();
     shutdown.cancel();
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+llmsched_benchkit::bench_main!(bench, seconds = 3, clock = process);
