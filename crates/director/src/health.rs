@@ -135,6 +135,7 @@ pub(crate) fn now_ms(now: std::time::Instant) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use llmsched_core::endpoint::EndpointSource;
     use llmsched_core::endpoint::{EndpointMetrics, StaticEndpoints};
     use llmsched_core::health::FailureKind;
@@ -298,15 +299,15 @@ mod tests {
         // The model server's own 503 says nothing about reachability.
         let mut r = d.route(req("a")).await.unwrap();
         r.on_response_headers(503, &post_headers("/"));
-        r.on_response_body(br#"{"error":"overloaded"}"#, true);
+        let _ = r.on_response_chunk(Bytes::from_static(br#"{"error":"overloaded"}"#), true);
         r.finish();
         assert!(e[0].health(Instant::now(), &policy).is_healthy());
         // Envoy could not connect: its local reply goes through the response phase.
         let mut r = d.route(req("b")).await.unwrap();
         assert_eq!(r.destination(), "10.0.0.1:8000");
         r.on_response_headers(503, &post_headers("/"));
-        r.on_response_body(
-            b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+        let _ = r.on_response_chunk(
+            Bytes::from_static(b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"),
             true,
         );
         r.finish();

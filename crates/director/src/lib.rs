@@ -16,8 +16,10 @@
 //!     Ok(mut routed) => {
 //!         // forward routed.forward_body() to routed.destination(), then:
 //!         let extra = routed.on_response_headers(200, &llmsched_core::Headers::new());
-//!         routed.on_response_body(br#"{"usage":{"prompt_tokens":3}}"#, true);
-//!         routed.finish();
+//!         let forward = routed.on_response_chunk(bytes::Bytes::from_static(br#"{"usage":{"prompt_tokens":3}}"#), true);
+//!         // send `forward` to the client, then:
+//!         let rest = routed.finish_response();
+//!         # let _ = (forward, rest);
 //!         # let _ = extra;
 //!     }
 //!     Err(e) => { /* reply e.http_status() with body e.body() and headers e.headers */ }
@@ -26,7 +28,8 @@
 //! ```
 //!
 //! * [`director`] — [`Director`], [`IncomingRequest`], [`DirectorOptions`];
-//! * [`routed`] — [`Routed`], the response side and the in-flight guard;
+//! * [`routed`] — [`Routed`], the response contract (chunks in, bytes to forward out) and the
+//!   in-flight guard;
 //! * [`flow`] — the flow controller (feature gate `flowControl`);
 //! * [`metrics`] — the reference's request, pool and flow-control metrics plus overhead
 //!   histograms;
@@ -54,4 +57,4 @@ pub use flow::FlowController;
 pub use headers::{ensure_request_id, is_system_owned};
 pub use health::HealthMetrics;
 pub use metrics::{EppMetrics, Phase, PoolCollector};
-pub use routed::{RouteKind, Routed};
+pub use routed::{ResponseBuffering, RouteKind, Routed};

@@ -1,11 +1,25 @@
 //! [`Routed`]: a request that has a destination, from the routing decision to the end of its
 //! response.
 //!
-//! The transport forwards [`Routed::forward_body`] to [`Routed::destination`] (setting
-//! [`Routed::headers_to_set`]), then reports the response: [`Routed::on_response_headers`],
-//! [`Routed::on_response_body`] for each chunk (or once with the whole body), optionally
-//! [`Routed::set_served_endpoint`] when the gateway says a fallback served it, and finally
-//! [`Routed::finish`]. Dropping a `Routed` without finishing it (client disconnect, stream
+//! `Routed` owns the response contract, so a transport is a thin loop over it:
+//!
+//! 1. forward [`Routed::forward_body`] to [`Routed::destination`] (setting
+//!    [`Routed::headers_to_set`]) and, while the request is on its way, await
+//!    [`Routed::after_dispatch`]: it lets the routing answer go out first, then runs the
+//!    pre-request hooks' deferred bookkeeping;
+//! 2. [`Routed::on_response_headers`] when the response's headers arrive (the headers to add
+//!    come back);
+//! 3. [`Routed::on_response_chunk`] for each chunk of the response body: it accounts the
+//!    chunk (usage, streaming hooks, gateway failures) and returns the bytes to forward now,
+//!    with the model name rewritten back where a rewrite changed it. A non-streaming body
+//!    that must be rewritten (or every non-streaming body, when the transport asks for it
+//!    with [`Routed::set_response_buffering`]) is held and comes back whole with its last
+//!    chunk; one that outgrows the transport's limit is passed on unchanged from there;
+//! 4. [`Routed::finish_response`] at the end (trailers, or the body's end): it returns what
+//!    is still held, to forward before the end, and completes the request.
+//!
+//! [`Routed::set_served_endpoint`] moves the accounting when the gateway says a fallback
+//! served the request. Dropping a `Routed` without finishing it (client disconnect, stream
 //! reset, error) still runs the response-complete hooks, releases the in-flight counts and
 //! the running-requests gauge: the accounting can never leak.
 //!
@@ -39,6 +53,66 @@ pub const MODEL_SERVER_ERROR: &str = "ModelServerError";
 /// Largest non-streaming body the director buffers on its own to read usage (transports
 /// that pass the whole body in one call are not limited).
 const MAX_USAGE_BUFFER: usize = 16 << 20;
+
+/// How a transport wants non-streaming response bodies held (see
+/// [`Routed::set_response_buffering`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseBuffering {
+    /// Hold every non-streaming body to its end (ext_proc: Envoy gets the body in one piece,
+    /// as the reference EPP sends it), not only those whose model name is rewritten back
+    /// (the proxy, which relays everything else as it comes).
+    pub hold_all: bool,
+    /// Most bytes held: a body that grows beyond it is passed on unchanged from the chunk
+    /// that crosses it (no rewrite; usage only when the director's own bounded usage buffer
+    /// saw it all). Default 64 MiB.
+    pub limit: usize,
+    /// Upper bound of the buffer pre-allocated from the response's `content-length` (a peer's
+    /// announcement is only a hint; the buffer grows as bytes arrive, doubling, never beyond
+    /// `limit`). Default 16 KiB.
+    pub prealloc: usize,
+}
+
+impl Default for ResponseBuffering {
+    fn default() -> Self {
+        Self {
+            hold_all: false,
+            limit: 64 << 20,
+            prealloc: 16 << 10,
+        }
+    }
+}
+
+/// Where the response body is.
+#[derive(Debug)]
+enum BodyState {
+    /// Headers not seen yet, or a body relayed chunk by chunk.
+    Relay,
+    /// A non-streaming body held to its end.
+    Held(Vec<u8>),
+    /// A held body outgrew the limit: passed on unchanged from there.
+    Passthrough,
+    /// The body ended (end of stream seen).
+    Ended,
+}
+
+/// Appends `chunk` to `buf` unless the result would be longer than `limit` (then `buf` is
+/// left as it is and `false` returned). The capacity grows by doubling but never beyond
+/// `limit`, so a buffer never holds more memory than the limit allows. (The transports
+/// collect request bodies with it too.)
+pub fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let Some(need) = buf.len().checked_add(chunk.len()) else {
+        return false;
+    };
+    if need > limit {
+        return false;
+    }
+    if need > buf.capacity() {
+        let target = buf.capacity().saturating_mul(2).max(need).min(limit);
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(chunk);
+    true
+}
 
 /// How the destination was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +171,8 @@ pub struct Routed {
     json_buf: Vec<u8>,
     json_overflow: bool,
     rewriter: Option<ModelNameRewriter>,
+    buffering: ResponseBuffering,
+    body: BodyState,
     cached_reported: bool,
     finalized: bool,
     dispatched: bool,
@@ -152,6 +228,8 @@ impl Routed {
             json_buf: Vec::new(),
             json_overflow: false,
             rewriter,
+            buffering: ResponseBuffering::default(),
+            body: BodyState::Relay,
             cached_reported: false,
             finalized: false,
             dispatched,
@@ -285,9 +363,40 @@ impl Routed {
         }
     }
 
+    /// The request has been handed to the transport's connection: await this while it goes
+    /// out. It yields to the runtime once, so the task that writes the routing answer (or the
+    /// request) runs first, then runs [`Self::run_after_dispatch`] — the pre-request hooks'
+    /// bookkeeping stays off the decision's latency, as the reference keeps it. Returns at
+    /// once when that work already ran (or there is none).
+    pub async fn after_dispatch(&mut self) {
+        if self.dispatched {
+            return;
+        }
+        tokio::task::yield_now().await;
+        self.run_after_dispatch();
+    }
+
+    /// Sets how non-streaming response bodies are held (before the response's headers; the
+    /// default holds only bodies whose model name is rewritten back, up to 64 MiB).
+    pub fn set_response_buffering(&mut self, buffering: ResponseBuffering) {
+        self.buffering = buffering;
+    }
+
+    /// True when the response body forwarded may differ from the one received (the model
+    /// name is rewritten back), so the upstream's `content-length` must not be forwarded.
+    pub fn rewrites_response(&self) -> bool {
+        self.kind == RouteKind::Scheduled && self.rewriter.is_some()
+    }
+
+    /// True while the response body is held (see [`Self::on_response_chunk`]).
+    pub fn holds_response_body(&self) -> bool {
+        matches!(self.body, BodyState::Held(_))
+    }
+
     /// Response headers arrived. Runs the response-received hooks and returns the headers
     /// they want added to the client's response. A status other than 200 is counted as a
-    /// model-server error when the request finishes.
+    /// model-server error when the request finishes. Decides whether the body is held (see
+    /// [`Self::on_response_chunk`]).
     pub fn on_response_headers(&mut self, status: u16, headers: &Headers) -> Vec<(String, String)> {
         self.run_after_dispatch();
         self.gateway_check = matches!(status, 502..=504);
@@ -307,6 +416,16 @@ impl Routed {
             self.streaming = true;
         }
         self.response.streaming = self.streaming;
+        if !self.streaming && (self.buffering.hold_all || self.rewrites_response()) {
+            let announced = headers
+                .get("content-length")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let cap = announced
+                .min(self.buffering.prealloc)
+                .min(self.buffering.limit);
+            self.body = BodyState::Held(Vec::with_capacity(cap));
+        }
         if self.kind == RouteKind::Fallback {
             return Vec::new();
         }
@@ -322,11 +441,119 @@ impl Routed {
         std::mem::take(&mut self.response.headers_to_set)
     }
 
-    /// A chunk of the response body passed (`end_of_stream` on the last one). Streaming
-    /// bodies are scanned for usage as they pass; non-streaming bodies are parsed as JSON at
-    /// the end (pass the whole body in one call with `end_of_stream` to avoid any copy).
-    /// A body that is not JSON simply yields no usage.
-    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
+    /// One chunk of the response body (`end_of_stream` on the last one, when the transport
+    /// knows it). Accounts it and returns the bytes to forward now:
+    ///
+    /// * a body relayed as it comes (streaming, or nothing to rewrite and not held): the
+    ///   chunk, with `"model":"<target>"` turned back into the requested name when a rewrite
+    ///   changed the model (the same buffer when nothing changes);
+    /// * a held body: nothing until its last chunk, then the whole body, rewritten (a body
+    ///   in one chunk is used as it is, no copy);
+    /// * a held body that outgrows the limit: what was held plus this chunk, unchanged, and
+    ///   every later chunk unchanged.
+    ///
+    /// Streaming bodies are scanned for usage as they pass; non-streaming bodies are parsed
+    /// as JSON at the end. A body that is not JSON simply yields no usage.
+    pub fn on_response_chunk(&mut self, chunk: Bytes, end_of_stream: bool) -> Bytes {
+        match &mut self.body {
+            BodyState::Held(buf) => {
+                if buf.is_empty() && end_of_stream {
+                    self.body = BodyState::Ended;
+                    self.account_body(&chunk, true);
+                    return self.rewrite(chunk);
+                }
+                if append_capped(buf, &chunk, self.buffering.limit) {
+                    if !end_of_stream {
+                        return Bytes::new();
+                    }
+                    let whole = Bytes::from(std::mem::take(buf));
+                    self.body = BodyState::Ended;
+                    self.account_body(&whole, true);
+                    return self.rewrite(whole);
+                }
+                // Too large to hold: on unchanged from here.
+                let mut held = std::mem::take(buf);
+                tracing::debug!(
+                    request_id = %self.request.request_id,
+                    held = held.len(),
+                    limit = self.buffering.limit,
+                    "response body over the buffering limit; passing it through"
+                );
+                self.account_body(&held, false);
+                self.account_body(&chunk, end_of_stream);
+                self.body = if end_of_stream {
+                    BodyState::Ended
+                } else {
+                    BodyState::Passthrough
+                };
+                held.reserve_exact(chunk.len());
+                held.extend_from_slice(&chunk);
+                Bytes::from(held)
+            }
+            BodyState::Passthrough => {
+                if end_of_stream {
+                    self.body = BodyState::Ended;
+                }
+                self.account_body(&chunk, end_of_stream);
+                chunk
+            }
+            BodyState::Relay | BodyState::Ended => {
+                if end_of_stream {
+                    self.body = BodyState::Ended;
+                }
+                self.account_body(&chunk, end_of_stream);
+                self.rewrite(chunk)
+            }
+        }
+    }
+
+    /// The response ended (its trailers arrived, or its body ended without a chunk marked
+    /// `end_of_stream`): returns what is still held, rewritten (forward it before the end),
+    /// then completes the request as [`Self::finish`] does.
+    pub fn finish_response(mut self) -> Bytes {
+        let out = match std::mem::replace(&mut self.body, BodyState::Ended) {
+            BodyState::Held(buf) => {
+                let whole = Bytes::from(buf);
+                self.account_body(&whole, true);
+                self.rewrite(whole)
+            }
+            BodyState::Relay | BodyState::Passthrough if self.headers_seen => {
+                self.end_body();
+                Bytes::new()
+            }
+            _ => Bytes::new(),
+        };
+        self.finalize(true);
+        out
+    }
+
+    /// `chunk` with the model name rewritten back, when a rewrite changed it.
+    fn rewrite(&self, chunk: Bytes) -> Bytes {
+        match &self.rewriter {
+            Some(r) if self.kind == RouteKind::Scheduled => match r.apply(&chunk) {
+                Cow::Borrowed(_) => chunk,
+                Cow::Owned(v) => Bytes::from(v),
+            },
+            _ => chunk,
+        }
+    }
+
+    /// The body ended without a chunk saying so: a non-streaming body's buffered JSON is
+    /// parsed now (a streaming body's scanner is flushed when the request finishes).
+    fn end_body(&mut self) {
+        if self.kind == RouteKind::Fallback || self.streaming {
+            return;
+        }
+        if !self.json_overflow && !self.json_buf.is_empty() {
+            let buf = std::mem::take(&mut self.json_buf);
+            self.set_usage(usage_from_json(&buf));
+        }
+    }
+
+    /// Accounts a chunk of the response body: gateway failures, usage, streaming hooks.
+    /// Streaming bodies are scanned for usage as they pass; non-streaming bodies are parsed
+    /// as JSON at the end (the whole body in one call with `end_of_stream` costs no copy).
+    fn account_body(&mut self, chunk: &[u8], end_of_stream: bool) {
         self.response.body_bytes += chunk.len() as u64;
         if self.gateway_check && (!chunk.is_empty() || end_of_stream) {
             self.gateway_check = false;
@@ -397,15 +624,6 @@ impl Routed {
         if let Some(p) = parsed {
             self.response.usage = Some(p.usage);
             self.cached_reported = p.cached_reported;
-        }
-    }
-
-    /// Rewrites `"model":"<target>"` back to the requested model name in a response chunk,
-    /// as the reference does; borrowed when nothing changes.
-    pub fn rewrite_response_model<'a>(&self, chunk: &'a [u8]) -> Cow<'a, [u8]> {
-        match &self.rewriter {
-            Some(r) if self.kind == RouteKind::Scheduled => r.apply(chunk),
-            _ => Cow::Borrowed(chunk),
         }
     }
 

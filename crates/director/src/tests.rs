@@ -274,15 +274,19 @@ async fn rewrites_splice_the_model_and_rules_override_the_header() {
         .metrics(metrics)
         .build();
     let body = completion_body("food-review", "the food-review prompt", false);
-    let r = d.route(req(body.clone())).await.unwrap();
+    let mut r = d.route(req(body.clone())).await.unwrap();
     assert_eq!(r.request().incoming_model, "food-review");
     assert_eq!(r.request().target_model, "food-review-v2");
     let v: serde_json::Value = serde_json::from_slice(r.forward_body()).unwrap();
     assert_eq!(v["model"], "food-review-v2");
     assert_eq!(v["prompt"], "the food-review prompt");
     // The response's model name goes back to what the client asked for.
+    r.on_response_headers(200, &Headers::new());
     assert_eq!(
-        &*r.rewrite_response_model(br#"{"model":"food-review-v2","x":1}"#),
+        &r.on_response_chunk(
+            Bytes::from_static(br#"{"model":"food-review-v2","x":1}"#),
+            true
+        )[..],
         br#"{"model":"food-review","x":1}"#
     );
     drop(r);
@@ -436,9 +440,9 @@ async fn streaming_usage_split_across_chunks_and_hooks() {
     );
     let sse = "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":30,\"total_tokens\":42,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\ndata: [DONE]\n\n";
     let (a, b) = sse.split_at(70);
-    r.on_response_body(a.as_bytes(), false);
+    let _ = r.on_response_chunk(Bytes::copy_from_slice(a.as_bytes()), false);
     assert!(r.usage().is_none());
-    r.on_response_body(b.as_bytes(), true);
+    let _ = r.on_response_chunk(Bytes::copy_from_slice(b.as_bytes()), true);
     let u = r.usage().unwrap();
     assert_eq!(
         (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
@@ -490,8 +494,8 @@ async fn non_streaming_usage_and_model_server_errors() {
     );
     let body =
         br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
-    r.on_response_body(&body[..20], false);
-    r.on_response_body(&body[20..], true);
+    let _ = r.on_response_chunk(Bytes::from_static(&body[..20]), false);
+    let _ = r.on_response_chunk(Bytes::from_static(&body[20..]), true);
     assert_eq!(r.usage().unwrap().total_tokens, 7);
     r.finish();
     // Not JSON: no usage, no panic; a 500 counts as a model-server error.
@@ -500,7 +504,7 @@ async fn non_streaming_usage_and_model_server_errors() {
         .await
         .unwrap();
     r.on_response_headers(500, &Headers::new());
-    r.on_response_body(b"upstream exploded", true);
+    let _ = r.on_response_chunk(Bytes::from_static(b"upstream exploded"), true);
     assert!(r.usage().is_none());
     r.finish();
     let mut out = String::new();
@@ -663,7 +667,7 @@ async fn flow_control_charges_reported_usage_to_the_fairness_policy() {
             r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{completion},"total_tokens":{}}}}}"#,
             completion + 1
         );
-        r.on_response_body(body.as_bytes(), true);
+        let _ = r.on_response_chunk(Bytes::from(body), true);
         r.finish();
     };
     // Both start level: the older head ("a") first, then "b", which has less service.
@@ -678,4 +682,180 @@ async fn flow_control_charges_reported_usage_to_the_fairness_policy() {
     assert_eq!(f3, "b");
     let (f4, _a2) = release().await;
     assert_eq!(f4, "a");
+}
+
+/// A request for `model` rewritten to `target` by the rewrite header.
+fn rewritten_req(model: &str, target: &str, stream: bool, id: &str) -> IncomingRequest {
+    let mut h = post_headers("/v1/completions");
+    h.insert("x-llm-d-model-name-rewrite", target);
+    h.insert("x-request-id", id);
+    IncomingRequest::new(h, completion_body(model, "hello", stream))
+}
+
+#[tokio::test]
+async fn the_response_contract_rewrites_streamed_chunks_and_forwards_unchanged_ones_as_they_are() {
+    let eps = endpoints(1);
+    let d = director(basic_config(1, ""), eps.clone());
+    let mut r = d
+        .route(rewritten_req("m", "adapter", true, "contract-sse"))
+        .await
+        .unwrap();
+    assert!(r.rewrites_response());
+    let h: Headers = [("content-type", "text/event-stream")]
+        .into_iter()
+        .collect();
+    r.on_response_headers(200, &h);
+    assert!(!r.holds_response_body(), "a stream is never held");
+    let first =
+        Bytes::from_static(b"data: {\"model\":\"adapter\",\"choices\":[{\"text\":\"a\"}]}\n\n");
+    assert_eq!(
+        &r.on_response_chunk(first, false)[..],
+        b"data: {\"model\":\"m\",\"choices\":[{\"text\":\"a\"}]}\n\n"
+    );
+    // Nothing to rewrite: the very same buffer comes back.
+    let plain = Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":5,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
+    let out = r.on_response_chunk(plain.clone(), true);
+    assert_eq!(out.as_ptr(), plain.as_ptr());
+    assert_eq!(r.usage().unwrap().completion_tokens, 5);
+    assert_eq!(eps.0.endpoints[0].inflight_requests(), 1);
+    assert!(r.finish_response().is_empty());
+    assert_eq!(eps.0.endpoints[0].inflight_requests(), 0);
+    assert_eq!(
+        hook_events("contract-sse").last().map(String::as_str),
+        Some("complete:200:5:10.0.0.1:8000")
+    );
+}
+
+#[tokio::test]
+async fn the_response_contract_holds_a_rewritten_body_to_its_end() {
+    let d = director(basic_config(1, ""), endpoints(1));
+    let body = br#"{"model":"adapter","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+    // Chunks: nothing goes out until the last one, then the whole body, rewritten (the
+    // rewrite pattern is split across the two chunks).
+    let mut r = d
+        .route(rewritten_req("m", "adapter", false, "contract-held"))
+        .await
+        .unwrap();
+    r.on_response_headers(200, &Headers::new());
+    assert!(r.holds_response_body());
+    assert!(
+        r.on_response_chunk(Bytes::from_static(&body[..12]), false)
+            .is_empty()
+    );
+    let out = r.on_response_chunk(Bytes::from_static(&body[12..]), true);
+    assert_eq!(
+        &out[..],
+        br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+    );
+    assert_eq!(r.usage().unwrap().total_tokens, 7);
+    assert!(r.finish_response().is_empty());
+    // The end comes without a last chunk (trailers): finishing hands over what is held.
+    let mut r = d
+        .route(rewritten_req("m", "adapter", false, "contract-trailers"))
+        .await
+        .unwrap();
+    r.on_response_headers(200, &Headers::new());
+    assert!(
+        r.on_response_chunk(Bytes::from_static(body), false)
+            .is_empty()
+    );
+    assert_eq!(
+        &r.finish_response()[..],
+        br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+    );
+    assert_eq!(
+        hook_events("contract-trailers").last().map(String::as_str),
+        Some("complete:200:4:10.0.0.1:8000")
+    );
+    // Nothing to rewrite and the default buffering: relayed as it comes.
+    let mut r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    r.on_response_headers(200, &Headers::new());
+    assert!(!r.holds_response_body() && !r.rewrites_response());
+    let chunk = Bytes::from_static(&body[..12]);
+    assert_eq!(
+        r.on_response_chunk(chunk.clone(), false).as_ptr(),
+        chunk.as_ptr()
+    );
+    r.finish();
+}
+
+#[tokio::test]
+async fn the_response_contract_passes_a_body_over_the_hold_limit_through_unchanged() {
+    let d = director(basic_config(1, ""), endpoints(1));
+    let mut r = d
+        .route(rewritten_req("m", "adapter", false, "contract-over"))
+        .await
+        .unwrap();
+    r.set_response_buffering(crate::ResponseBuffering {
+        hold_all: true,
+        limit: 40,
+        prealloc: 16,
+    });
+    r.on_response_headers(200, &Headers::new());
+    let body = br#"{"model":"adapter","text":"0123456789012345678901234567890123456789","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+    assert!(
+        r.on_response_chunk(Bytes::from_static(&body[..30]), false)
+            .is_empty()
+    );
+    // Crossing the limit: what was held and this chunk, unchanged.
+    let out = r.on_response_chunk(Bytes::from_static(&body[30..60]), false);
+    assert_eq!(&out[..], &body[..60]);
+    assert!(!r.holds_response_body());
+    // And the rest unchanged, the very same buffers.
+    let rest = Bytes::from_static(&body[60..]);
+    assert_eq!(
+        r.on_response_chunk(rest.clone(), true).as_ptr(),
+        rest.as_ptr()
+    );
+    // The director's own usage buffer saw it all.
+    assert_eq!(r.usage().unwrap().total_tokens, 7);
+    r.finish();
+    // hold_all holds a body with nothing to rewrite too (ext_proc answers it in one piece).
+    let mut r = d
+        .route(req(completion_body("m", "x", false)))
+        .await
+        .unwrap();
+    r.set_response_buffering(crate::ResponseBuffering {
+        hold_all: true,
+        ..Default::default()
+    });
+    r.on_response_headers(200, &Headers::new());
+    assert!(r.holds_response_body());
+    assert!(
+        r.on_response_chunk(Bytes::from_static(b"{\"a\":"), false)
+            .is_empty()
+    );
+    assert_eq!(
+        &r.on_response_chunk(Bytes::from_static(b"1}"), true)[..],
+        b"{\"a\":1}"
+    );
+    r.finish();
+}
+
+#[tokio::test]
+async fn after_dispatch_yields_once_then_runs_the_deferred_work_once() {
+    let d = director(basic_config(1, ""), endpoints(1));
+    let mut h = post_headers("/v1/completions");
+    h.insert("x-request-id", "dispatch-yield");
+    let mut r = d
+        .route(IncomingRequest::new(h, completion_body("m", "hi", false)))
+        .await
+        .unwrap();
+    assert!(!r.is_dispatched());
+    // First poll: pending (the transport's write goes first), nothing run yet.
+    {
+        let mut fut = std::pin::pin!(r.after_dispatch());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(after_dispatch_runs("dispatch-yield"), 0);
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
+    }
+    assert_eq!(after_dispatch_runs("dispatch-yield"), 1);
+    assert!(r.is_dispatched());
+    r.after_dispatch().await;
+    r.finish();
+    assert_eq!(after_dispatch_runs("dispatch-yield"), 1);
 }

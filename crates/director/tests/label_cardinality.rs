@@ -77,7 +77,7 @@ async fn serve(d: &Director, model: &str, status: u16) {
     } else {
         br#"{"error":{"message":"The model does not exist."}}"#.to_vec()
     };
-    r.on_response_body(&body, true);
+    let _ = r.on_response_chunk(bytes::Bytes::from(body), true);
     r.finish();
 }
 

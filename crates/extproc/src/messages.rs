@@ -1,5 +1,6 @@
 //! Building and reading ext_proc protobuf messages, exactly as the reference EPP shapes them.
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderMap, HeaderValue, HeaderValueOption, Metadata,
 };
@@ -185,17 +186,31 @@ pub enum Direction {
 }
 
 /// `body` as streamed-body responses of at most [`BODY_BYTE_LIMIT`] bytes, the last with
-/// `end_of_stream` when `end_of_stream`; an empty body gives one empty chunk.
+/// `end_of_stream` when `end_of_stream`; an empty body gives one empty chunk. A body that fits
+/// one response and owns its buffer alone (a chunk received from Envoy, or a rewritten one)
+/// moves into it without a copy; larger bodies are copied piece by piece.
 pub fn body_responses(
     direction: Direction,
-    body: &[u8],
+    body: Bytes,
     end_of_stream: bool,
-) -> impl Iterator<Item = ProcessingResponse> + '_ {
+) -> impl Iterator<Item = ProcessingResponse> {
     let n = body.len().div_ceil(BODY_BYTE_LIMIT).max(1);
+    // One piece: the buffer itself (moving it keeps it unshared, so no copy).
+    let (mut whole, body) = if n == 1 {
+        (Some(body), Bytes::new())
+    } else {
+        (None, body)
+    };
     (0..n).map(move |i| {
-        let start = i * BODY_BYTE_LIMIT;
-        let end = (start + BODY_BYTE_LIMIT).min(body.len());
-        let chunk = streamed(body[start..end].to_vec(), end_of_stream && i + 1 == n);
+        let piece = match whole.take() {
+            Some(b) => Vec::from(b),
+            None => {
+                let start = i * BODY_BYTE_LIMIT;
+                let end = (start + BODY_BYTE_LIMIT).min(body.len());
+                body[start..end].to_vec()
+            }
+        };
+        let chunk = streamed(piece, end_of_stream && i + 1 == n);
         let response = match direction {
             Direction::Request => processing_response::Response::RequestBody(chunk),
             Direction::Response => processing_response::Response::ResponseBody(chunk),
@@ -261,8 +276,8 @@ mod tests {
 
     #[test]
     fn chunking_at_62000() {
-        let body = vec![7u8; 130_000];
-        let out: Vec<_> = body_responses(Direction::Request, &body, true).collect();
+        let body = Bytes::from(vec![7u8; 130_000]);
+        let out: Vec<_> = body_responses(Direction::Request, body.clone(), true).collect();
         let sizes: Vec<(usize, bool)> = out
             .iter()
             .map(|r| match &r.response {
@@ -286,10 +301,40 @@ mod tests {
             })
             .collect();
         assert_eq!(sizes, vec![(62_000, false), (62_000, false), (6_000, true)]);
-        assert_eq!(body_responses(Direction::Response, &[], true).count(), 1);
         assert_eq!(
-            body_responses(Direction::Response, &body[..62_000], false).count(),
+            body_responses(Direction::Response, Bytes::new(), true).count(),
             1
+        );
+        assert_eq!(
+            body_responses(Direction::Response, body.slice(..62_000), false).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_body_that_fits_one_response_moves_into_it() {
+        let chunk = vec![3u8; 10_000];
+        let at = chunk.as_ptr();
+        let out: Vec<_> = body_responses(Direction::Response, Bytes::from(chunk), false).collect();
+        let Some(processing_response::Response::ResponseBody(b)) = &out[0].response else {
+            panic!("{out:?}");
+        };
+        let Some(body_mutation::Mutation::StreamedResponse(s)) = &b
+            .response
+            .as_ref()
+            .unwrap()
+            .body_mutation
+            .as_ref()
+            .unwrap()
+            .mutation
+        else {
+            panic!("{b:?}");
+        };
+        assert_eq!((s.body.len(), s.end_of_stream), (10_000, false));
+        assert_eq!(
+            s.body.as_ptr(),
+            at,
+            "the received buffer itself, not a copy"
         );
     }
 

@@ -15,12 +15,16 @@
 //!    closes, as the reference does. Errors become an `ImmediateResponse` and end the stream.
 //! 3. `response_headers`: answered with `x-went-into-resp-headers: true` plus the echoed
 //!    headers and the response hooks' headers.
-//! 4. `response_body`: streaming responses pass chunk by chunk (model name rewritten back);
-//!    other bodies are buffered to the end and then sent (re-chunked). Usage is accounted.
-//!    A non-streaming body that outgrows [`ExtProcOptions::max_request_body_bytes`] is not
-//!    held any longer: what was buffered and the rest pass through unchanged (no model-name
-//!    rewrite; usage only if the director's own bounded JSON buffer saw it all).
-//! 5. `response_trailers` (or the response body's end) finishes the request.
+//! 4. `response_body`: each chunk goes through [`Routed::on_response_chunk`], which accounts
+//!    it and says what to send on: streaming responses pass chunk by chunk (model name
+//!    rewritten back), other bodies are held to the end and then sent (re-chunked) — the
+//!    stream asks [`Routed`] to hold every non-streaming body, as the reference answers. A
+//!    non-streaming body that outgrows [`ExtProcOptions::max_request_body_bytes`] is not held
+//!    any longer: what was held and the rest pass through unchanged (no model-name rewrite;
+//!    usage only if the director's own bounded JSON buffer saw it all). A chunk that passes
+//!    unchanged is moved into its answer, not copied.
+//! 5. `response_trailers` (or the response body's end) finishes the request
+//!    ([`Routed::finish_response`]; a body still held is sent before the trailers).
 //!
 //! Request bodies are bounded by [`ExtProcOptions::max_request_body_bytes`]: a
 //! `content-length` above it is answered at the headers, before any body is read; a body
@@ -50,7 +54,8 @@ use futures::Stream;
 use llmsched_core::error::InferenceError;
 use llmsched_core::request::Headers;
 use llmsched_director::headers::is_system_owned;
-use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
+use llmsched_director::routed::append_capped;
+use llmsched_director::{Director, IncomingRequest, Phase, ResponseBuffering, RouteKind, Routed};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::messages::{
@@ -80,6 +85,18 @@ pub struct ExtProcOptions {
     pub max_prealloc_bytes: usize,
 }
 
+impl ExtProcOptions {
+    /// How a routed request holds its response: every non-streaming body, up to the body
+    /// limit, pre-sized at most to the pre-allocation bound.
+    fn response_buffering(&self) -> ResponseBuffering {
+        ResponseBuffering {
+            hold_all: true,
+            limit: self.max_request_body_bytes,
+            prealloc: self.max_prealloc_bytes,
+        }
+    }
+}
+
 impl Default for ExtProcOptions {
     fn default() -> Self {
         Self {
@@ -87,24 +104,6 @@ impl Default for ExtProcOptions {
             max_prealloc_bytes: DEFAULT_MAX_PREALLOC_BYTES,
         }
     }
-}
-
-/// Appends `chunk` to `buf` unless the result would be longer than `limit` (then `buf` is
-/// left as it is and `false` returned). The capacity grows by doubling but never beyond
-/// `limit`, so a buffer never holds more memory than the limit allows.
-fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
-    let Some(need) = buf.len().checked_add(chunk.len()) else {
-        return false;
-    };
-    if need > limit {
-        return false;
-    }
-    if need > buf.capacity() {
-        let target = buf.capacity().saturating_mul(2).max(need).min(limit);
-        buf.reserve_exact(target - buf.len());
-    }
-    buf.extend_from_slice(chunk);
-    true
 }
 
 /// The buffer for a body announced as `content-length` (absent or unparsable: empty).
@@ -166,20 +165,15 @@ impl ExternalProcessor for ExtProcService {
                     if h.done {
                         return None;
                     }
-                    if matches!(&h.stage, Stage::Forwarded { routed: Some(r), .. } if !r.is_dispatched())
+                    if let Stage::Forwarded {
+                        routed: Some(r), ..
+                    } = &mut h.stage
                     {
-                        // The routing answer has been queued and sent to tonic: let it go out
-                        // first (returning `Pending` once makes tonic hand the encoded
-                        // responses to h2, and the connection task writes them before this
-                        // task runs again), then do the hooks' bookkeeping while Envoy
-                        // forwards the request.
-                        tokio::task::yield_now().await;
-                        if let Stage::Forwarded {
-                            routed: Some(r), ..
-                        } = &mut h.stage
-                        {
-                            r.run_after_dispatch();
-                        }
+                        // The routing answer has been handed to tonic: `Routed` lets it go
+                        // out first (yielding once makes tonic hand the encoded responses to
+                        // h2, whose connection task writes them), then does the hooks'
+                        // bookkeeping while Envoy forwards the request.
+                        r.after_dispatch().await;
                     }
                     let msg = match inbound.message().await {
                         Ok(Some(m)) => m,
@@ -210,12 +204,11 @@ fn protocol(msg: &str) -> Status {
     Status::invalid_argument(msg.to_string())
 }
 
+/// The response phase.
 enum Resp {
     AwaitHeaders,
-    Streaming,
-    Buffering(Vec<u8>),
-    /// A non-streaming body too large to hold: passed through as it comes, unchanged.
-    Passthrough,
+    /// Headers answered; body chunks go through [`Routed::on_response_chunk`].
+    Body,
     Done,
 }
 
@@ -290,7 +283,8 @@ impl StreamHandler {
         let headers = headers_from(h.headers.as_ref());
         if h.end_of_stream {
             return match self.director.route_without_body(headers, received_at) {
-                Ok(routed) => {
+                Ok(mut routed) => {
+                    routed.set_response_buffering(self.options.response_buffering());
                     let r = headers_response(&routed, 0);
                     self.stage = Stage::Forwarded {
                         routed: Some(Box::new(routed)),
@@ -397,7 +391,7 @@ impl StreamHandler {
         // When Envoy gives up while the request waits (flow control), tonic drops this
         // stream and with it this future, which takes the request out of its queue.
         let result = self.director.route(incoming).await;
-        let routed = match result {
+        let mut routed = match result {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "request rejected");
@@ -405,6 +399,7 @@ impl StreamHandler {
                 return Ok(Flow::Close);
             }
         };
+        routed.set_response_buffering(self.options.response_buffering());
         let body = routed.forward_body().clone();
         let skipped = routed.kind() == RouteKind::Fallback;
         self.send(headers_response(&routed, body.len()));
@@ -412,7 +407,7 @@ impl StreamHandler {
             routed: Some(Box::new(routed)),
             resp: Resp::AwaitHeaders,
         };
-        self.send_all(body_responses(Direction::Request, &body, !trailers));
+        self.send_all(body_responses(Direction::Request, body, !trailers));
         if trailers {
             self.send(trailers_response(Direction::Request));
         }
@@ -447,16 +442,14 @@ impl StreamHandler {
         let extra = r.on_response_headers(status, &headers);
         let mut set = echo(&headers);
         merge(&mut set, extra);
-        let streaming = r.is_streaming();
         *resp = if h.end_of_stream {
             if let Some(r) = routed.take() {
-                r.finish();
+                // No body: nothing is held, nothing to send.
+                let _ = r.finish_response();
             }
             Resp::Done
-        } else if streaming {
-            Resp::Streaming
         } else {
-            Resp::Buffering(presized(&headers, &self.options))
+            Resp::Body
         };
         self.send(response_headers_response(set));
         Ok(Flow::Continue)
@@ -468,71 +461,8 @@ impl StreamHandler {
                 "response body received before the request was routed",
             ));
         };
-        let Some(r) = routed.as_mut() else {
-            return Err(protocol(
-                "response body received after the response completed",
-            ));
-        };
-        let eos = b.end_of_stream;
         match resp {
-            Resp::Streaming => {
-                r.on_response_body(&b.body, eos);
-                let out = r.rewrite_response_model(&b.body).into_owned();
-                if eos {
-                    if let Some(r) = routed.take() {
-                        r.finish();
-                    }
-                    *resp = Resp::Done;
-                }
-                self.send_all(body_responses(Direction::Response, &out, eos));
-            }
-            Resp::Buffering(buf) => {
-                if buf.is_empty() && eos {
-                    *buf = b.body;
-                } else if !append_capped(buf, &b.body, self.options.max_request_body_bytes) {
-                    // Too large to hold for the rewrite: pass it on unchanged from here.
-                    let held = std::mem::take(buf);
-                    tracing::debug!(
-                        held = held.len(),
-                        limit = self.options.max_request_body_bytes,
-                        "response body over the buffering limit; passing it through"
-                    );
-                    r.on_response_body(&held, false);
-                    r.on_response_body(&b.body, eos);
-                    *resp = if eos {
-                        if let Some(r) = routed.take() {
-                            r.finish();
-                        }
-                        Resp::Done
-                    } else {
-                        Resp::Passthrough
-                    };
-                    self.send_all(body_responses(Direction::Response, &held, false));
-                    self.send_all(body_responses(Direction::Response, &b.body, eos));
-                    return Ok(Flow::Continue);
-                }
-                if !eos {
-                    return Ok(Flow::Continue);
-                }
-                let whole = std::mem::take(buf);
-                r.on_response_body(&whole, true);
-                let out = r.rewrite_response_model(&whole).into_owned();
-                if let Some(r) = routed.take() {
-                    r.finish();
-                }
-                *resp = Resp::Done;
-                self.send_all(body_responses(Direction::Response, &out, true));
-            }
-            Resp::Passthrough => {
-                r.on_response_body(&b.body, eos);
-                if eos {
-                    if let Some(r) = routed.take() {
-                        r.finish();
-                    }
-                    *resp = Resp::Done;
-                }
-                self.send_all(body_responses(Direction::Response, &b.body, eos));
-            }
+            Resp::Body => {}
             Resp::AwaitHeaders => {
                 return Err(protocol("response body received before response headers"));
             }
@@ -542,6 +472,24 @@ impl StreamHandler {
                 ));
             }
         }
+        let Some(r) = routed.as_mut() else {
+            return Err(protocol(
+                "response body received after the response completed",
+            ));
+        };
+        let eos = b.end_of_stream;
+        let out = r.on_response_chunk(Bytes::from(b.body), eos);
+        if !eos && r.holds_response_body() {
+            return Ok(Flow::Continue);
+        }
+        if eos {
+            if let Some(r) = routed.take() {
+                // The body ended with this chunk: nothing is left held.
+                let _ = r.finish_response();
+            }
+            *resp = Resp::Done;
+        }
+        self.send_all(body_responses(Direction::Response, out, eos));
         Ok(Flow::Continue)
     }
 
@@ -551,20 +499,17 @@ impl StreamHandler {
                 "response trailers received before the request was routed",
             ));
         };
-        let mut pending = None;
-        if let Resp::Buffering(buf) = resp {
-            let whole = std::mem::take(buf);
-            if let Some(r) = routed.as_mut() {
-                r.on_response_body(&whole, true);
-                pending = Some(r.rewrite_response_model(&whole).into_owned());
+        let mut held = None;
+        if let Some(r) = routed.take() {
+            let holding = r.holds_response_body();
+            let rest = r.finish_response();
+            if holding {
+                held = Some(rest);
             }
         }
-        if let Some(r) = routed.take() {
-            r.finish();
-        }
         *resp = Resp::Done;
-        if let Some(body) = pending {
-            self.send_all(body_responses(Direction::Response, &body, false));
+        if let Some(body) = held {
+            self.send_all(body_responses(Direction::Response, body, false));
         }
         self.send(trailers_response(Direction::Response));
         Ok(Flow::Continue)

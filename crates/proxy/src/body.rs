@@ -9,14 +9,14 @@
 //!
 //! Relaying holds no buffer of its own: each upstream frame is polled only when hyper polls
 //! this body, which it does only when the client connection can take more bytes, so a slow
-//! client slows the upstream read (TCP backpressure end to end). Every data frame is shown to
-//! the director ([`Routed::on_response_body`]: usage, streaming hooks) and, when the model
-//! was rewritten, has `"model":"<target>"` turned back into the requested name. When the
-//! client goes away hyper drops this body: the upstream response is dropped with it (hyper
-//! closes that upstream connection, which cancels the request on the model server) and so
-//! is the [`Routed`], which releases the in-flight counts.
+//! client slows the upstream read (TCP backpressure end to end). Every data frame goes
+//! through [`Routed::on_response_chunk`] (usage, streaming hooks, the model name rewritten
+//! back) and what it returns is sent on; the body's end goes through
+//! [`Routed::finish_response`]. When the client goes away hyper drops this body: the upstream
+//! response is dropped with it (hyper closes that upstream connection, which cancels the
+//! request on the model server) and so is the [`Routed`], which releases the in-flight
+//! counts.
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -28,6 +28,7 @@ use http_body_util::{BodyExt, Limited};
 use llmsched_core::endpoint::Endpoint;
 use llmsched_core::error::InferenceError;
 use llmsched_director::Routed;
+use llmsched_director::routed::append_capped;
 
 use crate::timeout::{BoxError, UpstreamBody};
 
@@ -57,23 +58,6 @@ impl ReadBodyError {
             }
         }
     }
-}
-
-/// Appends `chunk` unless `buf` would exceed `limit`; the capacity doubles as it grows but
-/// never beyond `limit`.
-fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
-    let Some(need) = buf.len().checked_add(chunk.len()) else {
-        return false;
-    };
-    if need > limit {
-        return false;
-    }
-    if need > buf.capacity() {
-        let target = buf.capacity().saturating_mul(2).max(need).min(limit);
-        buf.reserve_exact(target - buf.len());
-    }
-    buf.extend_from_slice(chunk);
-    true
 }
 
 /// A request body being collected: the first frame kept as is (a body in one frame is never
@@ -231,25 +215,25 @@ pub(crate) enum Accounting {
 struct Relay {
     upstream: UpstreamBody,
     accounting: Option<Accounting>,
-    /// Rewrite the model name back in each chunk (the length may change).
-    rewrite: bool,
-    /// The director was told about the end of the body.
-    body_ended: bool,
+    /// The body's length is the upstream's (no model-name rewrite).
+    same_length: bool,
+    /// Bytes to send before anything else (the start of a body that was held, then outgrew
+    /// the limit).
+    first: Option<Bytes>,
+    /// Trailers to send after the bytes [`Routed::finish_response`] still held.
+    trailers: Option<HeaderMap>,
 }
 
 impl Relay {
-    /// Tells the director the response ended and releases the accounting.
-    fn finish(&mut self) {
+    /// The response ended: completes the accounting; returns what the director still held.
+    fn finish(&mut self) -> Bytes {
         match self.accounting.take() {
-            Some(Accounting::Routed(mut r)) => {
-                if !self.body_ended {
-                    r.on_response_body(&[], true);
-                    self.body_ended = true;
-                }
-                r.finish();
+            Some(Accounting::Routed(r)) => r.finish_response(),
+            Some(Accounting::Baseline(g)) => {
+                drop(g);
+                Bytes::new()
             }
-            Some(Accounting::Baseline(g)) => drop(g),
-            None => {}
+            None => Bytes::new(),
         }
     }
 }
@@ -286,13 +270,27 @@ impl ProxyBody {
     }
 
     /// The upstream body relayed frame by frame with `accounting`.
-    pub(crate) fn relay(upstream: UpstreamBody, accounting: Accounting, rewrite: bool) -> Self {
+    pub(crate) fn relay(upstream: UpstreamBody, accounting: Accounting) -> Self {
+        Self::relay_after(Bytes::new(), upstream, accounting)
+    }
+
+    /// `first`, then the upstream body relayed frame by frame with `accounting`.
+    pub(crate) fn relay_after(
+        first: Bytes,
+        upstream: UpstreamBody,
+        accounting: Accounting,
+    ) -> Self {
+        let same_length = match &accounting {
+            Accounting::Routed(r) => !r.rewrites_response(),
+            Accounting::Baseline(_) => true,
+        };
         Self {
             kind: Kind::Relay(Box::new(Relay {
                 upstream,
                 accounting: Some(accounting),
-                rewrite,
-                body_ended: false,
+                same_length: same_length && first.is_empty(),
+                first: (!first.is_empty()).then_some(first),
+                trailers: None,
             })),
         }
     }
@@ -310,60 +308,82 @@ impl Body for ProxyBody {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Relay(r) => r,
         };
-        let polled = ready!(Pin::new(&mut relay.upstream).poll_frame(cx));
-        match polled {
-            Some(Ok(frame)) => {
-                let data = match frame.into_data() {
+        if let Some(first) = relay.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if let Some(t) = relay.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        loop {
+            if relay.accounting.is_none() && relay.upstream.is_end_stream() {
+                return Poll::Ready(None);
+            }
+            let polled = ready!(Pin::new(&mut relay.upstream).poll_frame(cx));
+            let data = match polled {
+                Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => data,
-                    Err(trailers) => {
-                        relay.finish();
-                        return Poll::Ready(Some(Ok(trailers)));
+                    Err(frame) => {
+                        // Trailers: the response ends; what the director still held goes
+                        // first.
+                        let rest = relay.finish();
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        relay.trailers = frame.into_trailers().ok();
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
-                };
-                // hyper knows the end from content-length (or the h2 end-of-stream flag):
-                // telling the director now lets a whole non-streaming body be read in
-                // place, with no copy.
-                let eos = relay.upstream.is_end_stream();
-                let mut out = data;
-                if let Some(Accounting::Routed(r)) = &mut relay.accounting {
-                    r.on_response_body(&out, eos);
-                    relay.body_ended = eos;
-                    if relay.rewrite
-                        && let Cow::Owned(v) = r.rewrite_response_model(&out)
-                    {
-                        out = Bytes::from(v);
+                },
+                Some(Err(e)) => {
+                    // The model server broke the response off: the request did not complete.
+                    // Dropping the accounting releases the in-flight counts without finishing.
+                    tracing::debug!(error = %e, "upstream response body failed");
+                    relay.accounting = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    let rest = relay.finish();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+            };
+            // hyper knows the end from content-length (or the h2 end-of-stream flag): telling
+            // the director now lets a whole non-streaming body be read in place, with no copy.
+            let eos = relay.upstream.is_end_stream();
+            let out = match &mut relay.accounting {
+                Some(Accounting::Routed(r)) => {
+                    let out = r.on_response_chunk(data, eos);
+                    if !eos && r.holds_response_body() {
+                        // Held by the director (the handler reads such bodies whole first, so
+                        // this does not happen when it relays): read on.
+                        continue;
                     }
+                    out
                 }
-                if eos {
-                    relay.finish();
-                }
-                Poll::Ready(Some(Ok(Frame::data(out))))
+                _ => data,
+            };
+            if eos {
+                let rest = relay.finish();
+                debug_assert!(rest.is_empty(), "nothing is held after the end of stream");
             }
-            Some(Err(e)) => {
-                // The model server broke the response off: the request did not complete.
-                // Dropping the accounting releases the in-flight counts without finishing.
-                tracing::debug!(error = %e, "upstream response body failed");
-                relay.accounting = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            None => {
-                relay.finish();
-                Poll::Ready(None)
-            }
+            return Poll::Ready(Some(Ok(Frame::data(out))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Relay(r) => r.accounting.is_none() && r.upstream.is_end_stream(),
+            Kind::Relay(r) => {
+                r.first.is_none()
+                    && r.trailers.is_none()
+                    && r.accounting.is_none()
+                    && r.upstream.is_end_stream()
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Relay(r) if !r.rewrite => r.upstream.size_hint(),
+            Kind::Relay(r) if r.same_length => r.upstream.size_hint(),
             Kind::Relay(_) => SizeHint::default(),
         }
     }

@@ -18,7 +18,8 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,10 +28,10 @@ use llmsched_core::endpoint::{Endpoint, EndpointId};
 use llmsched_core::error::InferenceError;
 use llmsched_core::health::{FailureKind, is_local_resource_error};
 use llmsched_core::request::header as names;
-use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
+use llmsched_director::{Director, IncomingRequest, Phase, ResponseBuffering, RouteKind, Routed};
 use rand::Rng;
 
-use crate::body::{Accounting, InflightGuard, ProxyBody, read_request_body};
+use crate::body::{Accounting, InflightGuard, MAX_PREALLOC_BYTES, ProxyBody, read_request_body};
 use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
 use crate::timeout::{IdleTimeout, UpstreamBody};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
@@ -177,14 +178,11 @@ impl Proxy {
             set_routing_headers(&mut headers, &routed);
             let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
             // The hooks' deferred bookkeeping runs while the endpoint works on the request:
-            // the send is polled first (handing the request to its connection), then this
-            // task yields so the connection writes it, then the bookkeeping runs.
+            // the send is polled first (handing the request to its connection), then
+            // `Routed` yields so the connection writes it, then the bookkeeping runs.
             let (sent, ()) = tokio::join!(
                 self.send(&parts.method, &parts.uri, headers, &body, &targets),
-                async {
-                    tokio::task::yield_now().await;
-                    routed.run_after_dispatch();
-                }
+                routed.after_dispatch()
             );
             let mut f = match sent {
                 Ok((resp, served)) => {
@@ -270,7 +268,6 @@ impl Proxy {
                     ProxyBody::relay(
                         self.upstream_body(incoming, served),
                         Accounting::Baseline(guard),
-                        false,
                     ),
                 )
             }
@@ -385,8 +382,10 @@ impl Proxy {
     }
 
     /// Relays the response of a routed request: response hooks on the headers, then the
-    /// body frame by frame (non-streaming bodies whose model name must be rewritten back
-    /// are read whole first, so the rewrite cannot be split by a frame boundary).
+    /// body frame by frame through [`Routed::on_response_chunk`]. A body the director holds
+    /// (non-streaming, its model name rewritten back) is read whole first, so the client gets
+    /// it with its exact `content-length`; one that outgrows the limit is relayed unchanged
+    /// from there.
     async fn relay(
         &self,
         resp: Response<Incoming>,
@@ -403,7 +402,12 @@ impl Proxy {
                 timed_out: false,
             });
         };
-        let incoming = self.upstream_body(incoming, served);
+        let mut incoming = self.upstream_body(incoming, served);
+        routed.set_response_buffering(ResponseBuffering {
+            hold_all: false,
+            limit: self.options.max_body_bytes,
+            prealloc: MAX_PREALLOC_BYTES,
+        });
         let status = parts.status.as_u16();
         let extra = routed.on_response_headers(status, &response_headers(status, &parts.headers));
         strip_hop_by_hop(&mut parts.headers);
@@ -416,46 +420,50 @@ impl Proxy {
         for (k, v) in &extra {
             set(&mut parts.headers, k, v);
         }
-        let req = routed.request();
-        let rewrite = routed.kind() == RouteKind::Scheduled
-            && !req.incoming_model.is_empty()
-            && !req.target_model.is_empty()
-            && req.incoming_model != req.target_model;
-        if !rewrite {
-            return Response::from_parts(
-                parts,
-                ProxyBody::relay(incoming, Accounting::Routed(Box::new(routed)), false),
-            );
+        if routed.rewrites_response() {
+            parts.headers.remove(header::CONTENT_LENGTH);
         }
-        parts.headers.remove(header::CONTENT_LENGTH);
-        if routed.is_streaming() {
-            return Response::from_parts(
-                parts,
-                ProxyBody::relay(incoming, Accounting::Routed(Box::new(routed)), true),
-            );
+        if !routed.holds_response_body() {
+            let body = ProxyBody::relay(incoming, Accounting::Routed(Box::new(routed)));
+            return Response::from_parts(parts, body);
         }
-        let whole = match Limited::new(incoming, self.options.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the upstream response failed");
-                return upstream_failure(&UpstreamFailure {
-                    tried: vec![routed.destination().to_string()],
-                    error: e.to_string(),
-                    connect_only: false,
-                    timed_out: crate::timeout::is_idle_timeout(&*e),
-                });
+        let mut whole = Bytes::new();
+        while let Some(frame) = incoming.frame().await {
+            let data = match frame.map(Frame::into_data) {
+                Ok(Ok(data)) => data,
+                // Trailers of a non-streaming response: dropped, as a whole body has none.
+                Ok(Err(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the upstream response failed");
+                    return upstream_failure(&UpstreamFailure {
+                        tried: vec![routed.destination().to_string()],
+                        error: e.to_string(),
+                        connect_only: false,
+                        timed_out: crate::timeout::is_idle_timeout(&*e),
+                    });
+                }
+            };
+            let eos = incoming.is_end_stream();
+            let out = routed.on_response_chunk(data, eos);
+            if eos {
+                whole = out;
+                break;
             }
-        };
-        routed.on_response_body(&whole, true);
-        let out = Bytes::from(routed.rewrite_response_model(&whole).into_owned());
-        routed.finish();
-        if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
+            if !routed.holds_response_body() {
+                // Too large to hold: what was held and the rest go on unchanged.
+                let body =
+                    ProxyBody::relay_after(out, incoming, Accounting::Routed(Box::new(routed)));
+                return Response::from_parts(parts, body);
+            }
+        }
+        let rest = routed.finish_response();
+        if whole.is_empty() {
+            whole = rest;
+        }
+        if let Ok(v) = HeaderValue::from_str(&whole.len().to_string()) {
             parts.headers.insert(header::CONTENT_LENGTH, v);
         }
-        Response::from_parts(parts, ProxyBody::full(out))
+        Response::from_parts(parts, ProxyBody::full(whole))
     }
 }
 

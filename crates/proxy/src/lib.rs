@@ -46,8 +46,12 @@
 //! ([`ProxyBody`]); `text/event-stream` chunks reach the client as the model server writes
 //! them. A client that disconnects drops the response body: the upstream request is
 //! cancelled (its connection is closed) and the routed request is dropped, which releases the
-//! in-flight counts. Only a non-streaming response whose model name must be rewritten back
-//! (a rewrite changed the model) is read whole first, as the ext_proc path does.
+//! in-flight counts. The director's [`llmsched_director::Routed`] owns the response contract:
+//! every chunk goes through it (usage, hooks, the model name rewritten back) and the proxy
+//! sends on what it returns. Only a non-streaming response whose model name must be
+//! rewritten back (a rewrite changed the model) is read whole first, so it keeps an exact
+//! `content-length`; one larger than [`ProxyOptions::max_body_bytes`] is relayed unchanged
+//! from there, as the ext_proc path does.
 //!
 //! ## Upstream connections and fallbacks
 //!
@@ -137,7 +141,8 @@ pub struct ProxyOptions {
     /// Route with a baseline instead of the scheduler.
     pub baseline: Option<Baseline>,
     /// Largest request body accepted (413 beyond it); also the limit of a non-streaming
-    /// response read whole for a model-name rewrite. Default 64 MiB.
+    /// response read whole for a model-name rewrite (a larger one is relayed unchanged).
+    /// Default 64 MiB.
     pub max_body_bytes: usize,
     /// Read the subset hint from the `x-gateway-destination-endpoint-subset` request header.
     /// Default on.
