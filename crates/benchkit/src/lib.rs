@@ -10,6 +10,11 @@
 //! whose work runs on other threads than the benchmark loop's (a loopback client and server
 //! on a tokio runtime), run with [`run_process`].
 //!
+//! [`Case`]s are benchmarks as named closures: [`bench_cases`] runs them under criterion and,
+//! with `BENCH_ITERS=N`, [`run_counted`] runs each a fixed number of times without criterion,
+//! for an instruction counter (`valgrind --tool=callgrind`): two counts with different `N`
+//! give the instructions per iteration, which the neighbours' load does not change.
+//!
 //! [`bench_main!`] writes a bench file's `main` (the shared [`config`], a [`Suite`] over the
 //! file's benchmark function, [`run`] or, with `clock = process`, [`run_process`]); [`Lcg`] is the small deterministic generator the
 //! benches build their fixtures from.
@@ -133,6 +138,68 @@ pub fn run(config: Criterion, suite: &impl Suite) {
         let mut c = config.with_measurement(CpuTime).configure_from_args();
         suite.run(&mut c);
         c.final_summary();
+    }
+}
+
+/// One benchmark: `group/name`, the bytes one iteration moves (criterion's throughput), and
+/// the iteration itself (its result is kept from the optimiser).
+pub struct Case<'a> {
+    /// Criterion group.
+    pub group: &'static str,
+    /// Name within the group.
+    pub name: String,
+    /// Bytes per iteration, if a throughput is reported.
+    pub bytes: Option<u64>,
+    /// One iteration.
+    pub run: Box<dyn FnMut() -> usize + 'a>,
+}
+
+impl Case<'_> {
+    /// `group/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.group, self.name)
+    }
+}
+
+/// Runs every case under criterion, consecutive cases of one group in one benchmark group.
+pub fn bench_cases<M: Measurement>(c: &mut Criterion<M>, cases: &mut [Case<'_>]) {
+    let mut i = 0;
+    while i < cases.len() {
+        let group_name = cases[i].group;
+        let mut group = c.benchmark_group(group_name);
+        while i < cases.len() && cases[i].group == group_name {
+            let case = &mut cases[i];
+            if let Some(b) = case.bytes {
+                group.throughput(Throughput::Bytes(b));
+            }
+            let run = &mut case.run;
+            group.bench_function(case.name.as_str(), |b| b.iter(&mut *run));
+            i += 1;
+        }
+        group.finish();
+    }
+}
+
+/// `BENCH_ITERS=N`: the fixed iteration count of [`run_counted`].
+pub fn iterations_requested() -> Option<u64> {
+    std::env::var("BENCH_ITERS").ok()?.trim().parse().ok()
+}
+
+/// Runs `n` iterations of every case whose `group/name` contains `filter` (all when `None`),
+/// without criterion, printing each case's id. Under `valgrind --tool=callgrind`, two runs
+/// with different `n` give a case's instructions per iteration (their difference over the
+/// difference of `n`), setup excluded.
+pub fn run_counted(cases: &mut [Case<'_>], n: u64, filter: Option<&str>) {
+    for case in cases.iter_mut() {
+        let id = case.id();
+        if filter.is_some_and(|f| !id.contains(f)) {
+            continue;
+        }
+        let mut kept = 0usize;
+        for _ in 0..n {
+            kept = kept.wrapping_add(std::hint::black_box((case.run)()));
+        }
+        println!("{id}: {n} iterations ({kept})");
     }
 }
 

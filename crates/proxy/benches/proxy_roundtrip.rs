@@ -14,7 +14,9 @@
 //! * `json_256KB`: a 256 KB non-streaming completion.
 //!
 //! Measured in CPU time of the whole process (client, proxy and model server share it; the
-//! machine is shared), wall-clock time with `BENCH_CLOCK=wall`.
+//! machine is shared), wall-clock time with `BENCH_CLOCK=wall`. With `BENCH_ITERS=N` each
+//! case (or those matching the first argument) runs N times without criterion, for
+//! `valgrind --tool=callgrind` instruction counts (see `llmsched_benchkit::run_counted`).
 //!
 //! `cargo bench -p llmsched-proxy --bench proxy_roundtrip`
 
@@ -26,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use criterion::Criterion;
 use criterion::measurement::Measurement;
-use criterion::{BenchmarkId, Criterion, Throughput};
 use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -36,6 +38,9 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use llmsched_benchkit::{
+    Case, Suite, bench_cases, config, iterations_requested, run_counted, run_process,
+};
 use llmsched_core::endpoint::{EndpointMetrics, StaticEndpoints};
 use llmsched_director::Director;
 use llmsched_director::testing::{completion_body, load_config};
@@ -161,64 +166,117 @@ async fn send(
     got.len()
 }
 
-fn bench<M: Measurement>(c: &mut Criterion<M>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let (upstream, proxy) = rt.block_on(async {
-        let upstream = model_server(shutdown.clone()).await;
-        let eps = StaticEndpoints::from_addrs(&[upstream]);
-        for e in &eps.0.endpoints {
-            // Fresh for the whole run, as a scraped pool is.
-            e.set_metrics(EndpointMetrics {
-                updated_at: Some(Instant::now() + Duration::from_secs(3600)),
-                ..Default::default()
-            });
-        }
-        let director =
-            Arc::new(Director::builder(load_config(CONFIG).unwrap(), Arc::new(eps)).build());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            director,
-            ProxyOptions::default(),
-            shutdown.clone(),
-        ));
-        (upstream, proxy)
-    });
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build({
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c
-    });
-    let plain = completion_body(MODEL, "Say hello in French.", false);
-    let streamed = completion_body(MODEL, "Say hello in French.", true);
-    let cases: [(&str, &str, &Bytes, bool); 5] = [
-        ("json_small", "small", &plain, false),
-        ("json_small_rewritten", "small", &plain, true),
-        ("sse_64_events", "sse", &streamed, false),
-        ("sse_64_events_rewritten", "sse", &streamed, true),
-        ("json_256KB", "large", &plain, false),
-    ];
-    let mut group = c.benchmark_group("proxy");
-    for (name, case, body, rewrite) in cases {
-        let bytes = rt.block_on(send(&client, upstream, case, body, false));
-        group.throughput(Throughput::Bytes(bytes as u64));
-        if !rewrite {
-            group.bench_function(BenchmarkId::new("direct", name), |b| {
-                b.iter(|| rt.block_on(send(&client, upstream, case, body, false)))
-            });
-        }
-        group.bench_function(BenchmarkId::new("through_proxy", name), |b| {
-            b.iter(|| rt.block_on(send(&client, proxy, case, body, rewrite)))
-        });
-    }
-    group.finish();
-    shutdown.cancel();
+/// The model server and the proxy on loopback, and a client.
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    upstream: SocketAddr,
+    proxy: SocketAddr,
+    client: HttpClient,
+    shutdown: CancellationToken,
 }
 
-llmsched_benchkit::bench_main!(bench, seconds = 3, clock = process);
+impl Fixture {
+    fn start() -> Fixture {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (upstream, proxy) = rt.block_on(async {
+            let upstream = model_server(shutdown.clone()).await;
+            let eps = StaticEndpoints::from_addrs(&[upstream]);
+            for e in &eps.0.endpoints {
+                // Fresh for the whole run, as a scraped pool is.
+                e.set_metrics(EndpointMetrics {
+                    updated_at: Some(Instant::now() + Duration::from_secs(3600)),
+                    ..Default::default()
+                });
+            }
+            let director =
+                Arc::new(Director::builder(load_config(CONFIG).unwrap(), Arc::new(eps)).build());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let proxy = listener.local_addr().unwrap();
+            tokio::spawn(serve(
+                listener,
+                director,
+                ProxyOptions::default(),
+                shutdown.clone(),
+            ));
+            (upstream, proxy)
+        });
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build({
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c
+        });
+        Fixture {
+            rt,
+            upstream,
+            proxy,
+            client,
+            shutdown,
+        }
+    }
+
+    fn cases(&self) -> Vec<Case<'_>> {
+        let plain = completion_body(MODEL, "Say hello in French.", false);
+        let streamed = completion_body(MODEL, "Say hello in French.", true);
+        let mut cases = Vec::new();
+        for (name, case, body, rewrite) in [
+            ("json_small", "small", &plain, false),
+            ("json_small_rewritten", "small", &plain, true),
+            ("sse_64_events", "sse", &streamed, false),
+            ("sse_64_events_rewritten", "sse", &streamed, true),
+            ("json_256KB", "large", &plain, false),
+        ] {
+            let (rt, client) = (&self.rt, &self.client);
+            let bytes = rt.block_on(send(client, self.upstream, case, body, false)) as u64;
+            let targets = if rewrite {
+                vec![("through_proxy", self.proxy)]
+            } else {
+                vec![("direct", self.upstream), ("through_proxy", self.proxy)]
+            };
+            for (path, addr) in targets {
+                let body = body.clone();
+                cases.push(Case {
+                    group: "proxy",
+                    name: format!("{path}/{name}"),
+                    bytes: Some(bytes),
+                    run: Box::new(move || rt.block_on(send(client, addr, case, &body, rewrite))),
+                });
+            }
+        }
+        cases
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn bench<M: Measurement>(c: &mut Criterion<M>) {
+    let fixture = Fixture::start();
+    bench_cases(c, &mut fixture.cases());
+}
+
+/// The benchmarks of this file.
+struct Benches;
+
+impl Suite for Benches {
+    fn run<M: Measurement>(&self, c: &mut Criterion<M>) {
+        bench(c);
+    }
+}
+
+fn main() {
+    if let Some(n) = iterations_requested() {
+        let filter = std::env::args().nth(1);
+        let fixture = Fixture::start();
+        run_counted(&mut fixture.cases(), n, filter.as_deref());
+        return;
+    }
+    run_process(config(Duration::from_secs(3)), &Benches);
+}
