@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use llmsched_core::CycleState;
 use llmsched_core::config::LoadedConfig;
 use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSet, EndpointSource};
 use llmsched_core::error::InferenceError;
@@ -36,10 +35,11 @@ use llmsched_core::health::HealthPolicy;
 use llmsched_core::metrics::{PluginTimer, SchedulerMetrics, point};
 use llmsched_core::objectives::Objectives;
 use llmsched_core::plugin::{Candidate, ParseOutcome, ResponseHooks};
-use llmsched_core::request::{Headers, InferenceRequest, Prompt, SloTargets, header};
+use llmsched_core::request::{Headers, InferenceRequest, Prompt, RequestBody, SloTargets, header};
+use llmsched_core::{CycleState, SchedulingResult};
 use rand::Rng;
 
-use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, SaturationProbe};
+use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, FlowTicket, SaturationProbe};
 use crate::headers::{ensure_request_id, parse_ms};
 use crate::health::{CandidateFilter, HealthMetrics, now_ms};
 use crate::metrics::{
@@ -58,6 +58,13 @@ pub const MSG_SHED: &str = "system saturated, sheddable request dropped";
 
 /// Parsers whose output is not an OpenAI JSON body: no model is required from them.
 const MODEL_OPTIONAL_PARSERS: [&str; 2] = ["passthrough-parser", "vllmgrpc-parser"];
+
+/// What the scheduling step decided for a request.
+struct Decision {
+    cycle: CycleState,
+    result: SchedulingResult,
+    headers_to_set: Vec<(String, String)>,
+}
 
 /// Director settings.
 #[derive(Debug, Clone)]
@@ -422,7 +429,8 @@ impl Director {
         self.fallback(&active, headers, None, received_at)
     }
 
-    /// Routes a complete request (see the module documentation for the pipeline).
+    /// Routes a complete request (see the module documentation for the pipeline). Reads as
+    /// the pipeline does: each step is one method below.
     pub async fn route(&self, incoming: IncomingRequest) -> Result<Routed, InferenceError> {
         let t_route = Instant::now();
         let metrics = &self.shared.metrics;
@@ -434,17 +442,89 @@ impl Director {
         } = incoming;
         let request_id = ensure_request_id(&mut headers);
         let active = self.active.load_full();
-        let config = &active.config;
 
-        // Parse.
+        let Some(parsed) = self.parse(&active.config, &headers, &body)? else {
+            return self.fallback(&active, headers, Some(body), received_at);
+        };
+        let request = self.resolve_request(request_id, headers, parsed);
+        // Label values, bounded (see `llmsched_core::labels`), fixed for the request's life.
+        let labels = ModelLabels {
+            model_name: self.model_label(&request.incoming_model),
+            target_model_name: self.model_label(&request.target_model),
+        };
+        let fail = |e: InferenceError| {
+            metrics.record_error(
+                &labels.model_name,
+                &labels.target_model_name,
+                e.code.as_str(),
+            );
+            e
+        };
+
+        // Admission: flow control, then candidates, then shedding.
         let t = Instant::now();
-        let parsed = config.parser.parse_request(body.clone(), &headers);
+        let admitted = self.wait_in_flow_control(&active, &request, &labels).await;
+        let flow_ticket = admitted.map_err(|e| {
+            metrics.observe_phase(Phase::Admission, t.elapsed());
+            fail(e)
+        })?;
+        let snap = self.endpoints.snapshot();
+        let candidates = self.candidates(&snap, subset_hint.as_deref(), &[], t);
+        let kept = self.shed_when_saturated(&active, &request, &candidates);
+        metrics.observe_phase(Phase::Admission, t.elapsed());
+        kept.map_err(fail)?;
+        if candidates.is_empty() {
+            return Err(fail(InferenceError::service_unavailable(MSG_NO_CANDIDATES)));
+        }
+
+        // The decision: producers → admitters → scheduler → pre-request hooks.
+        let t = Instant::now();
+        let decided = self.decide(&active.config, &request, &candidates);
+        metrics.observe_phase(Phase::Scheduling, t.elapsed());
+        let Decision {
+            cycle,
+            result,
+            headers_to_set,
+        } = decided.map_err(fail)?;
+        drop(candidates);
+
+        let routed = self.dispatch(RoutedParts {
+            kind: RouteKind::Scheduled,
+            destination: join_hostports(result.targets()),
+            targets: result.targets().to_vec(),
+            forward_body: request.forward_body(),
+            tokens: estimate_tokens(&request),
+            request,
+            cycle,
+            result: Some(result),
+            headers_to_set,
+            received_at,
+            subset_hint,
+            labels,
+            flow_ticket,
+            active: active.clone(),
+            shared: self.shared.clone(),
+        });
+        metrics.observe_phase(Phase::Route, t_route.elapsed());
+        Ok(routed)
+    }
+
+    /// Parses the body with the configuration's parser; `None` when the parser skips it (the
+    /// request is then forwarded unchanged to a random endpoint). A body without a model is
+    /// refused (400) unless the parser's output is not an OpenAI body.
+    fn parse(
+        &self,
+        config: &LoadedConfig,
+        headers: &Headers,
+        body: &Bytes,
+    ) -> Result<Option<RequestBody>, InferenceError> {
+        let metrics = &self.shared.metrics;
+        let t = Instant::now();
+        let parsed = config.parser.parse_request(body.clone(), headers);
         metrics.observe_phase(Phase::Parse, t.elapsed());
         let parsed = match parsed {
             Ok(ParseOutcome::Parsed(b)) => b,
-            Ok(ParseOutcome::Skip) => {
-                return self.fallback(&active, headers, Some(body), received_at);
-            }
+            Ok(ParseOutcome::Skip) => return Ok(None),
             Err(e) => {
                 metrics.record_error("", "", e.code.as_str());
                 return Err(e);
@@ -458,8 +538,19 @@ impl Director {
             metrics.record_error("", "", e.code.as_str());
             return Err(e);
         }
+        Ok(Some(parsed))
+    }
 
-        // Target model, priority, fairness, objectives.
+    /// The request as the scheduler sees it: target model (rewrite header, then a matching
+    /// `InferenceModelRewrite` rule, as the reference), priority from the objective, fairness
+    /// id, SLO targets.
+    fn resolve_request(
+        &self,
+        request_id: String,
+        headers: Headers,
+        parsed: RequestBody,
+    ) -> InferenceRequest {
+        let metrics = &self.shared.metrics;
         let mut request = InferenceRequest::new(request_id, headers, Some(parsed));
         let objectives = self.objectives.load();
         metrics.known.sync_objectives(&objectives);
@@ -493,111 +584,104 @@ impl Director {
             ttft_ms: parse_ms(request.headers.get_control(header::SLO_TTFT_MS)),
             tpot_ms: parse_ms(request.headers.get_control(header::SLO_TPOT_MS)),
         };
-        // Label values, bounded (see `llmsched_core::labels`), fixed for the request's life.
-        let labels = ModelLabels {
-            model_name: self.model_label(&request.incoming_model),
-            target_model_name: self.model_label(&request.target_model),
-        };
-        let fail = |e: InferenceError, _: &InferenceRequest| {
-            metrics.record_error(
-                &labels.model_name,
-                &labels.target_model_name,
-                e.code.as_str(),
-            );
-            e
-        };
+        request
+    }
 
-        // Admission.
-        let t = Instant::now();
-        let mut flow_ticket = None;
-        if let Some(flow) = &active.flow {
-            let fr = FlowRequest {
-                fairness_id: request.fairness_id.clone(),
-                priority: request.priority,
-                bytes: request.size_bytes as u64,
-                prompt_tokens: estimate_prompt_tokens(&request),
-                max_tokens: request.body.as_ref().and_then(|b| b.max_tokens),
-                model_name: labels.model_name.clone(),
-                target_model_name: labels.target_model_name.clone(),
-            };
-            match flow.enqueue_and_wait(&fr).await {
-                Ok(ticket) => flow_ticket = Some(ticket),
-                Err(e) => {
-                    metrics.observe_phase(Phase::Admission, t.elapsed());
-                    return Err(fail(e, &request));
-                }
-            }
-        }
-        let snap = self.endpoints.snapshot();
-        let candidates = self.candidates(&snap, subset_hint.as_deref(), &[], t);
+    /// With flow control on, waits in the request's band and flow until dispatched (the
+    /// ticket follows the request to its end); without it, admits at once.
+    async fn wait_in_flow_control(
+        &self,
+        active: &ActiveConfig,
+        request: &InferenceRequest,
+        labels: &ModelLabels,
+    ) -> Result<Option<FlowTicket>, InferenceError> {
+        let Some(flow) = &active.flow else {
+            return Ok(None);
+        };
+        let fr = FlowRequest {
+            fairness_id: request.fairness_id.clone(),
+            priority: request.priority,
+            bytes: request.size_bytes as u64,
+            prompt_tokens: estimate_prompt_tokens(request),
+            max_tokens: request.body.as_ref().and_then(|b| b.max_tokens),
+            model_name: labels.model_name.clone(),
+            target_model_name: labels.target_model_name.clone(),
+        };
+        flow.enqueue_and_wait(&fr).await.map(Some)
+    }
+
+    /// Without flow control, a sheddable request (priority < 0) meeting a saturated pool is
+    /// refused (429).
+    fn shed_when_saturated(
+        &self,
+        active: &ActiveConfig,
+        request: &InferenceRequest,
+        candidates: &[Candidate<'_>],
+    ) -> Result<(), InferenceError> {
         if active.flow.is_none()
             && request.priority < 0
-            && let Some(det) = &config.saturation_detector
-            && det.saturation(&candidates, Instant::now()) >= 1.0
+            && let Some(det) = &active.config.saturation_detector
+            && det.saturation(candidates, Instant::now()) >= 1.0
         {
-            metrics.observe_phase(Phase::Admission, t.elapsed());
-            return Err(fail(InferenceError::resource_exhausted(MSG_SHED), &request));
+            return Err(InferenceError::resource_exhausted(MSG_SHED));
         }
-        metrics.observe_phase(Phase::Admission, t.elapsed());
+        Ok(())
+    }
 
-        // Candidates → producers → admitters → scheduler → pre-request.
-        let t = Instant::now();
-        if candidates.is_empty() {
-            return Err(fail(
-                InferenceError::service_unavailable(MSG_NO_CANDIDATES),
-                &request,
-            ));
-        }
+    /// Data producers, admission plugins, the scheduler, then the pre-request hooks.
+    fn decide(
+        &self,
+        config: &LoadedConfig,
+        request: &InferenceRequest,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Decision, InferenceError> {
         let mut cycle = CycleState::new();
         for (p, timer) in &config.data_producers {
             let t0 = Instant::now();
-            p.produce(&request, &mut cycle, &candidates);
+            p.produce(request, &mut cycle, candidates);
             timer.record(t0.elapsed());
         }
         let now = Instant::now();
         for (a, timer) in &config.admitters {
             let t0 = Instant::now();
-            let r = a.admit(&request, &candidates, now);
+            let r = a.admit(request, candidates, now);
             timer.record(t0.elapsed());
             if let Err(e) = r {
                 tracing::debug!(plugin = a.name(), error = %e, "admission plugin rejected the request");
-                metrics.observe_phase(Phase::Scheduling, t.elapsed());
-                return Err(fail(e, &request));
+                return Err(e);
             }
         }
-        let result = match config.scheduler.schedule(&request, &cycle, &candidates) {
-            Ok(r) => r,
-            Err(e) => {
-                metrics.observe_phase(Phase::Scheduling, t.elapsed());
-                return Err(fail(e, &request));
-            }
-        };
-        drop(candidates);
+        let result = config.scheduler.schedule(request, &cycle, candidates)?;
         let mut headers_to_set = Vec::new();
         for (h, timer) in &config.pre_request {
             let t0 = Instant::now();
-            h.pre_request(&request, &cycle, &result, &mut headers_to_set);
+            h.pre_request(request, &cycle, &result, &mut headers_to_set);
             timer.record(t0.elapsed());
         }
-        metrics.observe_phase(Phase::Scheduling, t.elapsed());
+        Ok(Decision {
+            cycle,
+            result,
+            headers_to_set,
+        })
+    }
 
-        let targets: Vec<Arc<Endpoint>> = result.targets().to_vec();
-        let destination = join_hostports(&targets);
-        let forward_body = request.forward_body();
-        let tokens = estimate_tokens(&request);
-
+    /// The request goes out: request metrics (count, size, running requests), then the
+    /// [`Routed`] that charges the primary target's in-flight counts.
+    fn dispatch(&self, parts: RoutedParts) -> Routed {
+        let metrics = &self.shared.metrics;
+        let labels = &parts.labels;
         metrics
             .request_total
             .get_or_create(&PriorityLabels {
                 model_name: labels.model_name.clone(),
                 target_model_name: labels.target_model_name.clone(),
-                priority: request.priority.to_string(),
+                priority: parts.request.priority.to_string(),
             })
             .inc();
         metrics
             .request_sizes
-            .get_or_create(&labels)
-            .observe(forward_body.len() as f64);
+            .get_or_create(labels)
+            .observe(parts.forward_body.len() as f64);
         if !labels.model_name.is_empty() {
             metrics
                 .running_requests
@@ -607,32 +691,14 @@ impl Director {
                 .inc();
         }
         tracing::debug!(
-            request_id = %request.request_id,
-            model = %request.incoming_model,
-            target_model = %request.target_model,
-            priority = request.priority,
-            destination = %destination,
+            request_id = %parts.request.request_id,
+            model = %parts.request.incoming_model,
+            target_model = %parts.request.target_model,
+            priority = parts.request.priority,
+            destination = %parts.destination,
             "request scheduled"
         );
-        let routed = Routed::new(RoutedParts {
-            kind: RouteKind::Scheduled,
-            request,
-            cycle,
-            result: Some(result),
-            destination,
-            targets,
-            forward_body,
-            headers_to_set,
-            received_at,
-            subset_hint,
-            labels,
-            tokens,
-            flow_ticket,
-            active: active.clone(),
-            shared: self.shared.clone(),
-        });
-        metrics.observe_phase(Phase::Route, t_route.elapsed());
-        Ok(routed)
+        Routed::new(parts)
     }
 
     /// Candidate endpoints: those the subset hint allows (`None` ⇒ all), minus `exclude`,
