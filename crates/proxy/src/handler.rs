@@ -303,22 +303,43 @@ impl Proxy {
                     continue;
                 }
             };
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = method.clone();
-            *req.uri_mut() = uri;
-            // The headers are copied only when a fallback may still need them.
-            *req.headers_mut() = if i + 1 < targets.len() {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
+            let mut fd_retries = 0;
+            let outcome = loop {
+                let mut req = Request::new(Full::new(body.clone()));
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = uri.clone();
+                // The headers are kept only while a fallback or a retry may still need them.
+                *req.headers_mut() = if i + 1 < targets.len() || fd_retries < FD_RETRIES {
+                    headers.clone()
+                } else {
+                    std::mem::take(&mut headers)
+                };
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(target.hostport())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                let outcome =
+                    with_timeout(self.options.upstream_timeout, self.client.request(req)).await;
+                // Out of file descriptors: the process's listeners close an idle client
+                // connection to make room, and the same endpoint is tried again (it is not
+                // at fault, and the request has not left this process).
+                if let Some(Err(e)) = &outcome
+                    && e.is_connect()
+                    && is_local_resource_error(e)
+                    && fd_retries < FD_RETRIES
+                    && llmsched_listener::free_descriptor()
+                {
+                    fd_retries += 1;
+                    tracing::debug!(
+                        endpoint = target.hostport(),
+                        "out of descriptors for an upstream connection: closed an idle client connection, retrying"
+                    );
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                break outcome;
             };
-            if !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(target.hostport())
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
-            let outcome =
-                with_timeout(self.options.upstream_timeout, self.client.request(req)).await;
             tried.push(target.hostport().to_string());
             let e = match outcome {
                 Some(Ok(resp)) => {
@@ -634,3 +655,7 @@ mod tests {
         assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
     }
 }
+
+/// Retries of an upstream connection that failed for want of a local file descriptor (each
+/// after closing an idle client connection).
+const FD_RETRIES: u32 = 3;
