@@ -35,6 +35,10 @@ use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, 
 use crate::timeout::{IdleTimeout, UpstreamBody};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
 
+/// Retries of an upstream connection that failed for want of a local file descriptor (each
+/// after closing an idle client connection).
+const FD_RETRIES: u32 = 3;
+
 type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Shared state of the proxy: the director, the upstream connection pools and options.
@@ -655,7 +659,3 @@ mod tests {
         assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
     }
 }
-
-/// Retries of an upstream connection that failed for want of a local file descriptor (each
-/// after closing an idle client connection).
-const FD_RETRIES: u32 = 3;
