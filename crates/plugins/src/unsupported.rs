@@ -7,19 +7,14 @@
 
 use llmsched_core::registry::Registry;
 
-const PD: &str = "P/D (and E/P/D) disaggregation is not implemented yet";
+const EPD: &str =
+    "E/P/D (encode) disaggregation is not implemented yet; P/D is (disagg-profile-handler)";
 const LATENCY: &str = "latency prediction / SLO-aware scheduling is not implemented yet";
 
 /// `(type name, reason)` of every unsupported reference type.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
     // Profile handlers and deciders.
-    ("disagg-profile-handler", PD),
-    ("pd-profile-handler", PD),
-    ("disagg-headers-handler", PD),
-    ("prefill-header-handler", PD),
-    ("prefix-based-pd-decider", PD),
-    ("always-disagg-pd-decider", PD),
-    ("always-disagg-multimodal-decider", PD),
+    ("always-disagg-multimodal-decider", EPD),
     (
         "data-parallel-profile-handler",
         "data-parallel profile handling is not implemented yet",

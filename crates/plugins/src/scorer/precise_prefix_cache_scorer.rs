@@ -790,6 +790,7 @@ impl DataProducer for PreciseScorer {
             owner: self.owner(),
             ..PreciseState::default()
         };
+        let mut prompt_tokens = 0u64;
         TOKENS.with(|t| {
             let mut tokens = t.borrow_mut();
             tokens.clear();
@@ -798,6 +799,7 @@ impl DataProducer for PreciseScorer {
                 .tokens(request.prompt(), &mut tokens)
                 .is_some()
             {
+                prompt_tokens = tokens.len() as u64;
                 inner
                     .index
                     .keyer()
@@ -822,6 +824,8 @@ impl DataProducer for PreciseScorer {
             let mut m = PrefixCacheMatch {
                 total_blocks: u32::try_from(total).unwrap_or(u32::MAX),
                 block_size: inner.index.config().block_size,
+                prompt_tokens,
+                block_tokens: f64::from(inner.index.config().block_size),
                 ..PrefixCacheMatch::default()
             };
             for x in &state.matches {
