@@ -53,7 +53,7 @@ pub use discovery::{DiscoveryError, parse_endpoints_file, parse_endpoints_flag};
 pub use mapping::{EngineMapping, MetricMappings, MetricOverrides, MetricSpec};
 pub use metrics::{DataLayerMetrics, PoolStats, pool_stats, register_metrics};
 pub use objectives::ObjectivesStore;
-pub use scraper::ScrapeSettings;
+pub use scraper::{MetricsPort, ScrapeSettings};
 pub use store::{EndpointStore, MembershipChange, StoreError};
 
 /// Everything the data layer needs; [`Default`] gives the reference's defaults.
@@ -176,14 +176,14 @@ impl DataLayerConfig {
         Ok(())
     }
 
-    fn scrape_settings(&self) -> ScrapeSettings {
+    fn scrape_settings(&self, metrics_port: MetricsPort) -> ScrapeSettings {
         ScrapeSettings {
             interval: self.refresh_interval,
             timeout: self.scrape_timeout,
             max_backoff: self.max_backoff,
             max_body_bytes: self.max_body_bytes,
             path: self.metrics_path.clone(),
-            metrics_port: self.metrics_port,
+            metrics_port,
         }
     }
 }
@@ -194,6 +194,7 @@ impl DataLayerConfig {
 pub struct DataLayerHandle {
     store: Arc<EndpointStore>,
     objectives: Arc<ObjectivesStore>,
+    metrics_port: MetricsPort,
     staleness_threshold: Duration,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -208,6 +209,12 @@ impl DataLayerHandle {
     /// The objectives in effect.
     pub fn objectives(&self) -> &Arc<ObjectivesStore> {
         &self.objectives
+    }
+
+    /// The scraped metrics port, for a discovery source that changes it while running
+    /// (starts as [`DataLayerConfig::metrics_port`]).
+    pub fn metrics_port(&self) -> &MetricsPort {
+        &self.metrics_port
     }
 
     /// Pool aggregates now, with the configured staleness threshold.
@@ -344,10 +351,11 @@ pub async fn start(
     if let Some(w) = endpoints_watch {
         tasks.spawn(w.run(cancel.clone()));
     }
+    let metrics_port = MetricsPort::new(config.metrics_port);
     tasks.spawn(scraper::run_scraper(
         store.clone(),
         mappings,
-        config.scrape_settings(),
+        config.scrape_settings(metrics_port.clone()),
         metrics,
         cancel.clone(),
     ));
@@ -359,6 +367,7 @@ pub async fn start(
     Ok(DataLayerHandle {
         store,
         objectives,
+        metrics_port,
         staleness_threshold: config.staleness_threshold,
         cancel,
         tasks,

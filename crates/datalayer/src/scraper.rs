@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,8 +51,42 @@ pub struct ScrapeSettings {
     pub max_body_bytes: usize,
     /// URL path (`/metrics`).
     pub path: String,
-    /// Scrape this port instead of the endpoint's own.
-    pub metrics_port: Option<u16>,
+    /// Scrape this port instead of the endpoint's own (changeable while running).
+    pub metrics_port: MetricsPort,
+}
+
+/// The port scraped instead of each endpoint's own, shared between the scraper and a
+/// discovery source that may change it while running (Kubernetes discovery follows the
+/// reference: `--model-server-metrics-port` applies only while the pool has exactly one
+/// target port). Cheap to clone; clones share the value. Running scrapers pick a change up
+/// before their next scrape.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsPort(Arc<AtomicU32>);
+
+impl MetricsPort {
+    /// A shared value holding `port` (`None`: each endpoint's own port).
+    pub fn new(port: Option<u16>) -> Self {
+        Self(Arc::new(AtomicU32::new(port.map_or(0, u32::from))))
+    }
+
+    /// The port in effect (`None`: each endpoint's own port).
+    pub fn get(&self) -> Option<u16> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            p => u16::try_from(p).ok(),
+        }
+    }
+
+    /// Changes the port for every endpoint (`None` or `Some(0)`: each endpoint's own port).
+    pub fn set(&self, port: Option<u16>) {
+        self.0.store(port.map_or(0, u32::from), Ordering::Release);
+    }
+}
+
+impl From<Option<u16>> for MetricsPort {
+    fn from(port: Option<u16>) -> Self {
+        Self::new(port)
+    }
 }
 
 /// Why a scrape failed.
@@ -131,9 +166,17 @@ fn build_client(settings: &ScrapeSettings) -> HttpClient {
 
 /// Builds the scrape URI of `endpoint`.
 pub fn scrape_uri(endpoint: &Endpoint, settings: &ScrapeSettings) -> Result<Uri, String> {
-    let port = settings.metrics_port.unwrap_or(endpoint.meta().port);
+    scrape_uri_with(endpoint, settings.metrics_port.get(), &settings.path)
+}
+
+fn scrape_uri_with(
+    endpoint: &Endpoint,
+    metrics_port: Option<u16>,
+    path: &str,
+) -> Result<Uri, String> {
+    let port = metrics_port.unwrap_or(endpoint.meta().port);
     let addr = SocketAddr::new(endpoint.meta().address, port);
-    format!("http://{addr}{}", settings.path)
+    format!("http://{addr}{path}")
         .parse::<Uri>()
         .map_err(|e| format!("invalid scrape URL for {}: {e}", endpoint.name()))
 }
@@ -197,7 +240,8 @@ fn backoff(settings: &ScrapeSettings, failures: u32) -> Duration {
 
 async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: CancellationToken) {
     let extractor = shared.mappings.for_labels(&endpoint.meta().labels).clone();
-    let uri = match scrape_uri(&endpoint, &shared.settings) {
+    let mut port = shared.settings.metrics_port.get();
+    let mut uri = match scrape_uri_with(&endpoint, port, &shared.settings.path) {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(endpoint = %endpoint.name(), error = %e, "not scraping endpoint");
@@ -213,6 +257,20 @@ async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: Canc
     let mut last_reason: Option<&'static str> = None;
     let mut last_warnings: Vec<String> = Vec::new();
     loop {
+        let now_port = shared.settings.metrics_port.get();
+        if now_port != port {
+            match scrape_uri_with(&endpoint, now_port, &shared.settings.path) {
+                Ok(u) => {
+                    tracing::info!(endpoint = %name, url = %u, "metrics port changed");
+                    uri = u;
+                    port = now_port;
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "not scraping endpoint");
+                    return;
+                }
+            }
+        }
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             biased;
@@ -354,7 +412,7 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             max_body_bytes: 1,
             path: "/metrics".into(),
-            metrics_port: None,
+            metrics_port: MetricsPort::default(),
         };
         let got: Vec<u64> = (1..=7).map(|f| backoff(&s, f).as_millis() as u64).collect();
         assert_eq!(got, [50, 100, 200, 400, 800, 1000, 1000]);

@@ -844,6 +844,37 @@ async fn metric_name_overrides_and_metrics_port_are_honoured() {
     h.shutdown().await;
 }
 
+/// A discovery source changes the metrics port while scrapers run (Kubernetes: the pool
+/// goes from one target port to several): running scrapers follow before their next scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_port_changes_while_running() {
+    let page = vllm_page(3, 1, 0.5, "vllm:kv_cache_usage_perc");
+    let own = serve("127.0.0.11", Reply::Text(page.clone())).await;
+    let side = serve("127.0.0.11", Reply::Text(page)).await;
+    let config = DataLayerConfig {
+        static_endpoints: parse_endpoints_flag(&own.name(), &[]).unwrap(),
+        metrics_port: Some(side.addr.port()),
+        ..test_config()
+    };
+    let (h, _) = start_with(config).await;
+    assert_eq!(h.metrics_port().get(), Some(side.addr.port()));
+    wait_for("scrapes on the metrics port", || side.hits() >= 2).await;
+    assert_eq!(own.hits(), 0);
+    h.metrics_port().set(None);
+    wait_for("scrapes on the endpoint's own port", || own.hits() >= 2).await;
+    let side_hits = side.hits();
+    let own_hits = own.hits();
+    wait_for("more scrapes on the own port", || {
+        own.hits() >= own_hits + 3
+    })
+    .await;
+    assert!(
+        side.hits() <= side_hits + 1,
+        "the old port is no longer scraped"
+    );
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_stop_scraping() {
     let srv = serve(
@@ -910,7 +941,7 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         max_backoff: Duration::from_secs(1),
         max_body_bytes: 1,
         path: "/metrics".into(),
-        metrics_port: None,
+        metrics_port: crate::MetricsPort::default(),
     };
     let ep = Endpoint::new(
         EndpointId(0),
@@ -928,7 +959,7 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         "http://[fd00::1]:8000/metrics"
     );
     let s2 = crate::ScrapeSettings {
-        metrics_port: Some(9100),
+        metrics_port: crate::MetricsPort::new(Some(9100)),
         path: "/custom/metrics".into(),
         ..settings
     };

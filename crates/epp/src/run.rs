@@ -22,14 +22,15 @@ use llmsched_datalayer::{
 use llmsched_director::{Director, DirectorOptions, EppMetrics, PoolCollector};
 use llmsched_extproc::{
     ExtProcOptions, HealthHandle, ServeError, TlsConfig, serve_ext_proc, serve_health,
-    serve_metrics, spawn_readiness_watch,
+    serve_metrics_with_auth, spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Args, ArgsError};
+use crate::args::{Args, ArgsError, Discovery};
+use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
 
 /// Why the EPP cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,15 @@ pub enum EppError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// Kubernetes discovery cannot start (no usable kubeconfig or service account).
+    #[error(transparent)]
+    Kube(#[from] llmsched_kube::discovery::ClientError),
+    /// Leader election cannot start (bad timings, no pool or POD_NAME to name the Lease).
+    #[error(transparent)]
+    LeaderElection(#[from] llmsched_kube::leader::LeaderElectionError),
+    /// `--metrics-endpoint-auth=true` without a usable Kubernetes client.
+    #[error("--metrics-endpoint-auth=true: {0}")]
+    MetricsAuth(String),
     /// A server failed while running.
     #[error("{server} server failed: {error}")]
     Serve {
@@ -96,6 +106,8 @@ pub struct EppHandle {
     cancel: CancellationToken,
     servers: JoinSet<(&'static str, Result<(), String>)>,
     datalayer: Option<DataLayerHandle>,
+    kube: Option<llmsched_kube::discovery::KubeDiscovery>,
+    leader: Option<llmsched_kube::leader::LeaderElection>,
 }
 
 impl EppHandle {
@@ -112,6 +124,22 @@ impl EppHandle {
     /// The health handle.
     pub fn health(&self) -> &HealthHandle {
         &self.health
+    }
+
+    /// Whether this replica holds the leader Lease (`None` without leader election).
+    pub fn is_leader(&self) -> Option<bool> {
+        self.leader.as_ref().map(|l| l.is_leader())
+    }
+
+    /// Stops everything at once without releasing the leader Lease, as a crash would (the
+    /// other replicas wait for the Lease to expire). For tests.
+    #[doc(hidden)]
+    pub fn abort_without_release(mut self) {
+        if let Some(l) = self.leader.take() {
+            l.abort();
+        }
+        self.cancel.cancel();
+        self.servers.abort_all();
     }
 
     /// Waits until a server stops on its own (an error) or `shutdown` is cancelled.
@@ -136,6 +164,11 @@ impl EppHandle {
     /// then they are cut.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
+        // The leader gives its Lease back first (unready, then released), so a follower takes
+        // over while this replica's open streams drain.
+        if let Some(l) = self.leader.take() {
+            l.stopped().await;
+        }
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             while self.servers.join_next().await.is_some() {}
         })
@@ -144,6 +177,9 @@ impl EppHandle {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "open streams did not finish in time; closing them");
             self.servers.abort_all();
             while self.servers.join_next().await.is_some() {}
+        }
+        if let Some(k) = self.kube.take() {
+            k.shutdown().await;
         }
         if let Some(dl) = self.datalayer.take() {
             dl.shutdown().await;
@@ -163,7 +199,12 @@ impl Drop for EppHandle {
 /// Loads the configuration named by the flags (file, text, or the built-in default).
 pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
     let registry = llmsched_plugins::default_registry();
-    if let Some(path) = &args.config_file {
+    // An empty --config-file means unset, as pflag's empty string does.
+    if let Some(path) = args
+        .config_file
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
             path: path.display().to_string(),
             error,
@@ -253,7 +294,16 @@ fn tls_config(args: &Args) -> Result<Option<TlsConfig>, EppError> {
 /// Starts the EPP: every listener is bound and every task spawned when this returns.
 pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     args.validate()?;
+    for w in args.compatibility_warnings() {
+        tracing::warn!("{w}");
+    }
     let cancel = CancellationToken::new();
+    let kube_source = kube_source(&args.discovery(std::env::var("NAMESPACE").ok().as_deref())?);
+    // The Kubernetes client (configuration only; nothing is contacted yet).
+    let kube_client = match &kube_source {
+        None => None,
+        Some(_) => Some(llmsched_kube::discovery::client(args.kubeconfig.as_deref()).await?),
+    };
 
     // Metrics registry shared by scheduler, plugins, director and data layer.
     let mut registry = Registry::default();
@@ -264,6 +314,12 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         env!("CARGO_PKG_VERSION"),
     );
     let dl_metrics = llmsched_datalayer::register_metrics(&mut registry);
+    let kube_metrics = kube_client
+        .as_ref()
+        .map(|_| llmsched_kube::metrics::KubeMetrics::register(&mut registry));
+    // --metrics-endpoint-auth and --ha-enable-leader-election (both need the client).
+    let metrics_auth = metrics_authorizer(&args, kube_client.as_ref(), &mut registry).await?;
+    let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -318,6 +374,17 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     )
     .await?;
     let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
+    let kube = match (&kube_client, kube_metrics, kube_source) {
+        (Some(client), Some(metrics), Some((namespace, source))) => Some(start_kube_discovery(
+            client.clone(),
+            &args,
+            DiscoveryConfig::new(namespace, source),
+            &dl,
+            metrics,
+            cancel.clone(),
+        )),
+        _ => None,
+    };
 
     let pool_name = args.pool_name.clone().unwrap_or_else(|| "llmsched".into());
     PoolCollector::new(
@@ -342,7 +409,20 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
 
     // Servers.
     let registry = Arc::new(registry);
-    let health = HealthHandle::new().await;
+    let health = HealthHandle::with_leader_election(args.ha_enable_leader_election);
+    let leader = match election {
+        Some((client, config, metrics)) => {
+            let h = health.clone();
+            Some(llmsched_kube::leader::spawn(
+                client,
+                config,
+                metrics,
+                Arc::new(move |leader| h.set_leader(leader)),
+                cancel.clone(),
+            )?)
+        }
+        None => None,
+    };
     spawn_readiness_watch(
         health.clone(),
         store.clone() as Arc<dyn EndpointSource>,
@@ -366,8 +446,10 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     }
     {
         let (r, c) = (registry.clone(), cancel.clone());
-        servers
-            .spawn(async move { ("metrics", serve_metrics(metrics_l, r, c).await.map_err(err)) });
+        servers.spawn(async move {
+            let served = serve_metrics_with_auth(metrics_l, r, metrics_auth, c).await;
+            ("metrics", served.map_err(err))
+        });
     }
     if let Some(listener) = proxy_l {
         crate::proxy::spawn(
@@ -400,7 +482,155 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         cancel,
         servers,
         datalayer: Some(dl),
+        kube,
+        leader,
     })
+}
+
+/// Resolves `--metrics-endpoint-auth`: explicit `false` is off; explicit `true` needs a
+/// Kubernetes client (the discovery one, else one built from the kubeconfig) or the EPP does
+/// not start; unset is on when endpoints come from Kubernetes and off otherwise (static
+/// endpoints: there is nobody to ask, and /metrics must stay usable).
+async fn metrics_authorizer(
+    args: &Args,
+    kube_client: Option<&llmsched_kube::Client>,
+    registry: &mut Registry,
+) -> Result<Option<Arc<dyn llmsched_extproc::MetricsAuthorizer>>, EppError> {
+    let client = match (args.metrics_endpoint_auth, kube_client) {
+        (Some(false), _) => {
+            tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");
+            return Ok(None);
+        }
+        (_, Some(client)) => client.clone(),
+        (Some(true), None) => llmsched_kube::discovery::client(args.kubeconfig.as_deref())
+            .await
+            .map_err(|e| {
+                EppError::MetricsAuth(format!(
+                    "TokenReview and SubjectAccessReview need a Kubernetes client, and none can be configured ({e}); pass --kubeconfig, run in a cluster, or use --metrics-endpoint-auth=false"
+                ))
+            })?,
+        (None, None) => {
+            tracing::info!(
+                "/metrics is served without authentication: --metrics-endpoint-auth defaults to on only when endpoints come from Kubernetes (--pool-name or --endpoint-selector); pass --metrics-endpoint-auth=true with a kubeconfig to require bearer tokens"
+            );
+            return Ok(None);
+        }
+    };
+    tracing::info!(
+        "/metrics requires a bearer token allowed by a TokenReview and a SubjectAccessReview (get /metrics); --metrics-endpoint-auth=false turns this off"
+    );
+    let metrics = llmsched_kube::auth::MetricsAuthMetrics::register(registry);
+    Ok(Some(Arc::new(
+        llmsched_kube::auth::KubeMetricsAuthorizer::new(client, metrics),
+    )))
+}
+
+type Election = (
+    llmsched_kube::Client,
+    llmsched_kube::leader::LeaderElectionConfig,
+    llmsched_kube::leader::LeaderMetrics,
+);
+
+/// The Lease of `--ha-enable-leader-election`: the pool's (`epp-<ns>-<pool>...`), or in
+/// `--endpoint-selector` mode the Deployment's named by `POD_NAME`, as the reference.
+fn leader_election(
+    args: &Args,
+    kube_client: Option<&llmsched_kube::Client>,
+    registry: &mut Registry,
+) -> Result<Option<Election>, EppError> {
+    use llmsched_kube::leader::{LeaderElectionConfig, LeaderElectionError, LeaderMetrics};
+    if !args.ha_enable_leader_election {
+        return Ok(None);
+    }
+    let Some(client) = kube_client else {
+        // validate() already refuses election without Kubernetes discovery.
+        return Err(LeaderElectionError::Config(
+            "--ha-enable-leader-election needs Kubernetes discovery".into(),
+        )
+        .into());
+    };
+    let ns_env = std::env::var("NAMESPACE").ok();
+    let namespace = args.resolved_namespace(ns_env.as_deref());
+    let target = match args.discovery(ns_env.as_deref())? {
+        Discovery::Pool { name, .. } => name,
+        _ => {
+            let pod = std::env::var("POD_NAME").unwrap_or_default();
+            llmsched_kube::leader::deployment_of_pod(&pod)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    LeaderElectionError::Config(format!(
+                        "with --endpoint-selector the Lease is named after the EPP's Deployment, read from env POD_NAME (<deployment>-<hash>-<suffix>); got {pod:?}"
+                    ))
+                })?
+        }
+    };
+    let config = LeaderElectionConfig {
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+        ..LeaderElectionConfig::for_pool(&namespace, &target)
+    };
+    config.validate()?;
+    let metrics = LeaderMetrics::register(registry);
+    Ok(Some((client.clone(), config, metrics)))
+}
+
+/// The Kubernetes source of `discovery` and its namespace (`None`: no Kubernetes).
+fn kube_source(discovery: &Discovery) -> Option<(String, Source)> {
+    match discovery {
+        Discovery::Static => None,
+        Discovery::Pool {
+            name,
+            namespace,
+            group,
+        } => Some((
+            namespace.clone(),
+            Source::Pool {
+                name: name.clone(),
+                group: group.clone(),
+            },
+        )),
+        Discovery::Selector {
+            labels,
+            target_ports,
+            namespace,
+        } => Some((
+            namespace.clone(),
+            Source::Selector(llmsched_kube::pool::PoolView {
+                selector: labels.clone(),
+                target_ports: target_ports.clone(),
+            }),
+        )),
+    }
+}
+
+/// Starts the InferencePool / pod / objectives watches feeding the data layer's stores.
+fn start_kube_discovery(
+    client: llmsched_kube::Client,
+    args: &Args,
+    mut config: DiscoveryConfig,
+    dl: &DataLayerHandle,
+    metrics: llmsched_kube::metrics::KubeMetrics,
+    cancel: CancellationToken,
+) -> llmsched_kube::discovery::KubeDiscovery {
+    config.model_server_metrics_port = args.model_server_metrics_port;
+    if args.objectives_file.is_some() {
+        tracing::info!(
+            "--objectives-file is set: objectives and rewrites come from the file, not from the cluster"
+        );
+        config.watch_objectives = false;
+    }
+    llmsched_kube::discovery::start(
+        client,
+        config,
+        Sinks {
+            store: dl.store().clone(),
+            objectives: dl.objectives().clone(),
+            metrics_port: dl.metrics_port().clone(),
+        },
+        metrics,
+        cancel,
+    )
 }
 
 /// `llmsched epp`: runs until Ctrl-C (or SIGTERM) or a server fails.

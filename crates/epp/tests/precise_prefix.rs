@@ -19,12 +19,12 @@ use clap::Parser;
 use llmsched_epp::{Args, EppHandle};
 use llmsched_extproc::testing::*;
 use llmsched_kvevents::wire::{EncodeOptions, Layout, encode_seq};
+use llmsched_kvevents::zmtp::{Limits, PubSocket, RouterSocket, TransportStats};
 use llmsched_kvevents::{
     BlockRemoved, BlockStored, ConnectMode, EventBatch, KvEvent, encode_batch,
 };
 use llmsched_sim::{ClusterConfig, KvEventsConfig, ReplicaConfig, SimCluster};
 use llmsched_tokenizer::{SimTokenizer, Tokenizer};
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 const MODEL: &str = "Qwen/Qwen3-32B";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -395,18 +395,19 @@ struct FaultyPublisher {
 
 impl FaultyPublisher {
     async fn start(zmq_port: u16, replay_at: &str) -> Self {
-        let mut pub_socket = PubSocket::new();
-        pub_socket
-            .connect(&format!("tcp://127.0.0.1:{zmq_port}"))
+        let stats = std::sync::Arc::new(TransportStats::default());
+        let mut pub_socket = PubSocket::new(Limits::default(), stats.clone());
+        pub_socket.connect(
+            &format!("tcp://127.0.0.1:{zmq_port}"),
+            Duration::from_millis(100),
+        );
+        let mut router = RouterSocket::bind(replay_at, Limits::default(), stats)
             .await
             .unwrap();
-        let mut router = RouterSocket::new();
-        router.bind(replay_at).await.unwrap();
         let replay = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<(u64, Bytes)>::new()));
         let buf = replay.clone();
         let task = tokio::spawn(async move {
-            while let Ok(m) = router.recv().await {
-                let f = m.into_vec();
+            while let Ok(f) = router.recv().await {
                 let (id, start) = (
                     f[0].clone(),
                     u64::from_be_bytes(f[f.len() - 1][..8].try_into().unwrap()),
@@ -418,14 +419,13 @@ impl FaultyPublisher {
                     .cloned()
                     .collect();
                 for (s, p) in items.into_iter().chain([(u64::MAX, Bytes::new())]) {
-                    let msg = ZmqMessage::try_from(vec![
+                    let msg = [
                         id.clone(),
                         Bytes::new(),
                         Bytes::copy_from_slice(&encode_seq(s)),
                         p,
-                    ])
-                    .unwrap();
-                    if router.send(msg).await.is_err() {
+                    ];
+                    if router.send(&msg).await.is_err() {
                         break;
                     }
                 }
@@ -459,10 +459,7 @@ impl FaultyPublisher {
     }
 
     async fn raw(&mut self, frames: Vec<Bytes>) {
-        self.pub_socket
-            .send(ZmqMessage::try_from(frames).unwrap())
-            .await
-            .unwrap();
+        self.pub_socket.send(&frames);
     }
 }
 
@@ -620,31 +617,42 @@ async fn garbled_dropped_and_reordered_messages_do_not_poison_the_index() {
 }
 
 #[test]
-fn the_example_precise_config_loads() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../config/epp/precise-prefix-cache.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let cfg = llmsched_core::config::load(
-        &text,
-        llmsched_core::config::ConfigSource::Text,
-        &llmsched_plugins::default_registry(),
-        &llmsched_core::registry::PluginHandle::default(),
-    )
-    .unwrap();
-    let p = &cfg.scheduler.profiles()[0];
-    let scorers: Vec<(&str, f64)> = p
-        .scorers()
-        .iter()
-        .map(|s| (s.scorer.type_name(), s.weight))
-        .collect();
+fn the_example_precise_configs_load() {
+    let scorers = |file: &str| -> Vec<(String, f64)> {
+        let path = format!("{}/../../config/epp/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = llmsched_core::config::load(
+            &text,
+            llmsched_core::config::ConfigSource::Text,
+            &llmsched_plugins::default_registry(),
+            &llmsched_core::registry::PluginHandle::default(),
+        )
+        .unwrap();
+        cfg.scheduler.profiles()[0]
+            .scorers()
+            .iter()
+            .map(|s| (s.scorer.type_name().to_string(), s.weight))
+            .collect()
+    };
+    let named = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+        v.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+    };
     assert_eq!(
-        scorers,
-        vec![
+        scorers("precise-prefix-cache.yaml"),
+        named(&[
+            ("precise-prefix-cache-scorer", 4.0),
+            ("prefill-load-scorer", 4.0),
+            ("kv-cache-utilization-scorer", 1.0),
+            ("queue-scorer", 1.0)
+        ])
+    );
+    // The reference guide's weights.
+    assert_eq!(
+        scorers("precise-prefix-cache-reference.yaml"),
+        named(&[
             ("precise-prefix-cache-scorer", 3.0),
             ("kv-cache-utilization-scorer", 2.0),
             ("queue-scorer", 2.0)
-        ]
+        ])
     );
 }

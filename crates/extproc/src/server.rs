@@ -18,6 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::HealthHandle;
+use crate::metrics_auth::{
+    MetricsAuthDecision, MetricsAuthRequest, MetricsAuthorizer, bearer_token,
+};
 use crate::service::{ExtProcOptions, ExtProcService};
 use crate::tls::TlsConfig;
 
@@ -136,7 +139,9 @@ pub async fn serve_ext_proc(
         .http2_adaptive_window(Some(true))
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = match health {
-        Some(h) => builder.add_service(svc).add_service(h.service()),
+        Some(h) => builder
+            .add_service(svc)
+            .add_service(h.service(shutdown.clone())),
         None => builder.add_service(svc),
     };
     let signal = shutdown.clone().cancelled_owned();
@@ -161,18 +166,85 @@ pub async fn serve_ext_proc(
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+fn reply(
+    status: StatusCode,
+    ctype: &str,
+    body: String,
+) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
+    let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    Ok(r)
+}
+
+/// Applies `--metrics-endpoint-auth`: `None` lets the request through, `Some` is the answer.
+async fn check_auth(
+    auth: &dyn MetricsAuthorizer,
+    req: &Request<Incoming>,
+) -> Option<Result<Response<Full<bytes::Bytes>>, Infallible>> {
+    let text = "text/plain; charset=utf-8";
+    let Some(token) = bearer_token(req.headers().get(http::header::AUTHORIZATION)) else {
+        tracing::debug!(path = req.uri().path(), "metrics: no bearer token: 401");
+        return Some(reply(
+            StatusCode::UNAUTHORIZED,
+            text,
+            "Unauthorized\n".into(),
+        ));
+    };
+    let verb = req.method().as_str().to_ascii_lowercase();
+    let request = MetricsAuthRequest {
+        token,
+        verb: &verb,
+        path: req.uri().path(),
+    };
+    match auth.authorize(request).await {
+        Ok(MetricsAuthDecision::Allowed { user }) => {
+            tracing::trace!(%user, "metrics: request allowed");
+            None
+        }
+        Ok(MetricsAuthDecision::Unauthenticated) => {
+            tracing::debug!("metrics: bearer token not authenticated: 401");
+            Some(reply(
+                StatusCode::UNAUTHORIZED,
+                text,
+                "Unauthorized\n".into(),
+            ))
+        }
+        Ok(MetricsAuthDecision::Denied { user, reason }) => {
+            tracing::debug!(%user, %reason, verb, path = request.path, "metrics: authorization denied: 403");
+            Some(reply(
+                StatusCode::FORBIDDEN,
+                text,
+                format!("Authorization denied for user {user}\n"),
+            ))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: cannot review the request's bearer token: 500");
+            let body = match &e {
+                crate::metrics_auth::MetricsAuthError::Authentication(_) => {
+                    "Authentication failed\n".to_string()
+                }
+                crate::metrics_auth::MetricsAuthError::Authorization { user, .. } => {
+                    format!("Authorization for user {user} failed\n")
+                }
+            };
+            Some(reply(StatusCode::INTERNAL_SERVER_ERROR, text, body))
+        }
+    }
+}
+
 async fn metrics_handler(
     registry: Arc<Registry>,
+    auth: Option<Arc<dyn MetricsAuthorizer>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
-    let reply = |status: StatusCode, ctype: &str, body: String| {
-        let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
-        *r.status_mut() = status;
-        if let Ok(v) = http::HeaderValue::from_str(ctype) {
-            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-        }
-        Ok(r)
-    };
+    if let Some(auth) = &auth
+        && let Some(answer) = check_auth(auth.as_ref(), &req).await
+    {
+        return answer;
+    }
     if req.uri().path() != "/metrics" {
         return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
     }
@@ -195,10 +267,21 @@ async fn metrics_handler(
 }
 
 /// Serves `GET /metrics` (OpenMetrics text of `registry`) over HTTP/1.1 on `listener` until
-/// `shutdown`.
+/// `shutdown`, to anyone.
 pub async fn serve_metrics(
     listener: TcpListener,
     registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_metrics_with_auth(listener, registry, None, shutdown).await
+}
+
+/// [`serve_metrics`], with every request reviewed by `auth` when given
+/// (`--metrics-endpoint-auth`; see [`crate::metrics_auth`] for the answers).
+pub async fn serve_metrics_with_auth(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    auth: Option<Arc<dyn MetricsAuthorizer>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     loop {
@@ -214,9 +297,12 @@ pub async fn serve_metrics(
             },
         };
         let registry = registry.clone();
+        let auth = auth.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| metrics_handler(registry.clone(), req));
+            let svc = hyper::service::service_fn(move |req| {
+                metrics_handler(registry.clone(), auth.clone(), req)
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
             tokio::select! {

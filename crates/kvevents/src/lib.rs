@@ -8,6 +8,11 @@
 //! * [`publisher`]: a ZMQ PUB publisher (`[topic, seq, payload]` messages) with vLLM's replay
 //!   ROUTER socket.
 //!
+//! * [`zmtp`]: our own ZMTP 3.x transport (ZeroMQ's wire protocol: PUB, SUB, ROUTER, DEALER
+//!   over TCP, NULL security), interoperable with libzmq/pyzmq, with hard limits on frame and
+//!   message sizes, frames per message, handshake time and queues; a hostile peer is a
+//!   counted error that closes its connection, never an abort or a peer-sized allocation.
+//!
 //! * [`subscriber`]: ZMQ SUB sockets (bound centrally or dialling each endpoint) with
 //!   per-source ordered processing, sequence-gap detection and replay, restart detection and
 //!   reconnection, handing decoded batches to an [`EventSink`].
@@ -15,6 +20,7 @@
 pub mod publisher;
 pub mod subscriber;
 pub mod wire;
+pub mod zmtp;
 
 pub use publisher::{ConnectMode, KvEventPublisher, PublisherConfig, PublisherError};
 pub use subscriber::{

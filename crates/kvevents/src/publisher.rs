@@ -15,6 +15,10 @@
 //!
 //! Publishing never blocks the caller: batches go through a bounded queue and are dropped (and
 //! counted) when it is full. Encoding happens on the publisher task, off the caller's path.
+//! Each subscriber connection has its own bounded queue ([`Limits::send_queue`] messages,
+//! libzmq's HWM); a subscriber that does not keep up misses messages (counted in
+//! [`TransportStats::hwm_drops`]) instead of growing memory. A connecting publisher re-dials
+//! every second while the subscriber is unreachable or after it went away.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,9 +29,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{PubSocket, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::wire::{EncodeOptions, EventBatch, REPLAY_END_SEQ, encode_batch, encode_seq};
+use crate::zmtp::{Limits, PubSocket, RouterSocket, TransportStats};
 
 /// Errors raised when starting the publisher.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,8 @@ pub struct PublisherConfig {
     pub first_seq: u64,
     /// Payload encoding.
     pub encode: EncodeOptions,
+    /// Transport limits of the PUB and replay sockets.
+    pub limits: Limits,
 }
 
 impl PublisherConfig {
@@ -105,6 +111,7 @@ impl PublisherConfig {
             queue_capacity: 100_000,
             first_seq: 0,
             encode: EncodeOptions::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -128,6 +135,7 @@ pub struct PublisherStats {
     published: AtomicU64,
     dropped: AtomicU64,
     replays: AtomicU64,
+    transport: Arc<TransportStats>,
 }
 
 impl PublisherStats {
@@ -144,6 +152,12 @@ impl PublisherStats {
     /// Replay requests served.
     pub fn replays(&self) -> u64 {
         self.replays.load(Ordering::Relaxed)
+    }
+
+    /// Transport counters: subscribers' protocol errors, messages dropped for slow
+    /// subscribers ([`TransportStats::hwm_drops`]).
+    pub fn transport(&self) -> &Arc<TransportStats> {
+        &self.transport
     }
 }
 
@@ -169,10 +183,11 @@ impl std::fmt::Debug for KvEventPublisher {
     }
 }
 
-/// `tcp://*:p` → `tcp://0.0.0.0:p` (the zeromq crate does not resolve `*`).
-fn bindable(endpoint: &str) -> String {
-    endpoint.replacen("://*:", "://0.0.0.0:", 1)
-}
+/// Delay between attempts to dial a subscriber (connect mode).
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long one replay request may take to send (a client that stops reading is dropped).
+const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KvEventPublisher {
     /// Starts the publisher. Binding happens here (so errors surface and port 0 is resolved);
@@ -183,37 +198,34 @@ impl KvEventPublisher {
             return Err(PublisherError::Endpoint(cfg.endpoint.clone()));
         }
         let binds = cfg.binds();
-        let mut options = SocketOptions::default();
-        options.connect_timeout(Duration::from_millis(500));
-        let mut pub_socket = PubSocket::with_options(options);
+        let stats = Arc::new(PublisherStats::default());
+        let mut pub_socket = PubSocket::new(cfg.limits.clone(), stats.transport.clone());
         let endpoint = if binds {
-            let ep = bindable(&cfg.endpoint);
             pub_socket
-                .bind(&ep)
+                .bind(&cfg.endpoint)
                 .await
                 .map_err(|e| PublisherError::Bind {
                     endpoint: cfg.endpoint.clone(),
                     message: e.to_string(),
                 })?
-                .to_string()
         } else {
+            crate::zmtp::parse_endpoint(&cfg.endpoint)
+                .map_err(|_| PublisherError::Endpoint(cfg.endpoint.clone()))?;
+            pub_socket.connect(&cfg.endpoint, RECONNECT_INTERVAL);
             cfg.endpoint.clone()
         };
 
-        let stats = Arc::new(PublisherStats::default());
         let buffer: ReplayBuffer = Arc::new(Mutex::new(VecDeque::new()));
 
         let (replay_endpoint, replay_task) = match &cfg.replay_endpoint {
             Some(ep) => {
-                let mut router = RouterSocket::new();
-                let bound = router
-                    .bind(&bindable(ep))
+                let router = RouterSocket::bind(ep, cfg.limits.clone(), stats.transport.clone())
                     .await
                     .map_err(|e| PublisherError::Bind {
                         endpoint: ep.clone(),
                         message: e.to_string(),
-                    })?
-                    .to_string();
+                    })?;
+                let bound = router.endpoint();
                 let task = tokio::spawn(serve_replay(router, buffer.clone(), stats.clone()));
                 (Some(bound), Some(task))
             }
@@ -221,15 +233,7 @@ impl KvEventPublisher {
         };
 
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let connect_to = (!binds).then(|| cfg.endpoint.clone());
-        let pub_task = tokio::spawn(run_publisher(
-            pub_socket,
-            connect_to,
-            rx,
-            buffer,
-            stats.clone(),
-            cfg,
-        ));
+        let pub_task = tokio::spawn(run_publisher(pub_socket, rx, buffer, stats.clone(), cfg));
         tracing::info!(%endpoint, replay = ?replay_endpoint, bound = binds, "KV-event publisher started");
         Ok(Self {
             tx: Some(tx),
@@ -293,8 +297,7 @@ impl Drop for KvEventPublisher {
 }
 
 async fn run_publisher(
-    mut socket: PubSocket,
-    mut connect_to: Option<String>,
+    socket: PubSocket,
     mut rx: mpsc::Receiver<EventBatch>,
     buffer: ReplayBuffer,
     stats: Arc<PublisherStats>,
@@ -302,44 +305,15 @@ async fn run_publisher(
 ) {
     let topic = Bytes::from(cfg.topic.clone().into_bytes());
     let mut seq = cfg.first_seq;
-    let mut next_attempt = tokio::time::Instant::now();
-    loop {
-        if let Some(ep) = &connect_to
-            && tokio::time::Instant::now() >= next_attempt
-        {
-            match socket.connect(ep).await {
-                Ok(()) => {
-                    tracing::info!(endpoint = %ep, "KV-event publisher connected");
-                    connect_to = None;
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %ep, error = %e, "KV-event publisher cannot connect yet");
-                    next_attempt = tokio::time::Instant::now() + Duration::from_secs(1);
-                }
-            }
-        }
-        let batch = if connect_to.is_some() {
-            match tokio::time::timeout_at(next_attempt, rx.recv()).await {
-                Ok(b) => b,
-                Err(_) => continue,
-            }
-        } else {
-            rx.recv().await
-        };
-        let Some(batch) = batch else {
-            break;
-        };
+    while let Some(batch) = rx.recv().await {
         let payload = Bytes::from(encode_batch(&batch, cfg.encode));
-        let frames = vec![
+        let frames = [
             topic.clone(),
             Bytes::copy_from_slice(&encode_seq(seq)),
             payload.clone(),
         ];
-        if let Ok(msg) = ZmqMessage::try_from(frames)
-            && let Err(e) = socket.send(msg).await
-        {
-            tracing::warn!(error = %e, "KV-event publish failed");
-        }
+        // Never blocks: subscribers whose queue is full miss it (counted), like libzmq.
+        socket.send(&frames);
         stats.published.fetch_add(1, Ordering::Relaxed);
         {
             let mut buf = buffer.lock();
@@ -350,19 +324,22 @@ async fn run_publisher(
         }
         seq = seq.wrapping_add(1);
     }
-    let _ = socket.close().await;
+    // Give the connections a moment to flush what was queued before the socket closes.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while socket.queued() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn serve_replay(mut router: RouterSocket, buffer: ReplayBuffer, stats: Arc<PublisherStats>) {
     loop {
-        let msg = match router.recv().await {
+        let frames = match router.recv().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(error = %e, "KV-event replay socket closed");
                 return;
             }
         };
-        let frames = msg.into_vec();
         // [identity, empty, start_seq] from a DEALER/REQ; tolerate a missing delimiter.
         let (identity, delimited, start) = match frames.as_slice() {
             [id, empty, start] if empty.is_empty() => (id.clone(), true, start.clone()),
@@ -390,16 +367,21 @@ async fn serve_replay(mut router: RouterSocket, buffer: ReplayBuffer, stats: Arc
             }
             f.push(Bytes::copy_from_slice(&encode_seq(seq)));
             f.push(payload);
-            ZmqMessage::try_from(f)
+            f
         };
-        for (seq, payload) in batches.into_iter().chain([(REPLAY_END_SEQ, Bytes::new())]) {
-            let Ok(msg) = reply(seq, payload) else {
-                continue;
-            };
-            if let Err(e) = router.send(msg).await {
-                tracing::debug!(error = %e, "KV-event replay client went away");
-                break;
+        let send_all = async {
+            for (seq, payload) in batches.into_iter().chain([(REPLAY_END_SEQ, Bytes::new())]) {
+                if let Err(e) = router.send(&reply(seq, payload)).await {
+                    tracing::debug!(error = %e, "KV-event replay client went away");
+                    return;
+                }
             }
+        };
+        if tokio::time::timeout(REPLAY_SEND_TIMEOUT, send_all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("KV-event replay client stopped reading; replay abandoned");
         }
     }
 }
@@ -417,8 +399,6 @@ mod tests {
         let mut forced = PublisherConfig::new("tcp://127.0.0.1:0");
         forced.mode = ConnectMode::Bind;
         assert!(forced.binds());
-        assert_eq!(bindable("tcp://*:5557"), "tcp://0.0.0.0:5557");
-        assert_eq!(bindable("tcp://127.0.0.1:1"), "tcp://127.0.0.1:1");
     }
 
     #[test]

@@ -19,10 +19,18 @@
 //!
 //! Messages are spread over [`SubscriberConfig::concurrency`] workers by source, so one
 //! source's batches are always applied in arrival order by one worker while different sources
-//! proceed in parallel. A worker keeps, per stream (peer, topic, data-parallel rank), the next
-//! expected sequence number:
+//! proceed in parallel. A worker keeps, per stream, the next expected sequence number. A
+//! stream is one publisher identity: (dialled peer, the topic's `<host>:<port>` — or the
+//! whole topic when it names none —, data-parallel rank).
 //!
 //! * `seq == next`: applied.
+//! * The identity's topic changed (e.g. `kv@10.0.0.5:8000@old-model` →
+//!   `kv@10.0.0.5:8000@new-model`): a new engine publishes under that address, a
+//!   **restart** (see below).
+//! * `seq > next + restart_window` ([`SubscriberConfig::restart_window`]): a jump no gap
+//!   explains (beyond the publishers' replay buffers) — a publisher that restarted with a
+//!   higher first sequence number, or a forged one: a **restart**, not a gap, so neither the
+//!   dead engine's blocks survive nor `missed` moves by the jump.
 //! * `seq > next` (a **gap**: messages were lost): when a replay port is configured, the
 //!   missing batches are fetched from the publisher's replay ROUTER socket
 //!   (`tcp://<source host>:<replayPort>`, request `[start_seq]`, replies `[seq, payload]` up
@@ -30,9 +38,13 @@
 //!   numbers are remembered and the batch is applied.
 //! * `seq < next`: a remembered missing number arriving late (reordering) is applied; a number
 //!   already applied from a replay (the live copy arriving late) is dropped; any other
-//!   backward jump means the publisher **restarted** with a fresh sequence: the sink is told
-//!   to [`EventSink::reset`] the source (a restarted engine's cache is empty) and the batch
-//!   is applied.
+//!   backward jump means the publisher **restarted** with a fresh sequence.
+//!
+//! On a restart the sink is told to [`EventSink::reset`] the source (a restarted engine's
+//! cache is empty), the stream starts over from the batch's number and the batch is applied.
+//! Gap accounting is bounded: one gap adds at most `restart_window` to `missed`. At most
+//! [`MAX_STREAMS`] streams are tracked per worker (a sender inventing topics cannot grow
+//! memory without bound).
 //!
 //! ## Robustness
 //!
@@ -52,13 +64,15 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::wire::{EventBatch, WireMessage, decode_batch, encode_seq, parse_replay_reply};
+use crate::zmtp::{DealerSocket, Limits, SubSocket, TransportStats};
 
 /// Missing and replayed sequence numbers remembered per stream (for late arrivals and
 /// duplicates).
 const MISSING_CAP: usize = 1024;
+/// Streams tracked per worker; beyond that an arbitrary one is forgotten.
+pub const MAX_STREAMS: usize = 4096;
 
 /// Errors raised when starting a subscriber.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +105,13 @@ pub struct SubscriberConfig {
     pub reconnect_interval: Duration,
     /// Messages queued per worker before receiving waits. Default 8192.
     pub queue_capacity: usize,
+    /// Transport limits (frame and message sizes, frames per message, handshake timeout,
+    /// connections). Defaults: 16 MiB, 16 MiB, 64, 10 s, 1024.
+    pub limits: Limits,
+    /// A forward sequence jump larger than this is a publisher restart, not a gap (and one
+    /// gap counts at most this many missed batches). Default 10,000 (vLLM's replay buffer:
+    /// a larger gap could not be replayed anyway).
+    pub restart_window: u64,
 }
 
 impl Default for SubscriberConfig {
@@ -102,6 +123,8 @@ impl Default for SubscriberConfig {
             replay_timeout: Duration::from_secs(2),
             reconnect_interval: Duration::from_secs(1),
             queue_capacity: 8192,
+            limits: Limits::default(),
+            restart_window: 10_000,
         }
     }
 }
@@ -121,6 +144,7 @@ pub struct SubscriberStats {
     duplicates: AtomicU64,
     restarts: AtomicU64,
     reconnects: AtomicU64,
+    transport: Arc<TransportStats>,
 }
 
 macro_rules! getters {
@@ -162,6 +186,13 @@ getters!(
     /// Failed attempts to dial a peer.
     reconnects,
 );
+
+impl SubscriberStats {
+    /// Transport errors (connections closed for a protocol violation or a limit, by reason).
+    pub fn transport(&self) -> &Arc<TransportStats> {
+        &self.transport
+    }
+}
 
 fn inc(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -219,14 +250,25 @@ struct Job {
     msg: WireMessage,
 }
 
-/// Per-stream state, keyed by (peer, topic, data-parallel rank).
+/// Per-stream state, keyed by (peer, publisher identity, data-parallel rank).
 type Streams = HashMap<(Option<Arc<str>>, Bytes, Option<i64>), StreamState>;
 
 #[derive(Default)]
 struct StreamState {
+    /// The topic the identity last published under.
+    topic: Bytes,
     next: Option<u64>,
     missing: VecDeque<u64>,
     replayed: VecDeque<u64>,
+}
+
+/// The publisher identity of a topic: its `<host>:<port>` when it names one, else the whole
+/// topic.
+fn identity(topic: &Bytes) -> Bytes {
+    match std::str::from_utf8(topic).ok().and_then(topic_hostport) {
+        Some(hp) => Bytes::copy_from_slice(hp.as_bytes()),
+        None => topic.clone(),
+    }
 }
 
 struct Shared {
@@ -248,7 +290,8 @@ impl Shared {
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         peer.hash(&mut h);
-        msg.topic.hash(&mut h);
+        // By identity, so that a topic change of one publisher is seen by the same worker.
+        identity(&msg.topic).hash(&mut h);
         let w = (h.finish() % self.workers.len() as u64) as usize;
         // A closed worker means we are shutting down.
         let _ = self.workers[w].send(Job { peer, msg }).await;
@@ -353,27 +396,24 @@ impl KvEventSubscriber {
         me.endpoint = Some(format!("tcp://{local}"));
         let shared = me.shared.clone();
         let task = me.runtime.spawn(async move {
-            let mut socket = SubSocket::new();
-            if let Err(e) = socket.subscribe(&shared.cfg.topic_filter).await {
-                tracing::error!(error = %e, "cannot subscribe to KV events");
-                return;
-            }
-            match socket.bind_listener(listener).await {
-                Ok(ep) => tracing::info!(endpoint = %ep, topic_filter = %shared.cfg.topic_filter, "KV-event subscriber bound"),
+            let topics = [shared.cfg.topic_filter.as_bytes()];
+            let mut socket = match SubSocket::from_std_listener(
+                listener,
+                &topics,
+                shared.cfg.limits.clone(),
+                shared.stats.transport.clone(),
+            ) {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot listen for KV events");
                     return;
                 }
-            }
-            loop {
-                match socket.recv().await {
-                    Ok(m) => shared.dispatch(None, m.into_vec()).await,
-                    Err(e) => {
-                        // One publisher's connection failed; the socket stays bound.
-                        tracing::debug!(error = %e, "KV-event publisher connection error");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
+            };
+            tracing::info!(endpoint = %local, topic_filter = %shared.cfg.topic_filter, "KV-event subscriber bound");
+            // One publisher's connection failing (or breaking the protocol) closes only that
+            // connection; the socket stays bound and keeps receiving from the others.
+            while let Ok(frames) = socket.recv().await {
+                shared.dispatch(None, frames).await;
             }
         });
         me.tasks.push(task);
@@ -443,37 +483,31 @@ impl Drop for KvEventSubscriber {
 
 async fn run_peer(shared: Arc<Shared>, peer: Arc<str>, endpoint: String) {
     loop {
-        let mut options = SocketOptions::default();
-        options.connect_timeout(
-            shared
-                .cfg
-                .reconnect_interval
-                .max(Duration::from_millis(100)),
-        );
-        let mut socket = SubSocket::with_options(options);
-        if let Err(e) = socket.subscribe(&shared.cfg.topic_filter).await {
-            tracing::error!(error = %e, "cannot subscribe to KV events");
-            return;
-        }
-        match socket.connect(&endpoint).await {
-            Ok(()) => tracing::info!(peer = %peer, %endpoint, "KV-event subscriber connected"),
-            Err(e) => {
-                inc(&shared.stats.reconnects, 1);
-                tracing::debug!(peer = %peer, %endpoint, error = %e, "cannot dial KV-event publisher yet");
-                tokio::time::sleep(shared.cfg.reconnect_interval).await;
-                continue;
-            }
-        }
-        loop {
-            match socket.recv().await {
-                Ok(m) => shared.dispatch(Some(peer.clone()), m.into_vec()).await,
-                Err(e) => {
-                    tracing::info!(peer = %peer, %endpoint, error = %e, "KV-event publisher connection lost; re-dialling");
-                    break;
+        let topics = [shared.cfg.topic_filter.as_bytes()];
+        match SubSocket::connect(
+            &endpoint,
+            &topics,
+            shared.cfg.limits.clone(),
+            shared.stats.transport.clone(),
+        )
+        .await
+        {
+            Ok(mut socket) => {
+                tracing::info!(peer = %peer, %endpoint, "KV-event subscriber connected");
+                loop {
+                    match socket.recv().await {
+                        Ok(frames) => shared.dispatch(Some(peer.clone()), frames).await,
+                        Err(e) => {
+                            tracing::info!(peer = %peer, %endpoint, error = %e, "KV-event publisher connection lost; re-dialling");
+                            break;
+                        }
+                    }
                 }
             }
+            Err(e) => {
+                tracing::debug!(peer = %peer, %endpoint, error = %e, "cannot dial KV-event publisher yet");
+            }
         }
-        drop(socket);
         inc(&shared.stats.reconnects, 1);
         tokio::time::sleep(shared.cfg.reconnect_interval).await;
     }
@@ -510,14 +544,32 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
         peer: peer.as_deref(),
         data_parallel_rank: batch.data_parallel_rank,
     };
-    let key = (peer.clone(), msg.topic.clone(), batch.data_parallel_rank);
+    let key = (peer.clone(), identity(&msg.topic), batch.data_parallel_rank);
+    if streams.len() >= MAX_STREAMS
+        && !streams.contains_key(&key)
+        && let Some(k) = streams.keys().next().cloned()
+    {
+        streams.remove(&k);
+    }
     let st = streams.entry(key).or_default();
     let seq = msg.seq;
     let Some(next) = st.next else {
+        st.topic = msg.topic.clone();
         st.next = Some(seq.wrapping_add(1));
         apply(shared, &source, &batch);
         return;
     };
+    if st.topic != msg.topic {
+        let old = String::from_utf8_lossy(&st.topic).into_owned();
+        let old_source = Source {
+            topic: &old,
+            ..source
+        };
+        restart(shared, st, &old_source, seq, next, "topic changed");
+        st.topic = msg.topic.clone();
+        apply(shared, &source, &batch);
+        return;
+    }
     if seq == next {
         st.next = Some(seq.wrapping_add(1));
         apply(shared, &source, &batch);
@@ -531,23 +583,24 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
         } else if st.replayed.contains(&seq) {
             inc(&shared.stats.duplicates, 1);
         } else {
-            inc(&shared.stats.restarts, 1);
-            tracing::info!(
-                topic,
-                peer = peer.as_deref().unwrap_or("-"),
-                seq,
-                expected = next,
-                "KV-event publisher restarted; resetting its state"
-            );
-            st.missing.clear();
-            st.replayed.clear();
-            st.next = Some(seq.wrapping_add(1));
-            shared.sink.reset(&source);
+            restart(shared, st, &source, seq, next, "sequence went back");
             apply(shared, &source, &batch);
         }
         return;
     }
-    // A gap: seq > next.
+    if seq - next > shared.cfg.restart_window {
+        restart(
+            shared,
+            st,
+            &source,
+            seq,
+            next,
+            "sequence jumped beyond the restart window",
+        );
+        apply(shared, &source, &batch);
+        return;
+    }
+    // A gap: next < seq ≤ next + restart_window.
     inc(&shared.stats.gaps, 1);
     let mut from = next;
     let host = peer_host(peer.as_deref(), topic);
@@ -604,6 +657,35 @@ async fn process(shared: &Shared, streams: &mut Streams, job: Job) {
     apply(shared, &source, &batch);
 }
 
+/// The stream's publisher restarted: the sink forgets what it reported (`source`), and the
+/// stream starts over at `seq`.
+fn restart(
+    shared: &Shared,
+    st: &mut StreamState,
+    source: &Source<'_>,
+    seq: u64,
+    expected: u64,
+    why: &'static str,
+) {
+    let n = shared.stats.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+    // Log the first ones, then one in a thousand: a forging sender must not flood logs.
+    if n <= 16 || n.is_multiple_of(1000) {
+        tracing::info!(
+            topic = source.topic,
+            peer = source.peer.unwrap_or("-"),
+            seq,
+            expected,
+            why,
+            restarts_total = n,
+            "KV-event publisher restarted; resetting its state"
+        );
+    }
+    st.missing.clear();
+    st.replayed.clear();
+    st.next = Some(seq.wrapping_add(1));
+    shared.sink.reset(source);
+}
+
 /// Remembers the missing numbers `from..to` (only the last [`MISSING_CAP`] of a huge gap).
 fn remember_range(st: &mut StreamState, from: u64, to: u64) {
     for seq in from.max(to.saturating_sub(MISSING_CAP as u64))..to {
@@ -623,27 +705,39 @@ fn peer_host(peer: Option<&str>, topic: &str) -> Option<String> {
     topic_host(topic).map(str::to_string)
 }
 
+/// Most batches one replay may return (vLLM buffers 10,000).
+const MAX_REPLAY_BATCHES: usize = 100_000;
+/// Most payload bytes one replay may return.
+const MAX_REPLAY_BYTES: usize = 512 << 20;
+
 /// Asks a replay ROUTER for every buffered batch from `start`; returns `(seq, payload)` pairs
-/// up to (not including) the end marker.
+/// up to (not including) the end marker. A replier sending more than 100,000 batches or
+/// 512 MiB is cut off with an error.
 pub async fn fetch_replay(endpoint: &str, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
-    let mut dealer = DealerSocket::new();
-    dealer.connect(endpoint).await.map_err(|e| e.to_string())?;
-    let req = ZmqMessage::try_from(vec![
-        Bytes::new(),
-        Bytes::copy_from_slice(&encode_seq(start)),
-    ])
-    .map_err(|e| format!("{e:?}"))?;
-    dealer.send(req).await.map_err(|e| e.to_string())?;
+    let stats = Arc::new(TransportStats::default());
+    let mut dealer = DealerSocket::connect(endpoint, Limits::default(), stats)
+        .await
+        .map_err(|e| e.to_string())?;
+    dealer
+        .send(&[Bytes::new(), Bytes::copy_from_slice(&encode_seq(start))])
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     loop {
         let reply = dealer.recv().await.map_err(|e| e.to_string())?;
-        let (seq, payload) = parse_replay_reply(&reply.into_vec()).map_err(|e| e.to_string())?;
+        let (seq, payload) = parse_replay_reply(&reply).map_err(|e| e.to_string())?;
         if seq == crate::wire::REPLAY_END_SEQ && payload.is_empty() {
             break;
         }
+        bytes += payload.len();
+        if out.len() >= MAX_REPLAY_BATCHES || bytes > MAX_REPLAY_BYTES {
+            return Err(format!(
+                "replay larger than {MAX_REPLAY_BATCHES} batches or {MAX_REPLAY_BYTES} bytes"
+            ));
+        }
         out.push((seq, payload));
     }
-    let _ = dealer.close().await;
     Ok(out)
 }
 

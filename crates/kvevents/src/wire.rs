@@ -40,6 +40,12 @@ pub const REPLAY_END_SEQ: u64 = u64::MAX;
 /// Maximum msgpack nesting accepted by the decoder (vLLM's payloads nest 5 levels deep).
 const MAX_DEPTH: usize = 32;
 
+/// Most msgpack values one payload may hold. Decoding builds a tree of about 32 bytes per
+/// value, so without a cap a 16 MiB payload of one-byte values would take ~512 MiB. vLLM's
+/// largest steps hold a few hundred thousand (one per token id); payloads of at most this
+/// many bytes cannot exceed it and are not scanned.
+pub const MAX_VALUES: usize = 1 << 20;
+
 /// Errors raised while decoding a payload or a multipart message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WireError {
@@ -554,7 +560,13 @@ impl Writer<'_> {
 }
 
 /// Decodes one msgpack payload into an [`EventBatch`].
+///
+/// Payloads of more than [`MAX_VALUES`] bytes are first scanned (without allocating) and
+/// rejected if they hold more than [`MAX_VALUES`] values.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, WireError> {
+    if payload.len() > MAX_VALUES {
+        check_value_count(payload, MAX_VALUES)?;
+    }
     let mut rd = payload;
     let value = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH)
         .map_err(|e| WireError::Msgpack(e.to_string()))?;
@@ -562,6 +574,68 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, WireError> {
         return Err(WireError::TrailingBytes(rd.len()));
     }
     batch_from_value(&value)
+}
+
+/// Counts the msgpack values in `bytes` (containers count their elements too) without
+/// allocating; fails once there are more than `cap`. Malformed or truncated input stops the
+/// count early (the decoder reports it).
+fn check_value_count(bytes: &[u8], cap: usize) -> Result<(), WireError> {
+    let be = |at: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(at..at + n)?;
+        Some(b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+    };
+    let mut pending: u64 = 1;
+    let mut values: usize = 0;
+    let mut pos: usize = 0;
+    while pending > 0 {
+        let Some(&m) = bytes.get(pos) else {
+            return Ok(());
+        };
+        pending -= 1;
+        values += 1;
+        if values > cap {
+            return Err(WireError::Msgpack(format!(
+                "payload holds more than {cap} values"
+            )));
+        }
+        pos += 1;
+        // (extra elements to read, bytes to skip)
+        let (elements, skip): (u64, Option<u64>) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, Some(0)),
+            0x80..=0x8f => (2 * u64::from(m & 0x0f), Some(0)),
+            0x90..=0x9f => (u64::from(m & 0x0f), Some(0)),
+            0xa0..=0xbf => (0, Some(u64::from(m & 0x1f))),
+            0xc4 | 0xd9 => (0, be(pos, 1).map(|l| 1 + l)),
+            0xc5 | 0xda => (0, be(pos, 2).map(|l| 2 + l)),
+            0xc6 | 0xdb => (0, be(pos, 4).map(|l| 4 + l)),
+            0xc7 => (0, be(pos, 1).map(|l| 2 + l)),
+            0xc8 => (0, be(pos, 2).map(|l| 3 + l)),
+            0xc9 => (0, be(pos, 4).map(|l| 5 + l)),
+            0xca => (0, Some(4)),
+            0xcb => (0, Some(8)),
+            0xcc | 0xd0 => (0, Some(1)),
+            0xcd | 0xd1 => (0, Some(2)),
+            0xce | 0xd2 => (0, Some(4)),
+            0xcf | 0xd3 => (0, Some(8)),
+            0xd4 => (0, Some(2)),
+            0xd5 => (0, Some(3)),
+            0xd6 => (0, Some(5)),
+            0xd7 => (0, Some(9)),
+            0xd8 => (0, Some(17)),
+            0xdc => (be(pos, 2).unwrap_or(0), Some(2)),
+            0xdd => (be(pos, 4).unwrap_or(0), Some(4)),
+            0xde => (2 * be(pos, 2).unwrap_or(0), Some(2)),
+            0xdf => (2 * be(pos, 4).unwrap_or(0), Some(4)),
+            // 0xc1 (never used): the decoder rejects it.
+            _ => return Ok(()),
+        };
+        let Some(skip) = skip.and_then(|k| usize::try_from(k).ok()) else {
+            return Ok(());
+        };
+        pos = pos.saturating_add(skip);
+        pending += elements;
+    }
+    Ok(())
 }
 
 fn batch_from_value(value: &Value) -> Result<EventBatch, WireError> {
@@ -1092,6 +1166,51 @@ mod tests {
         let bytes = encode_batch(&sample(), EncodeOptions::default());
         for n in 0..bytes.len() {
             assert!(decode_batch(&bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn payloads_with_too_many_values_are_rejected_before_decoding() {
+        // An array announcing 2^32-1 elements followed by MAX_VALUES + 1 nils (~1 MiB): it
+        // would decode to ~32 MiB of values; rejected by the scan instead.
+        let mut bytes = vec![0xdd, 0xff, 0xff, 0xff, 0xff];
+        bytes.resize(5 + MAX_VALUES + 1, 0xc0);
+        match decode_batch(&bytes) {
+            Err(WireError::Msgpack(m)) => assert!(m.contains("more than"), "{m}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The count follows msgpack's structure: a large payload of few values passes it
+        // (one big bin value: 2 values), and then fails only as a non-batch.
+        let mut big = vec![0x92, 0xcb];
+        big.extend_from_slice(&1.0f64.to_be_bytes());
+        big.push(0xc6);
+        big.extend_from_slice(&((MAX_VALUES as u32) + 10).to_be_bytes());
+        big.resize(big.len() + MAX_VALUES + 10, 0);
+        assert!(check_value_count(&big, 10).is_ok());
+        assert!(matches!(decode_batch(&big), Err(WireError::Batch(_))));
+        // Counting agrees with real payloads.
+        let payload = encode_batch(&sample(), EncodeOptions::default());
+        let n = {
+            let mut cap = 0;
+            while check_value_count(&payload, cap).is_err() {
+                cap += 1;
+            }
+            cap
+        };
+        // [ts, [ev1, ev2, ev3], rank]: 1 + 1 + 1 + (1 + 8 + 3 hashes + 48 tokens)
+        // + (1 + 1 + 2 + 1) + (1 + 1) + 1 values.
+        assert_eq!(n, 1 + 1 + 1 + (1 + 8 + 3 + 48) + (1 + 3 + 2) + (1 + 1) + 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn value_count_never_panics_and_bounds_by_length(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            cap in 0usize..64,
+        ) {
+            let _ = check_value_count(&bytes, cap);
+            // Every value takes at least one byte.
+            proptest::prop_assert!(check_value_count(&bytes, bytes.len()).is_ok());
         }
     }
 

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use llmsched_kvevents::wire::{encode_seq, parse_replay_reply};
+use llmsched_kvevents::zmtp::{DealerSocket, Limits, SubSocket, TransportStats};
 use llmsched_kvevents::{
     BlockRemoved, BlockStored, ConnectMode, EncodeOptions, EventBatch, KvEvent, KvEventPublisher,
     Layout, PublisherConfig, WireMessage,
 };
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use std::sync::Arc;
 
 fn batch(i: u64) -> EventBatch {
     EventBatch {
@@ -38,7 +39,6 @@ async fn recv_frames(sub: &mut SubSocket) -> Vec<Bytes> {
         .await
         .expect("timed out waiting for a KV-event message")
         .expect("recv failed")
-        .into_vec()
 }
 
 /// Publishes batches until the subscriber (which may still be joining) sees one.
@@ -46,7 +46,7 @@ async fn first_message(publisher: &KvEventPublisher, sub: &mut SubSocket) -> Wir
     for i in 0..200 {
         publisher.publish(batch(i));
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(50), sub.recv()).await {
-            return WireMessage::from_frames(&m.into_vec()).expect("valid message");
+            return WireMessage::from_frames(&m).expect("valid message");
         }
     }
     panic!("subscriber never received a message");
@@ -69,9 +69,14 @@ async fn sub_receives_topic_seq_and_decodable_payloads() {
             publisher.endpoint()
         );
 
-        let mut sub = SubSocket::new();
-        sub.connect(publisher.endpoint()).await.unwrap();
-        sub.subscribe("kv@").await.unwrap();
+        let mut sub = SubSocket::connect(
+            publisher.endpoint(),
+            &[b"kv@"],
+            Limits::default(),
+            Arc::new(TransportStats::default()),
+        )
+        .await
+        .unwrap();
 
         let first = first_message(&publisher, &mut sub).await;
         assert_eq!(&first.topic[..], b"kv@127.0.0.1:8000@Qwen/Qwen3-32B");
@@ -120,22 +125,24 @@ async fn replay_returns_buffered_batches_then_the_end_marker() {
     }
     assert_eq!(publisher.stats().published(), 6);
 
-    let mut dealer = DealerSocket::new();
+    let mut dealer = DealerSocket::connect(
+        publisher.replay_endpoint().unwrap(),
+        Limits::default(),
+        Arc::new(TransportStats::default()),
+    )
+    .await
+    .unwrap();
+    // Sequences 1..=6 were published; the buffer keeps the last 4 (3..=6). Ask from 4.
     dealer
-        .connect(publisher.replay_endpoint().unwrap())
+        .send(&[Bytes::new(), Bytes::copy_from_slice(&encode_seq(4))])
         .await
         .unwrap();
-    // Sequences 1..=6 were published; the buffer keeps the last 4 (3..=6). Ask from 4.
-    let req =
-        ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&encode_seq(4))]).unwrap();
-    dealer.send(req).await.unwrap();
     let mut got = Vec::new();
     loop {
         let frames = tokio::time::timeout(Duration::from_secs(10), dealer.recv())
             .await
             .expect("replay timed out")
-            .unwrap()
-            .into_vec();
+            .unwrap();
         let (seq, payload) = parse_replay_reply(&frames).unwrap();
         if seq == u64::MAX {
             assert!(payload.is_empty());
@@ -152,9 +159,15 @@ async fn replay_returns_buffered_batches_then_the_end_marker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_mode_dials_a_binding_subscriber() {
-    let mut sub = SubSocket::new();
-    let ep = sub.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
-    sub.subscribe("").await.unwrap();
+    let mut sub = SubSocket::bind(
+        "tcp://127.0.0.1:0",
+        &[b""],
+        Limits::default(),
+        Arc::new(TransportStats::default()),
+    )
+    .await
+    .unwrap();
+    let ep = sub.endpoint().unwrap();
     let mut cfg = PublisherConfig::new(ep);
     cfg.topic = "kv@x@m".into();
     let publisher = KvEventPublisher::start(cfg).await.unwrap();

@@ -37,10 +37,27 @@
 //! left is removed. `AllBlocksCleared` and an endpoint leaving remove the endpoint everywhere
 //! ([`PreciseIndex::clear_endpoint`]).
 //!
-//! **Speculative** holders ([`PreciseIndex::add_speculative`]) are written at routing time for
-//! the chosen endpoint and expire after a TTL; until then they count with weight 1.0, bridging
-//! the time between the routing decision and the engine's confirming `BlockStored` (which
-//! turns the holder into a confirmed one). Expired holders are ignored by lookups at once and
+//! **Speculative** holders are written at routing time for the chosen endpoint and count with
+//! weight 1.0, bridging the time between the routing decision and the engine's events. Their
+//! life is tied to the request ([`PreciseIndex::begin_speculative`] at dispatch,
+//! [`PreciseIndex::end_speculative`] once the engine has prefilled the request — its first
+//! token — or the request ended):
+//!
+//! * while at least one request routed to the endpoint with that key is still **pending**
+//!   (waiting in the engine's queue or being prefilled), the holder counts, however long the
+//!   wait: the engine will compute those blocks when it schedules the request. A
+//!   `BlockStored` confirms the holder (it is then a confirmed one too); a `BlockRemoved`
+//!   clears the confirmed tier at once but leaves the pending speculation (the queued request
+//!   will recompute the block);
+//! * when the last pending request of the key ends, a confirmed holder is simply confirmed,
+//!   and an unconfirmed one gets a **grace** period (the reference's `speculativeTTL`) for
+//!   the confirming event to arrive, then expires; a `BlockRemoved` after that drops it at
+//!   once;
+//! * a safety lifetime (`max_life` of `begin_speculative`) bounds a pending holder whose end
+//!   is never reported.
+//!
+//! [`PreciseIndex::add_speculative`] is the older, time-only form (the holder expires after a
+//! TTL counted from the routing decision). Expired holders are ignored by lookups at once and
 //! removed by [`PreciseIndex::sweep_expired`] (also run on every speculative write).
 //!
 //! ## Lookup
@@ -379,6 +396,8 @@ struct Shard {
     /// (expiry in ticks since the index's epoch, key, endpoint) of speculative writes,
     /// earliest first.
     spec_queue: BinaryHeap<Reverse<(u64, u64, EndpointKey)>>,
+    /// Pending requests per (key, endpoint) (see the module docs).
+    pending: FastMap<(u64, EndpointKey), u32>,
 }
 
 impl Shard {
@@ -394,6 +413,7 @@ impl Shard {
             entries: 0,
             clock: 0,
             spec_queue: BinaryHeap::new(),
+            pending: FastMap::new(),
         }
     }
 
@@ -504,6 +524,10 @@ impl Shard {
                                     h.set_expiry(expiry);
                                 }
                             }
+                        } else if h.tiers & SPEC != 0 && self.pending.contains_key(&(key, ep)) {
+                            // Confirmed while requests are pending: keep their speculation
+                            // (and its expiry) until they end.
+                            h.tiers = (h.tiers & (CONFIRMED | SPEC)) | bits;
                         } else {
                             h.tiers = (h.tiers & CONFIRMED) | bits;
                             h.set_expiry(clock);
@@ -590,6 +614,63 @@ impl Shard {
         false
     }
 
+    /// One more pending request of `ep` with `key`: the holder is (also) speculative until
+    /// at least `expiry`.
+    fn begin_pending(&mut self, key: u64, ep: EndpointKey, expiry: u32, max_holders: usize) {
+        *self.pending.entry((key, ep)).or_insert(0) += 1;
+        if let Some((holders, node)) = self.table.get_mut(key)
+            && let Ok(i) = holders.binary_search_by_key(&ep, |h| h.ep)
+        {
+            let h = &mut holders[i];
+            if h.tiers & SPEC == 0 || tick_before(h.expiry(), expiry) {
+                h.set_expiry(expiry);
+            }
+            h.tiers |= SPEC;
+            self.touch(node);
+            return;
+        }
+        self.upsert(key, ep, SPEC, expiry, max_holders);
+    }
+
+    /// A pending request of `ep` with `key` ended. When it was the last one, a confirmed
+    /// holder drops its speculation and an unconfirmed one expires at `grace_until` (pushed
+    /// on the sweep queue). Returns whether it was the last one.
+    fn end_pending(&mut self, key: u64, ep: EndpointKey, grace_until: u64) -> bool {
+        match self.pending.get_mut(&(key, ep)) {
+            None => return false,
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return false;
+            }
+            Some(_) => {
+                self.pending.remove(&(key, ep));
+            }
+        }
+        self.clock = self.clock.wrapping_add(1) & TICK_MASK;
+        let clock = self.clock;
+        let Some((holders, _)) = self.table.get_mut(key) else {
+            return true;
+        };
+        let Ok(i) = holders.binary_search_by_key(&ep, |h| h.ep) else {
+            return true;
+        };
+        let h = &mut holders[i];
+        if h.tiers & SPEC == 0 {
+            return true;
+        }
+        if h.tiers & CONFIRMED != 0 {
+            h.tiers &= !SPEC;
+            h.set_expiry(clock);
+            return true;
+        }
+        let grace = (grace_until as u32) & TICK_MASK;
+        if tick_before(grace, h.expiry()) {
+            h.set_expiry(grace);
+        }
+        self.spec_queue.push(Reverse((grace_until, key, ep)));
+        true
+    }
+
     fn remove_endpoint(&mut self, ep: EndpointKey) -> usize {
         let mut removed = 0;
         let mut empty: Vec<(u64, u32)> = Vec::new();
@@ -620,6 +701,7 @@ impl Shard {
             self.release_node(node);
         }
         self.spec_queue.retain(|Reverse((_, _, e))| *e != ep);
+        self.pending.retain(|(_, e), _| *e != ep);
         removed
     }
 
@@ -649,6 +731,7 @@ impl Shard {
             + self.nodes.capacity() * size_of::<Node>()
             + self.spilled * size_of::<Holder>()
             + self.spec_queue.capacity() * size_of::<(u64, u64, EndpointKey)>()
+            + self.pending.capacity() * (size_of::<((u64, EndpointKey), u32)>() + 1)
     }
 }
 
@@ -921,6 +1004,47 @@ impl PreciseIndex {
             s.spec_queue.push(Reverse((until, k, ep)));
         }
         self.maybe_sweep((now as u32) & TICK_MASK);
+    }
+
+    /// Ticks of a duration (at least 1, at most a quarter of the tick circle).
+    fn ticks(d: Duration) -> u64 {
+        (u64::try_from(d.as_millis()).unwrap_or(u64::MAX) / TICK_MS)
+            .clamp(1, u64::from(TICK_MASK >> 2))
+    }
+
+    /// A request routed to `ep` with `keys` is pending there (see the module docs): `ep`
+    /// counts as holding `keys` until [`Self::end_speculative`] is called for the request, or
+    /// at most `max_life`. Each call must be matched by one `end_speculative` with the same
+    /// keys.
+    pub fn begin_speculative(&self, ep: EndpointKey, keys: &[u64], max_life: Duration) {
+        let now = self.now_ticks();
+        let expiry = ((now + Self::ticks(max_life)) as u32) & TICK_MASK;
+        for &k in keys {
+            self.shard(k)
+                .write()
+                .begin_pending(k, ep, expiry, self.cfg.max_holders_per_key);
+        }
+        self.maybe_sweep((now as u32) & TICK_MASK);
+    }
+
+    /// The request begun with [`Self::begin_speculative`] was prefilled (or ended): its
+    /// speculation on `ep` ends; keys no other pending request holds stay speculative for at
+    /// most `grace` unless an event confirmed them (confirmed ones stay, as confirmed).
+    /// Returns how many keys had no pending request left.
+    pub fn end_speculative(&self, ep: EndpointKey, keys: &[u64], grace: Duration) -> usize {
+        let now = self.now_ticks();
+        let until = now + Self::ticks(grace);
+        let mut last = 0;
+        for &k in keys {
+            last += usize::from(self.shard(k).write().end_pending(k, ep, until));
+        }
+        self.maybe_sweep((now as u32) & TICK_MASK);
+        last
+    }
+
+    /// `(key, endpoint)` pairs with pending requests (for tests and metrics).
+    pub fn pending_entries(&self) -> usize {
+        self.shards.iter().map(|s| s.read().pending.len()).sum()
     }
 
     /// Sweeps expired speculation at most every 32 ticks (256 ms).
@@ -1366,6 +1490,86 @@ mod tests {
         assert_eq!(lookup(&idx, &keys), vec![(5, 2, 2.0)]);
         assert_eq!(idx.block_removed(5, &eh, None), 2);
         assert!(lookup(&idx, &keys).is_empty());
+    }
+
+    /// Polls until `f` holds (speculation expiry runs on the wall clock).
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn request_speculation_lives_until_the_request_ends_then_for_the_grace() {
+        let idx = index();
+        let t = tokens(8, 0);
+        let keys = prompt_keys(&idx, &t);
+        // Added at dispatch: counts for as long as the request is pending (no TTL clock).
+        idx.begin_speculative(5, &keys, Duration::from_secs(3600));
+        assert_eq!(lookup(&idx, &keys), vec![(5, 2, 2.0)]);
+        assert_eq!(idx.pending_entries(), 2);
+        // A follower on the same endpoint: the first one's end leaves its entries.
+        idx.begin_speculative(5, &keys, Duration::from_secs(3600));
+        assert_eq!(idx.end_speculative(5, &keys, Duration::from_millis(1)), 0);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(idx.sweep_expired(), 0);
+        assert_eq!(lookup(&idx, &keys), vec![(5, 2, 2.0)]);
+        // The last one ends without a confirming event: the entries expire after the grace.
+        assert_eq!(idx.end_speculative(5, &keys, Duration::from_millis(1)), 2);
+        until("unconfirmed speculation expires after its grace", || {
+            lookup(&idx, &keys).is_empty()
+        });
+        assert_eq!(idx.sweep_expired(), 2);
+        assert_eq!((idx.stats().entries, idx.pending_entries()), (0, 0));
+        // An end with no pending request (e.g. after the endpoint was cleared) is harmless.
+        assert_eq!(idx.end_speculative(5, &keys, Duration::from_millis(1)), 0);
+    }
+
+    #[test]
+    fn request_speculation_is_confirmed_by_stores_and_dropped_by_removals_once_ended() {
+        let idx = index();
+        let t = tokens(8, 0);
+        let keys = prompt_keys(&idx, &t);
+        let eh = engine_hashes(2, 1);
+        idx.begin_speculative(5, &keys, Duration::from_secs(3600));
+        // Confirmed by the engine's BlockStored while the request is pending.
+        idx.block_stored(5, &stored(&eh, None, &t, None));
+        assert_eq!(lookup(&idx, &keys), vec![(5, 2, 2.0)]);
+        // Ended (first token): confirmed entries stay however long the grace is…
+        assert_eq!(idx.end_speculative(5, &keys, Duration::from_secs(3600)), 2);
+        assert_eq!(lookup(&idx, &keys), vec![(5, 2, 2.0)]);
+        // …and a BlockRemoved drops them at once.
+        assert_eq!(idx.block_removed(5, &eh, None), 2);
+        assert!(lookup(&idx, &keys).is_empty());
+        assert_eq!(idx.stats().entries, 0);
+
+        // Evicted while the request still waits in the engine's queue: the engine will
+        // recompute the blocks for it, so its entries stay until it ends.
+        idx.block_stored(6, &stored(&eh, None, &t, None));
+        idx.begin_speculative(6, &keys, Duration::from_secs(3600));
+        assert_eq!(idx.block_removed(6, &eh, None), 2);
+        assert_eq!(lookup(&idx, &keys), vec![(6, 2, 2.0)]);
+        assert_eq!(idx.end_speculative(6, &keys, Duration::from_millis(1)), 2);
+        until("the evicted entries expire after the grace", || {
+            lookup(&idx, &keys).is_empty()
+        });
+
+        // The safety lifetime bounds a request whose end never comes.
+        idx.begin_speculative(7, &keys, Duration::from_millis(1));
+        until("a pending entry expires at its maximum lifetime", || {
+            lookup(&idx, &keys).is_empty()
+        });
+        // An endpoint that is cleared forgets its pending requests too.
+        idx.begin_speculative(8, &keys, Duration::from_secs(3600));
+        idx.clear_endpoint(8);
+        assert!(lookup(&idx, &keys).is_empty());
+        assert_eq!(
+            idx.pending_entries(),
+            2,
+            "only the two keys of endpoint 7's never-ended request"
+        );
     }
 
     #[test]

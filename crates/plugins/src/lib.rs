@@ -182,6 +182,84 @@ mod tests {
         }
     }
 
+    /// The shipped precise configuration under a burst, with no KV events yet (the engines
+    /// have not scheduled anything): cold prefixes spread over the endpoints, and the
+    /// followers of a new prefix follow its first request (its speculative entries) instead
+    /// of copying the prefix onto every endpoint.
+    #[test]
+    fn the_shipped_precise_config_spreads_cold_bursts_and_keeps_followers_together() {
+        use bytes::Bytes;
+        use llmsched_core::cycle::CycleState;
+        use llmsched_core::plugin::{Candidate, ParseOutcome};
+        use llmsched_core::request::{Headers, InferenceRequest};
+        use llmsched_tokenizer::SimTokenizer;
+
+        let text = include_str!("../../../config/epp/precise-prefix-cache.yaml");
+        let c = load(
+            text,
+            ConfigSource::Text,
+            &default_registry(),
+            &PluginHandle::default(),
+        )
+        .unwrap();
+        let eps: Vec<_> = (1..=4)
+            .map(|i| common::testutil::ep_with(i, &[], common::testutil::load(0, 0, 0.1)))
+            .collect();
+        let cands: Vec<Candidate<'_>> = eps.iter().collect();
+        let headers: Headers = [(":path", "/v1/completions")].into_iter().collect();
+        let words = |seed: u32, n: u32| {
+            let t = SimTokenizer::default();
+            let mut s = String::new();
+            for i in 0..n {
+                s.push(' ');
+                t.write_word(seed * 7919 + i, &mut s);
+            }
+            s
+        };
+        let mut n = 0;
+        let mut route = |prompt: String| {
+            let body = Bytes::from(
+                serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt})).unwrap(),
+            );
+            let ParseOutcome::Parsed(parsed) = c.parser.parse_request(body, &headers).unwrap()
+            else {
+                panic!("skipped")
+            };
+            n += 1;
+            let req = InferenceRequest::new(format!("r{n}"), headers.clone(), Some(parsed));
+            let mut cycle = CycleState::new();
+            for (p, _) in &c.data_producers {
+                p.produce(&req, &mut cycle, &cands);
+            }
+            let result = c.scheduler.schedule(&req, &cycle, &cands).unwrap();
+            for (p, _) in &c.pre_request {
+                p.pre_request(&req, &cycle, &result, &mut Vec::new());
+                p.after_dispatch(&req, &cycle, &result);
+            }
+            // In flight until the end of the test (the engines are busy with the burst).
+            let target = result.targets()[0].clone();
+            target.dispatch(0);
+            target.id().0
+        };
+        // A burst of 8 new, different prefixes: two per endpoint.
+        let mut per = [0; 5];
+        for g in 0..8 {
+            per[route(format!("{}{}", words(100 + g, 400), words(900 + g, 20))) as usize] += 1;
+        }
+        assert_eq!(&per[1..], &[2, 2, 2, 2], "cold prefixes spread evenly");
+        // A burst of 6 requests sharing a new prefix (different questions): all follow the
+        // first one, though it is still queued and nothing was reported yet.
+        let prefix = words(7, 400);
+        let first = route(format!("{prefix}{}", words(50, 20)));
+        for q in 0..5 {
+            assert_eq!(
+                route(format!("{prefix}{}", words(51 + q, 20))),
+                first,
+                "follower {q}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_and_unsupported_types_are_distinguished() {
         let r = default_registry();

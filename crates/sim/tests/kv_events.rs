@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{client, fast, post, words};
+use llmsched_kvevents::zmtp::{DealerSocket, Limits, SubSocket, TransportStats};
 use llmsched_kvevents::{ConnectMode, EncodeOptions, Layout};
 use llmsched_sim::{ClusterConfig, KvEventsConfig, SimCluster};
 use rmpv::Value;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Ev {
@@ -98,21 +98,22 @@ fn decode(payload: &[u8], layout: Layout) -> Vec<Ev> {
 
 /// Every buffered batch, from the replay socket: (seq, payload).
 async fn replay(endpoint: &str) -> Vec<(u64, Bytes)> {
-    let mut d = DealerSocket::new();
-    d.connect(endpoint).await.unwrap();
-    let req = ZmqMessage::try_from(vec![
-        Bytes::new(),
-        Bytes::copy_from_slice(&0u64.to_be_bytes()),
-    ])
+    let mut d = DealerSocket::connect(
+        endpoint,
+        Limits::default(),
+        std::sync::Arc::new(TransportStats::default()),
+    )
+    .await
     .unwrap();
-    d.send(req).await.unwrap();
+    d.send(&[Bytes::new(), Bytes::copy_from_slice(&0u64.to_be_bytes())])
+        .await
+        .unwrap();
     let mut out = Vec::new();
     loop {
         let f = tokio::time::timeout(Duration::from_secs(10), d.recv())
             .await
             .expect("replay timed out")
-            .unwrap()
-            .into_vec();
+            .unwrap();
         assert_eq!(f.len(), 3, "[empty, seq, payload]");
         let seq = u64::from_be_bytes(f[1][..].try_into().unwrap());
         if seq == u64::MAX {
@@ -144,9 +145,14 @@ async fn run(layout: Layout) {
         r.kv_events_topic().unwrap(),
         format!("kv@127.0.0.1:{}@Qwen/Qwen3-32B", addr.port())
     );
-    let mut sub = SubSocket::new();
-    sub.connect(r.kv_events_endpoint().unwrap()).await.unwrap();
-    sub.subscribe("kv@").await.unwrap();
+    let mut sub = SubSocket::connect(
+        r.kv_events_endpoint().unwrap(),
+        &[b"kv@"],
+        Limits::default(),
+        std::sync::Arc::new(TransportStats::default()),
+    )
+    .await
+    .unwrap();
 
     let c = client();
     let prompt = |i: u32| {
@@ -228,8 +234,7 @@ async fn run(layout: Layout) {
 
     // What the SUB socket received is byte-identical to the replayed batches.
     let mut received = 0;
-    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
-        let f = m.into_vec();
+    while let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
         assert_eq!(f.len(), 3);
         assert_eq!(&f[0][..], r.kv_events_topic().unwrap().as_bytes());
         let seq = u64::from_be_bytes(f[1][..].try_into().unwrap());

@@ -42,6 +42,7 @@
 //! Chat prompts are hashed from the `messages` JSON exactly as received (the reference
 //! re-serializes them), so only completions prompts hash to the reference's values.
 
+pub mod decisions;
 pub mod hashing;
 
 use std::sync::Arc;
@@ -263,6 +264,11 @@ impl ApproxPrefixCache {
     /// Instance id (the `owner` of the states it produces).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The data layer's current endpoints, when the runtime provides them.
+    pub fn endpoint_set(&self) -> Option<Arc<llmsched_core::endpoint::EndpointSet>> {
+        self.endpoints.as_ref().map(|e| e.snapshot())
     }
 
     /// The settings.

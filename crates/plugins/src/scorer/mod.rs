@@ -7,6 +7,7 @@ pub mod load_aware_scorer;
 pub mod lora_affinity_scorer;
 pub mod no_hit_lru_scorer;
 pub mod precise_prefix_cache_scorer;
+pub mod prefill_load_scorer;
 pub mod prefix_cache_scorer;
 pub mod queue_scorer;
 pub mod running_requests_size_scorer;
@@ -21,6 +22,7 @@ pub use load_aware_scorer::LoadAwareScorer;
 pub use lora_affinity_scorer::LoraAffinityScorer;
 pub use no_hit_lru_scorer::NoHitLruScorer;
 pub use precise_prefix_cache_scorer::{PreciseMetrics, PreciseScorer};
+pub use prefill_load_scorer::PrefillLoadScorer;
 pub use prefix_cache_scorer::PrefixCacheScorer;
 pub use queue_scorer::QueueScorer;
 pub use running_requests_size_scorer::RunningRequestsSizeScorer;
@@ -52,6 +54,7 @@ pub fn register(r: &mut Registry) {
         precise_prefix_cache_scorer::TYPE,
         precise_prefix_cache_scorer::factory,
     );
+    r.register(prefill_load_scorer::TYPE, prefill_load_scorer::factory);
 }
 
 /// Parameters of plugins that take none: only `{}` or `null` is accepted.

@@ -29,13 +29,28 @@
 //!   `AllBlocksCleared` events received by `llmsched_kvevents::KvEventSubscriber`: engine
 //!   hashes are mapped to request keys as the events arrive (chaining from the parent).
 //!   Events of a topic `kv@<ip>:<port>@<model>` belong to the endpoint `<ip>:<port>` (for a
-//!   data-parallel rank `r > 0`, the endpoint `<ip>:<port + r>` when there is one).
-//! * **Speculation.** After the pick (pre-request hook) the request's keys are recorded for
-//!   the chosen endpoint (and the prefill endpoint, if any) as speculative entries that expire
-//!   after `speculativeTTL`, so a burst of requests sharing a new prefix follows the first one
-//!   before the engine's events confirm it.
+//!   data-parallel rank `r > 0`, the endpoint `<ip>:<port + r>` when there is one): the
+//!   topic names the publisher, whichever socket brought the message. Only when the topic
+//!   names no endpoint of the pool are the events credited to the dialled address
+//!   (`discoverPods`), and then only if exactly one endpoint lives there.
+//! * **Speculation** (`speculativeIndexing`, default on). After the pick (pre-request hook)
+//!   the request's keys are recorded for the chosen endpoint (and the prefill endpoint, if
+//!   any) as speculative entries tied to the request: they count for that endpoint while the
+//!   request waits in the engine's queue and is prefilled — however long that takes —, so
+//!   the requests that share its prefix follow it instead of copying the prefix elsewhere.
+//!   When the request's first token arrives (the engine has computed and reported its blocks)
+//!   or the request ends, the entries end: those an event confirmed stay as confirmed
+//!   entries, the others get `speculativeTTL` (default 2 s) for their confirming event, then
+//!   expire. A `BlockRemoved` applies at once to confirmed entries; while the request is still
+//!   queued its entry stays (the engine will recompute the block). `speculativeMaxLifetime`
+//!   (default 10 min) bounds a request whose end is never seen. See
+//!   `llmsched_kvindex::precise` for the exact lifecycle. (The reference expires speculative
+//!   entries `speculativeTTL` after the routing decision; under load, requests wait in the
+//!   engines' queues longer than that and their followers scattered.)
 //! * **Endpoints leaving** are removed from the index (and their socket closed in
-//!   `discoverPods` mode).
+//!   `discoverPods` mode). With `discoverPods`, each distinct address
+//!   `tcp://<endpoint ip>:<socketPort>` is dialled once, however many endpoints share it
+//!   (several engines on one host publish each under its own topic).
 //!
 //! ## Parameters (reference structure; unknown names are an error)
 //!
@@ -59,7 +74,8 @@
 //!     # llmsched extensions:
 //!     tokenizerPath: /models/qwen      # tokenizer.json file or directory (default: simulator)
 //!     speculativeIndexing: true
-//!     speculativeTTL: 2s
+//!     speculativeTTL: 2s              # grace after the request's first token / end
+//!     speculativeMaxLifetime: 10m     # llmsched: bound on a pending request's entries
 //! ```
 //!
 //! Other reference fields (`prefixStoreConfig`, `tokenizersPoolConfig.{workersCount,
@@ -73,6 +89,9 @@
 //! [`PreciseMetrics`] counts messages, malformed messages, gaps, replays, restarts and events
 //! of unknown endpoints.
 //!
+//! With the decision log on (see [`crate::prefix::decisions`]), each request's belief and
+//! the engine's reported cached tokens are logged when its response completes.
+//!
 //! Category: affinity. A lookup takes each index shard's read lock at most once.
 
 use std::collections::HashMap;
@@ -85,24 +104,29 @@ use llmsched_core::cycle::{CycleState, PrefixCacheMatch};
 use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSource};
 use llmsched_core::metrics::PrefixIndexerMetrics;
 use llmsched_core::plugin::{
-    Candidate, DataProducer, EndpointListener, PreRequest, SchedulingContext, Scorer,
-    ScorerCategory,
+    Candidate, DataProducer, EndpointListener, PreRequest, ResponseHooks, SchedulingContext,
+    Scorer, ScorerCategory,
 };
 use llmsched_core::registry::{FactoryInput, PluginError};
-use llmsched_core::request::{InferenceRequest, Prompt};
+use llmsched_core::request::{InferenceRequest, Prompt, ResponseInfo};
 use llmsched_core::scheduler::SchedulingResult;
 use llmsched_kvevents::subscriber::{topic_hostport, topic_model};
 use llmsched_kvevents::{
     EventBatch, EventSink, KvEvent, KvEventSubscriber, Source, SubscriberConfig, SubscriberStats,
 };
-use llmsched_kvindex::{PreciseIndex, PreciseIndexConfig, PreciseMatches, StoredBlocks};
+use llmsched_kvindex::{
+    EndpointKey, PreciseIndex, PreciseIndexConfig, PreciseMatches, StoredBlocks,
+};
 use llmsched_tokenizer::{
     ChatTemplate, HfTokenizer, PrefixTokenCache, PrefixTokenCacheConfig, SimTokenizer, Tokenizer,
 };
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry as PromRegistry;
+use smallvec::SmallVec;
 
 use crate::common::{impl_plugin, invalid, opt_go_duration, params};
+use crate::prefix::decisions::{self, Decision, DecisionLog};
 
 /// Type name.
 pub const TYPE: &str = "precise-prefix-cache-scorer";
@@ -261,9 +285,12 @@ pub struct Params {
     pub tokenizer_path: Option<String>,
     /// llmsched: write speculative entries at routing time (default true).
     pub speculative_indexing: bool,
-    /// llmsched: lifetime of speculative entries (default 2s).
+    /// Grace of speculative entries after their request's first token or end (default 2s).
     #[serde(rename = "speculativeTTL", deserialize_with = "opt_go_duration")]
     pub speculative_ttl: Option<Duration>,
+    /// llmsched: longest life of a request's speculative entries (default 10m).
+    #[serde(deserialize_with = "opt_go_duration")]
+    pub speculative_max_lifetime: Option<Duration>,
 }
 
 impl Default for Params {
@@ -275,6 +302,7 @@ impl Default for Params {
             tokenizer_path: None,
             speculative_indexing: true,
             speculative_ttl: None,
+            speculative_max_lifetime: None,
         }
     }
 }
@@ -301,6 +329,10 @@ pub struct PreciseMetrics {
     /// `llmsched_kv_events_dropped_blocks_total`: `BlockStored` events dropped (unknown
     /// parent or inconsistent).
     pub dropped_stores: Counter,
+    /// `llmsched_kv_events_transport_errors_total{reason}`: KV-event connections closed for a
+    /// ZMTP protocol violation or limit (`frame_too_large`, `handshake_timeout`, ...; see
+    /// `llmsched_kvevents::zmtp::ErrorReason`).
+    pub transport_errors: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl PreciseMetrics {
@@ -364,6 +396,15 @@ impl PreciseMetrics {
             "BlockStored events dropped (unknown parent or inconsistent)",
             &m.dropped_stores,
         );
+        registry.register(
+            "llmsched_kv_events_transport_errors",
+            "KV-event connections closed for a ZMTP protocol violation or limit, by reason",
+            m.transport_errors.clone(),
+        );
+        // Every reason from the start, at 0, so the series exist before the first error.
+        for r in llmsched_kvevents::zmtp::ErrorReason::ALL {
+            let _ = m.transport_errors.get_or_create(&[("reason", r.label())]);
+        }
         m
     }
 }
@@ -372,24 +413,39 @@ impl PreciseMetrics {
 struct IndexSink {
     index: Arc<PreciseIndex>,
     endpoints: Option<Arc<dyn EndpointSource>>,
+    /// `discoverPods`: dialled address → `<ip>:<port>` of the endpoints living there.
+    dialled: parking_lot::RwLock<HashMap<String, Vec<String>>>,
     default_model: String,
     unknown_endpoint: AtomicU64,
     dropped_stores: AtomicU64,
 }
 
 impl IndexSink {
+    /// The endpoint a batch belongs to: the topic's `<host>:<port>` (shifted by a
+    /// data-parallel rank) when it is in the pool, else the dialled peer's endpoint when it
+    /// is the only one at that address.
     fn resolve(&self, source: &Source<'_>) -> Option<u32> {
         let endpoints = self.endpoints.as_ref()?;
         let snap = endpoints.snapshot();
-        let hostport = source.peer.or_else(|| topic_hostport(source.topic))?;
-        if let Some(rank) = source.data_parallel_rank.filter(|&r| r > 0)
-            && let Some((host, port)) = hostport.rsplit_once(':')
-            && let Ok(port) = port.parse::<i64>()
-            && let Some(e) = snap.by_hostport(&format!("{host}:{}", port + rank))
-        {
-            return Some(e.id().0);
+        let find = |hostport: &str| {
+            if let Some(rank) = source.data_parallel_rank.filter(|&r| r > 0)
+                && let Some((host, port)) = hostport.rsplit_once(':')
+                && let Ok(port) = port.parse::<i64>()
+                && let Some(e) = snap.by_hostport(&format!("{host}:{}", port + rank))
+            {
+                return Some(e.id().0);
+            }
+            snap.by_hostport(hostport).map(|e| e.id().0)
+        };
+        if let Some(ep) = topic_hostport(source.topic).and_then(find) {
+            return Some(ep);
         }
-        snap.by_hostport(hostport).map(|e| e.id().0)
+        let peer = source.peer?;
+        let dialled = self.dialled.read();
+        match dialled.get(peer).map(Vec::as_slice) {
+            Some([only]) => find(only),
+            _ => None,
+        }
     }
 }
 
@@ -517,6 +573,35 @@ pub struct PreciseState {
     pub keys: Vec<u64>,
     /// Tier-weighted matched blocks per endpoint.
     pub matches: PreciseMatches,
+    /// The prompt's tokens.
+    pub prompt_tokens: u64,
+    /// Per candidate with any: the estimated prompt tokens still to prefill of this EPP's
+    /// requests on it that have not produced their first token (see
+    /// `prefill-load-scorer`).
+    pub pending_prefill: SmallVec<[(EndpointKey, u64); 8]>,
+    /// Tokens per block of the keys.
+    pub block_size: u32,
+}
+
+impl PreciseState {
+    /// Prompt tokens `ep` would have to prefill: the prompt minus the blocks it holds.
+    pub fn uncached_tokens(&self, ep: EndpointKey) -> u64 {
+        let held = self
+            .matches
+            .iter()
+            .find(|m| m.endpoint == ep)
+            .map_or(0, |m| u64::from(m.blocks));
+        self.prompt_tokens
+            .saturating_sub(held * u64::from(self.block_size))
+    }
+
+    /// Pending prefill tokens on `ep`.
+    pub fn pending_prefill(&self, ep: EndpointKey) -> u64 {
+        self.pending_prefill
+            .iter()
+            .find(|(e, _)| *e == ep)
+            .map_or(0, |(_, w)| *w)
+    }
 }
 
 struct Inner {
@@ -526,8 +611,77 @@ struct Inner {
     subscriber: Option<KvEventSubscriber>,
     discover_pods: bool,
     socket_port: u16,
-    speculative_ttl: Option<Duration>,
+    speculation: Option<Speculation>,
+    /// Requests routed and not yet at their first token, by request id.
+    inflight: parking_lot::Mutex<HashMap<String, InFlight>>,
+    /// Σ estimated prefill tokens of those requests, per endpoint.
+    pending_prefill: parking_lot::Mutex<HashMap<EndpointKey, u64>>,
+    decisions: DecisionLog,
     prefix_metrics: PrefixIndexerMetrics,
+}
+
+/// Speculation settings.
+#[derive(Debug, Clone, Copy)]
+struct Speculation {
+    grace: Duration,
+    max_life: Duration,
+}
+
+/// A request whose speculative entries are live.
+struct InFlight {
+    targets: SmallVec<[EndpointKey; 2]>,
+    /// Speculative keys (empty without speculation).
+    keys: Vec<u64>,
+    /// Estimated prefill tokens per target.
+    work: SmallVec<[(EndpointKey, u64); 2]>,
+    since: std::time::Instant,
+}
+
+impl Inner {
+    /// Ends the speculation of `request_id`, if it has one.
+    fn end_request(&self, request_id: &str) {
+        let Some(f) = self.inflight.lock().remove(request_id) else {
+            return;
+        };
+        self.end_inflight(f);
+    }
+
+    fn end_inflight(&self, f: InFlight) {
+        if !f.keys.is_empty() {
+            let grace = self.speculation.map_or(Duration::ZERO, |s| s.grace);
+            for &ep in &f.targets {
+                self.index.end_speculative(ep, &f.keys, grace);
+            }
+        }
+        let mut pending = self.pending_prefill.lock();
+        for (ep, w) in f.work {
+            if let Some(v) = pending.get_mut(&ep) {
+                *v = v.saturating_sub(w);
+                if *v == 0 {
+                    pending.remove(&ep);
+                }
+            }
+        }
+    }
+
+    /// Ends the speculation of requests older than the maximum lifetime.
+    fn expire_inflight(&self) {
+        let max_life = self
+            .speculation
+            .map_or(Duration::from_secs(600), |s| s.max_life);
+        let stale: Vec<InFlight> = {
+            let mut map = self.inflight.lock();
+            let old: Vec<String> = map
+                .iter()
+                .filter(|(_, f)| f.since.elapsed() >= max_life)
+                .map(|(k, _)| k.clone())
+                .collect();
+            old.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for f in stale {
+            self.end_inflight(f);
+        }
+    }
 }
 
 /// The precise prefix-cache scorer.
@@ -639,6 +793,7 @@ impl PreciseScorer {
         let sink = Arc::new(IndexSink {
             index: index.clone(),
             endpoints: i.handle.endpoints.clone(),
+            dialled: parking_lot::RwLock::new(HashMap::new()),
             default_model: p
                 .indexer_config
                 .tokenizers_pool_config
@@ -688,9 +843,15 @@ impl PreciseScorer {
             subscriber,
             discover_pods: ev.discover_pods,
             socket_port: ev.pod_discovery_config.socket_port,
-            speculative_ttl: p
-                .speculative_indexing
-                .then(|| p.speculative_ttl.unwrap_or(Duration::from_secs(2))),
+            speculation: p.speculative_indexing.then(|| Speculation {
+                grace: p.speculative_ttl.unwrap_or(Duration::from_secs(2)),
+                max_life: p
+                    .speculative_max_lifetime
+                    .unwrap_or(Duration::from_secs(600)),
+            }),
+            inflight: parking_lot::Mutex::new(HashMap::new()),
+            pending_prefill: parking_lot::Mutex::new(HashMap::new()),
+            decisions: DecisionLog::new(TYPE),
             prefix_metrics: i.handle.metrics.prefix.clone(),
         });
         let ticker = runtime.map(|rt| rt.spawn(tick(Arc::downgrade(&inner), metrics)));
@@ -718,12 +879,14 @@ impl PreciseScorer {
 /// second until the scorer is dropped.
 async fn tick(inner: Weak<Inner>, m: PreciseMetrics) {
     let mut last = [0u64; 9];
+    let mut last_transport = [0u64; llmsched_kvevents::zmtp::ErrorReason::ALL.len()];
     let mut iv = tokio::time::interval(Duration::from_secs(1));
     loop {
         iv.tick().await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        inner.expire_inflight();
         let st = inner.index.stats();
         inner.prefix_metrics.size.set(st.entries as i64);
         inner
@@ -762,6 +925,16 @@ async fn tick(inner: Weak<Inner>, m: PreciseMetrics) {
                 *l = n;
             }
         }
+        if let Some(t) = inner.subscriber.as_ref().map(|s| s.stats().transport()) {
+            for ((reason, n), l) in t.error_counts().into_iter().zip(last_transport.iter_mut()) {
+                if n > *l {
+                    m.transport_errors
+                        .get_or_create(&[("reason", reason.label())])
+                        .inc_by(n - *l);
+                    *l = n;
+                }
+            }
+        }
     }
 }
 
@@ -771,6 +944,7 @@ impl_plugin!(
     as_scorer => Scorer,
     as_data_producer => DataProducer,
     as_pre_request => PreRequest,
+    as_response_hooks => ResponseHooks,
     as_endpoint_listener => EndpointListener,
 );
 
@@ -790,7 +964,6 @@ impl DataProducer for PreciseScorer {
             owner: self.owner(),
             ..PreciseState::default()
         };
-        let mut prompt_tokens = 0u64;
         TOKENS.with(|t| {
             let mut tokens = t.borrow_mut();
             tokens.clear();
@@ -799,7 +972,7 @@ impl DataProducer for PreciseScorer {
                 .tokens(request.prompt(), &mut tokens)
                 .is_some()
             {
-                prompt_tokens = tokens.len() as u64;
+                state.prompt_tokens = tokens.len() as u64;
                 inner
                     .index
                     .keyer()
@@ -811,6 +984,17 @@ impl DataProducer for PreciseScorer {
             |ep| candidates.iter().any(|c| c.id().0 == ep),
             &mut state.matches,
         );
+        state.block_size = inner.index.config().block_size;
+        {
+            let pending = inner.pending_prefill.lock();
+            if !pending.is_empty() {
+                for c in candidates {
+                    if let Some(&w) = pending.get(&c.id().0) {
+                        state.pending_prefill.push((c.id().0, w));
+                    }
+                }
+            }
+        }
         let total = state.keys.len();
         if total > 0 {
             let best = state
@@ -824,7 +1008,7 @@ impl DataProducer for PreciseScorer {
             let mut m = PrefixCacheMatch {
                 total_blocks: u32::try_from(total).unwrap_or(u32::MAX),
                 block_size: inner.index.config().block_size,
-                prompt_tokens,
+                prompt_tokens: state.prompt_tokens,
                 block_tokens: f64::from(inner.index.config().block_size),
                 ..PrefixCacheMatch::default()
             };
@@ -869,14 +1053,11 @@ impl Scorer for PreciseScorer {
 impl PreRequest for PreciseScorer {
     fn pre_request(
         &self,
-        _request: &InferenceRequest,
+        request: &InferenceRequest,
         cycle: &CycleState,
         result: &SchedulingResult,
         _headers_to_set: &mut Vec<(String, String)>,
     ) {
-        let Some(ttl) = self.inner.speculative_ttl else {
-            return;
-        };
         let Some(st) = cycle
             .get::<PreciseState>()
             .filter(|s| s.owner == self.owner())
@@ -887,55 +1068,150 @@ impl PreRequest for PreciseScorer {
             return;
         }
         let primary = result.targets().first();
+        if decisions::enabled()
+            && let Some(t) = primary
+        {
+            let names = self.inner.sink.endpoints.as_ref().map(|e| e.snapshot());
+            self.inner.decisions.record(
+                &request.request_id,
+                Decision::from_matches(
+                    t,
+                    st.matches.iter().map(|m| (m.endpoint, m.weighted)),
+                    st.keys.len(),
+                    f64::from(self.inner.index.config().block_size),
+                    names.as_deref(),
+                ),
+            );
+        }
         let prefill = result
             .profiles
             .iter()
             .find(|(n, _)| n == "prefill" && *n != result.primary_profile)
-            .and_then(|(_, r)| r.targets.first());
+            .and_then(|(_, r)| r.targets.first())
+            .filter(|p| primary.is_none_or(|t| t.id() != p.id()));
+        let mut targets = SmallVec::new();
+        let mut work = SmallVec::new();
         for target in primary.into_iter().chain(prefill) {
-            self.inner
-                .index
-                .add_speculative(target.id().0, &st.keys, ttl);
+            let ep = target.id().0;
+            if let Some(spec) = self.inner.speculation {
+                self.inner
+                    .index
+                    .begin_speculative(ep, &st.keys, spec.max_life);
+            }
+            targets.push(ep);
+            work.push((ep, st.uncached_tokens(ep)));
+        }
+        {
+            let mut pending = self.inner.pending_prefill.lock();
+            for &(ep, w) in &work {
+                *pending.entry(ep).or_insert(0) += w;
+            }
+        }
+        let previous = self.inner.inflight.lock().insert(
+            request.request_id.clone(),
+            InFlight {
+                targets,
+                keys: if self.inner.speculation.is_some() {
+                    st.keys.clone()
+                } else {
+                    Vec::new()
+                },
+                work,
+                since: std::time::Instant::now(),
+            },
+        );
+        // A reused request id: the earlier request's speculation ends now.
+        if let Some(f) = previous {
+            self.inner.end_inflight(f);
+        }
+    }
+}
+
+impl ResponseHooks for PreciseScorer {
+    /// The first chunk of a streamed response is the first token: the engine has prefilled
+    /// the prompt (and published its blocks).
+    fn response_streaming(
+        &self,
+        request: &InferenceRequest,
+        response: &ResponseInfo,
+        chunk: &[u8],
+        _target: &Endpoint,
+    ) {
+        if response.body_bytes == chunk.len() as u64 {
+            self.inner.end_request(&request.request_id);
+        }
+    }
+
+    fn response_complete(
+        &self,
+        request: &InferenceRequest,
+        response: &ResponseInfo,
+        target: &Endpoint,
+    ) {
+        self.inner.end_request(&request.request_id);
+        if self.inner.decisions.open() > 0 {
+            self.inner.decisions.complete(request, response, target);
+        }
+    }
+}
+
+impl PreciseScorer {
+    /// `discoverPods`: the address dialled for `endpoint`.
+    fn dial_target(&self, endpoint: &Endpoint) -> String {
+        let ip = endpoint.meta().address;
+        if ip.is_ipv6() {
+            format!("tcp://[{ip}]:{}", self.inner.socket_port)
+        } else {
+            format!("tcp://{ip}:{}", self.inner.socket_port)
         }
     }
 }
 
 impl EndpointListener for PreciseScorer {
+    /// `discoverPods`: dials the endpoint's address once (several endpoints on one host share
+    /// one subscription; the topics tell their events apart).
     fn endpoint_added(&self, endpoint: &Arc<Endpoint>) {
         if !self.inner.discover_pods {
             return;
         }
+        let target = self.dial_target(endpoint);
+        {
+            let mut dialled = self.inner.sink.dialled.write();
+            let eps = dialled.entry(target.clone()).or_default();
+            if !eps.iter().any(|h| h == endpoint.hostport()) {
+                eps.push(endpoint.hostport().to_string());
+            }
+        }
         if let Some(sub) = &self.inner.subscriber {
-            let meta = endpoint.meta();
-            let ip = meta.address;
-            let target = if ip.is_ipv6() {
-                format!("tcp://[{ip}]:{}", self.inner.socket_port)
-            } else {
-                format!("tcp://{ip}:{}", self.inner.socket_port)
-            };
-            sub.add_peer(endpoint.hostport(), &target);
+            sub.add_peer(&target, &target);
         }
     }
 
     fn endpoint_removed(&self, id: EndpointId) {
         self.inner.index.clear_endpoint(id.0);
-        if let Some(sub) = &self.inner.subscriber
-            && self.inner.discover_pods
+        if !self.inner.discover_pods {
+            return;
+        }
+        // The addresses still in use, from the pool without `id`.
+        let mut live: HashMap<String, Vec<String>> = HashMap::new();
+        if let Some(e) = self.inner.sink.endpoints.as_ref() {
+            for e in e.snapshot().endpoints.iter().filter(|e| e.id() != id) {
+                live.entry(self.dial_target(e))
+                    .or_default()
+                    .push(e.hostport().to_string());
+            }
+        }
         {
-            let live: HashMap<String, ()> = self
-                .inner
-                .sink
-                .endpoints
-                .as_ref()
-                .map(|e| {
-                    e.snapshot()
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.id() != id)
-                        .map(|e| (e.hostport().to_string(), ()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut dialled = self.inner.sink.dialled.write();
+            dialled.retain(|target, eps| match live.get(target) {
+                Some(now) => {
+                    eps.retain(|h| now.contains(h));
+                    !eps.is_empty()
+                }
+                None => false,
+            });
+        }
+        if let Some(sub) = &self.inner.subscriber {
             for peer in sub.peers() {
                 if !live.contains_key(&peer) {
                     sub.remove_peer(&peer);
@@ -1132,37 +1408,107 @@ mod tests {
         assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
     }
 
-    #[test]
-    fn speculation_until_confirmed_and_cleanup_on_departure() {
-        let eps = [ep(1), ep(2)];
-        let p = scorer(
-            &eps,
-            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeTTL": "1h"}),
-        );
-        let req = with_prompt(Prompt::Text(PROMPT.into()));
-        let (cycle, s) = run(&p, &req, &eps);
-        assert_close(&s, &[0.0, 0.0]);
-        let result = SchedulingResult {
+    fn routed_to(ep: &Arc<Endpoint>) -> SchedulingResult {
+        SchedulingResult {
             primary_profile: "default".into(),
             profiles: vec![(
                 "default".into(),
                 ProfileRunResult {
-                    targets: vec![eps[1].clone()],
+                    targets: vec![ep.clone()],
                 },
             )],
-        };
-        p.pre_request(&req, &cycle, &result, &mut Vec::new());
+        }
+    }
+
+    fn with_id(mut r: InferenceRequest, id: &str) -> InferenceRequest {
+        r.request_id = id.into();
+        r
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn speculation_lives_with_the_request_until_confirmed_or_its_grace_ends() {
+        let eps = [ep(1), ep(2)];
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeTTL": "1ms"}),
+        );
+        let req = with_id(with_prompt(Prompt::Text(PROMPT.into())), "a");
+        let (cycle, s) = run(&p, &req, &eps);
+        assert_close(&s, &[0.0, 0.0]);
+        // Added at dispatch: endpoint 2 counts as holding the prompt while the request waits
+        // in its queue, however long (no clock runs until the request's first token).
+        p.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
         assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+        // A follower sharing the prefix goes to endpoint 2 too and is pending there.
+        let follower = with_id(req.clone(), "b");
+        let (cycle_b, _) = run(&p, &follower, &eps);
+        p.pre_request(&follower, &cycle_b, &routed_to(&eps[1]), &mut Vec::new());
+        // The first request's first token: its entries end, the follower's still count.
+        let info = ResponseInfo {
+            status: 200,
+            streaming: true,
+            body_bytes: 5,
+            ..ResponseInfo::default()
+        };
+        p.response_streaming(&req, &info, b"data:", &eps[1]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 1.0]);
+        // Later chunks change nothing; the follower's end (no confirming event) starts the
+        // 1 ms grace, then the entries are gone.
+        let later = ResponseInfo {
+            body_bytes: 50,
+            ..info.clone()
+        };
+        p.response_streaming(&req, &later, b"data:", &eps[1]);
+        p.response_complete(&follower, &later, &eps[1]);
+        until("unconfirmed speculation expires", || {
+            run(&p, &req, &eps).1 == [0.0, 0.0]
+        });
+        assert_eq!(p.inner.inflight.lock().len(), 0);
+
+        // Confirmed by the engine's BlockStored: stays after the request ends, until a
+        // BlockRemoved.
+        let t = ids(PROMPT);
+        let (cycle, _) = run(&p, &req, &eps);
+        p.pre_request(&req, &cycle, &routed_to(&eps[0]), &mut Vec::new());
+        p.apply_events(&topic(1), &stored(&[11, 12, 13], None, &t, None));
+        p.response_complete(&req, &info, &eps[0]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_close(&run(&p, &req, &eps).1, &[1.0, 0.0]);
+        p.apply_events(
+            &topic(1),
+            &batch(vec![KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![12],
+                ..BlockRemoved::default()
+            })]),
+        );
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 0.0]);
+
+        // Departure clears an endpoint's speculation too.
+        let (cycle, _) = run(&p, &req, &eps);
+        p.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 1.0]);
         p.endpoint_removed(EndpointId(2));
-        assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
+        assert_close(&run(&p, &req, &eps).1, &[1.0 / 3.0, 0.0]);
         // Without speculation nothing is written.
         let p = scorer(
             &eps,
             serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeIndexing": false}),
         );
         let (cycle, _) = run(&p, &req, &eps);
-        p.pre_request(&req, &cycle, &result, &mut Vec::new());
+        p.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
         assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
+        assert_eq!(p.index().stats().entries, 0);
     }
 
     #[test]
@@ -1182,6 +1528,75 @@ mod tests {
         let req = with_prompt(Prompt::Text(PROMPT.into()));
         assert_close(&run(&p, &req, &eps).1, &[0.0]);
         assert_eq!(p.index().stats().keys, 0);
+    }
+
+    #[test]
+    fn events_belong_to_the_topic_publisher_not_to_every_endpoint_at_the_dialled_address() {
+        // Four engines on one host (ports 8000-8003), dialled at one address.
+        let eps: Vec<Arc<Endpoint>> = (0..4u16)
+            .map(|i| {
+                let meta = llmsched_core::endpoint::EndpointMeta::from_addr(
+                    format!("10.0.0.9:{}", 8000 + i).parse().unwrap(),
+                );
+                Arc::new(Endpoint::new(EndpointId(u32::from(i) + 1), meta))
+            })
+            .collect();
+        let p = scorer(
+            &eps,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4},
+                               "kvEventsConfig": {"discoverPods": true, "podDiscoveryConfig": {"socketPort": 5557}}}),
+        );
+        for e in &eps {
+            p.endpoint_added(e);
+        }
+        assert_eq!(
+            p.inner.sink.dialled.read().len(),
+            1,
+            "one address, dialled once"
+        );
+        let t = ids(PROMPT);
+        let peer = "tcp://10.0.0.9:5557";
+        let b = stored(&[1, 2, 3], None, &t, None);
+        p.inner.sink.apply(
+            &Source {
+                topic: "kv@10.0.0.9:8002@m",
+                peer: Some(peer),
+                data_parallel_rank: None,
+            },
+            &b,
+        );
+        let req = with_prompt(Prompt::Text(PROMPT.into()));
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0, 1.0, 0.0]);
+        // A topic naming no endpoint cannot be placed when four share the address.
+        p.inner.sink.apply(
+            &Source {
+                topic: "kv-events",
+                peer: Some(peer),
+                data_parallel_rank: None,
+            },
+            &stored(&[1, 2, 3], None, &t, None),
+        );
+        assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(p.inner.sink.unknown_endpoint.load(Ordering::Relaxed), 1);
+        // When only one endpoint lives at the address, its peer's events are its own.
+        let left = [eps[1].clone()];
+        // (A topic without a model: the base model comes from tokenizersPoolConfig.)
+        let p2 = scorer(
+            &left,
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4},
+                               "indexerConfig": {"tokenizersPoolConfig": {"modelName": "m"}},
+                               "kvEventsConfig": {"discoverPods": true, "podDiscoveryConfig": {"socketPort": 5557}}}),
+        );
+        p2.endpoint_added(&eps[1]);
+        p2.inner.sink.apply(
+            &Source {
+                topic: "kv-events",
+                peer: Some(peer),
+                data_parallel_rank: None,
+            },
+            &stored(&[1, 2, 3], None, &t, None),
+        );
+        assert_close(&run(&p2, &req, &left).1, &[1.0]);
     }
 
     #[test]

@@ -33,6 +33,9 @@
 //! `maxPrefixBlocksToMatch` (256), `maxPrefixTokensToMatch` (0 = off),
 //! `lruCapacityPerServer` (31250): see [`crate::prefix`] for their exact meaning.
 //!
+//! With the decision log on (see [`crate::prefix::decisions`]), each request's belief and
+//! the engine's reported cached tokens are logged when its response completes.
+//!
 //! Category: affinity. Scoring is lock-free; the producer step takes the index's shard read
 //! locks, one per block looked up.
 
@@ -41,16 +44,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use llmsched_core::Plugin;
 use llmsched_core::cycle::{CycleState, PrefixCacheMatch};
+use llmsched_core::endpoint::Endpoint;
 use llmsched_core::endpoint::EndpointId;
 use llmsched_core::plugin::{
-    Candidate, DataProducer, EndpointListener, PreRequest, SchedulingContext, Scorer,
-    ScorerCategory,
+    Candidate, DataProducer, EndpointListener, PreRequest, ResponseHooks, SchedulingContext,
+    Scorer, ScorerCategory,
 };
 use llmsched_core::registry::{FactoryInput, PluginError};
-use llmsched_core::request::InferenceRequest;
+use llmsched_core::request::{InferenceRequest, ResponseInfo};
 use llmsched_core::scheduler::SchedulingResult;
 
 use crate::common::impl_plugin;
+use crate::prefix::decisions::{self, Decision, DecisionLog};
+use crate::prefix::hashing::AVERAGE_CHARS_PER_TOKEN;
 use crate::prefix::{ApproxPrefixCache, ApproxPrefixState, with_positions};
 
 /// Type name.
@@ -63,6 +69,7 @@ pub struct PrefixCacheScorer {
     cache: ApproxPrefixCache,
     /// Set once another producer's state has been seen: from then on, only score.
     deferred: AtomicBool,
+    decisions: DecisionLog,
 }
 
 impl PrefixCacheScorer {
@@ -72,6 +79,7 @@ impl PrefixCacheScorer {
             name: name.into(),
             cache,
             deferred: AtomicBool::new(false),
+            decisions: DecisionLog::new(TYPE),
         }
     }
 
@@ -121,6 +129,7 @@ impl_plugin!(
     as_scorer => Scorer,
     as_data_producer => DataProducer,
     as_pre_request => PreRequest,
+    as_response_hooks => ResponseHooks,
     as_endpoint_listener => EndpointListener,
 );
 
@@ -191,7 +200,7 @@ impl DataProducer for PrefixCacheScorer {
 impl PreRequest for PrefixCacheScorer {
     fn pre_request(
         &self,
-        _request: &InferenceRequest,
+        request: &InferenceRequest,
         cycle: &CycleState,
         result: &SchedulingResult,
         _headers_to_set: &mut Vec<(String, String)>,
@@ -199,6 +208,22 @@ impl PreRequest for PrefixCacheScorer {
         match cycle.get::<ApproxPrefixState>() {
             Some(s) if s.owner != self.cache.id() => self.defer(),
             _ => self.cache.observe(cycle, result),
+        }
+        if decisions::enabled()
+            && let Some(s) = cycle.get::<ApproxPrefixState>()
+            && let Some(t) = result.targets().first()
+        {
+            let names = self.cache.endpoint_set();
+            self.decisions.record(
+                &request.request_id,
+                Decision::from_matches(
+                    t,
+                    s.matches.iter().map(|&(e, n)| (e, f64::from(n))),
+                    s.hashes.len(),
+                    s.block_chars as f64 / AVERAGE_CHARS_PER_TOKEN as f64,
+                    names.as_deref(),
+                ),
+            );
         }
     }
 
@@ -210,6 +235,19 @@ impl PreRequest for PrefixCacheScorer {
     ) {
         // Records nothing when another instance produced the state (`own_state`).
         self.cache.insert(cycle, result);
+    }
+}
+
+impl ResponseHooks for PrefixCacheScorer {
+    fn response_complete(
+        &self,
+        request: &InferenceRequest,
+        response: &ResponseInfo,
+        target: &Endpoint,
+    ) {
+        if self.decisions.open() > 0 {
+            self.decisions.complete(request, response, target);
+        }
     }
 }
 
