@@ -706,17 +706,36 @@ async fn pd_decode_is_the_destination_and_prefill_is_charged_until_the_response_
 
     let mut out = String::new();
     encode(&mut out, &reg).unwrap();
-    assert!(
-        out.contains(&format!(
-            "llmsched_profile_picks_total{{profile=\"prefill\",pod_name=\"{}\"}} 1",
-            prefill[0].name()
-        )),
-        "{out}"
-    );
-    assert!(
-        out.contains("llmsched_profile_picks_total{profile=\"decode\""),
-        "{out}"
-    );
+    // Two requests scheduled: two picks per profile, each on an endpoint of its role (which
+    // endpoint the second request got is the scorers' business).
+    let picks = |profile: &str| -> (u64, Vec<String>) {
+        let prefix = format!("llmsched_profile_picks_total{{profile=\"{profile}\",pod_name=\"");
+        let mut n = 0;
+        let mut pods = Vec::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let (pod, v) = rest.split_once("\"} ").unwrap();
+                n += v.parse::<u64>().unwrap();
+                pods.push(pod.to_string());
+            }
+        }
+        (n, pods)
+    };
+    let role = |pod: &str| {
+        eps.0
+            .endpoints
+            .iter()
+            .find(|e| e.name() == pod)
+            .and_then(|e| e.label("llm-d.ai/role").map(str::to_string))
+    };
+    let (n, pods) = picks("prefill");
+    assert_eq!(n, 2, "{out}");
+    assert!(pods.contains(&prefill[0].name().to_string()), "{out}");
+    assert!(pods.iter().all(|p| role(p).as_deref() == Some("prefill")));
+    let (n, pods) = picks("decode");
+    assert_eq!(n, 2, "{out}");
+    assert!(pods.contains(&decode.name().to_string()), "{out}");
+    assert!(pods.iter().all(|p| role(p).as_deref() == Some("decode")));
 }
 
 /// `primaryPort`: Envoy (and the proxy) go to the decode pick's address on the sidecar's
