@@ -158,8 +158,8 @@ def g(s, *k):
     for x in k:
         s = (s or {}).get(x)
     return s
-print("| setup | rate (req/s) | TTFT mean (s) | TTFT p90 (s) | ITL p50 (ms) | ITL p90 (ms) | output tok/s | req/s | failures |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| setup | rate (req/s) | TTFT mean (s) | TTFT p90 (s) | ITL p50 (ms) | ITL p90 (ms) | ITL p99 (ms) | output tok/s | req/s | cached % | failures |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in setups:
     d, i = os.path.join(out, s), 0
     while os.path.exists(os.path.join(d, f"stage_{i}_lifecycle_metrics.json")):
@@ -167,10 +167,12 @@ for s in setups:
         lat = m["successes"]["latency"]
         ttft, itl = lat.get("time_to_first_token") or {}, lat.get("inter_token_latency") or {}
         tp = m["successes"]["throughput"]
+        pt = m["successes"].get("prompt_tokens") or {}
+        cached = 100.0 * (pt.get("cached") or 0.0) / pt["total"] if pt.get("total") else float("nan")
         print(f"| {s} | {g(m, 'load_summary', 'requested_rate'):g} | {ttft.get('mean', float('nan')):.3f} | "
               f"{ttft.get('p90', float('nan')):.3f} | {1e3 * itl.get('median', float('nan')):.1f} | "
-              f"{1e3 * itl.get('p90', float('nan')):.1f} | {tp.get('output_tokens_per_sec', float('nan')):.0f} | "
-              f"{tp['requests_per_sec']:.2f} | {m['failures']['count']} |")
+              f"{1e3 * itl.get('p90', float('nan')):.1f} | {1e3 * itl.get('p99', float('nan')):.1f} | {tp.get('output_tokens_per_sec', float('nan')):.0f} | "
+              f"{tp['requests_per_sec']:.2f} | {cached:.0f} | {m['failures']['count']} |")
         i += 1
 print()
 print("| setup | KV transfers | sim resyncs |")
