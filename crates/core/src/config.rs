@@ -139,6 +139,10 @@ pub struct EndpointPickerConfig {
     /// Newer parser selection.
     #[serde(default)]
     pub request_handler: Option<RequestHandlerSpec>,
+    /// A profile handler declared outside `plugins` (the form of the reference's SLO-aware P/D
+    /// sample); loaded as one more `plugins[]` entry.
+    #[serde(default)]
+    pub profile_handler: Option<PluginSpec>,
 }
 
 /// One `plugins[]` entry.
@@ -505,7 +509,10 @@ impl Loader<'_> {
         }
         let feature_gates: BTreeSet<String> = doc.feature_gates.iter().cloned().collect();
 
-        // Plugins.
+        // Plugins (a separately declared profile handler is one more entry).
+        if let Some(spec) = doc.profile_handler.take() {
+            doc.plugins.push(spec);
+        }
         let mut plugins: Vec<(String, Arc<dyn Plugin>)> = Vec::with_capacity(doc.plugins.len() + 3);
         let mut by_name: HashMap<String, usize> = HashMap::new();
         for (i, spec) in doc.plugins.iter_mut().enumerate() {

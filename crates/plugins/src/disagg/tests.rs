@@ -1,7 +1,7 @@
 //! P/D through the configuration loader and the scheduler, as the director runs them:
-//! producers → scheduler → pre-request hooks → after-dispatch bookkeeping. The reference's
-//! example configurations (copies under `config/epp/pd-*.yaml`) load unchanged and route as
-//! their documentation says.
+//! producers → scheduler → pre-request hooks → after-dispatch bookkeeping. The shipped P/D
+//! configurations (`config/epp/pd-*.yaml`: our own files with the plugin types and parameter
+//! values of the reference's examples) load and route as the reference documents.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -334,6 +334,44 @@ const PROFILES: &str = "schedulingProfiles:\n- name: prefill\n  plugins:\n  - pl
 
 fn with_plugins(plugins: &str) -> String {
     format!("{BASE}plugins:\n- type: prefill-filter\n- type: decode-filter\n{plugins}{PROFILES}")
+}
+
+/// The reference's P/D samples llmsched does not support are refused at load with the plugin
+/// type and the reason: the SLO-aware pair optimizer (with its handler declared under a
+/// separate `profileHandler:` key, as that sample does) and node-proximity scoring of the
+/// prefill pick. Small configurations of our own using those type names.
+#[test]
+fn unsupported_pd_variants_are_refused_naming_type_and_reason() {
+    let slo_handler = format!(
+        "{BASE}plugins:\n- type: prefill-filter\n- type: decode-filter\n\
+         profileHandler:\n  type: pd-slo-profile-handler\n  parameters: {{hashBlockSize: 16}}\n{PROFILES}"
+    );
+    let slo_scorer = with_plugins(
+        "- type: pd-profile-handler\n- type: pd-slo-pair-optimizer\n  parameters: {ttftWeight: 0.5}\n",
+    );
+    let proximity = with_plugins(
+        "- type: disagg-profile-handler\n  parameters: {deciders: {prefill: always-disagg-pd-decider}}\n\
+         - type: always-disagg-pd-decider\n- type: proximity-scorer\n",
+    );
+    for (text, type_name, why) in [
+        (slo_handler, "pd-slo-profile-handler", "SLO-aware P/D"),
+        (slo_scorer, "pd-slo-pair-optimizer", "SLO-aware P/D"),
+        (proximity, "proximity-scorer", "topology-aware P/D"),
+    ] {
+        let e = load_with(&text, &PluginHandle::default()).unwrap_err();
+        assert!(
+            e.contains(&format!("'{type_name}'"))
+                && e.contains("not supported by llmsched")
+                && e.contains(why),
+            "{type_name}: {e}"
+        );
+    }
+    // A supported handler under `profileHandler:` loads as a plugin entry.
+    let c = load_ok(&format!(
+        "{BASE}plugins:\n- type: prefill-filter\n- type: decode-filter\n\
+         profileHandler:\n  type: pd-profile-handler\n  parameters: {{threshold: 0, hashBlockSize: 5}}\n{PROFILES}"
+    ));
+    assert_eq!(c.scheduler.handler().type_name(), "pd-profile-handler");
 }
 
 #[test]
