@@ -132,6 +132,12 @@ run_one() { # setup
   done
   echo "$resyncs" >"$out/$s/sim_resyncs"
   echo "$transfers" >"$out/$s/kv_transfers"
+  # Per-hop breakdown: every replica's and sidecar's own metrics, kept with the results.
+  for p in "${replicas[@]}"; do
+    curl -fsS "http://127.0.0.1:$p/metrics" >"$out/$s/metrics-replica-$p.txt" 2>/dev/null || true
+    curl -fsS "http://127.0.0.1:$(( p + 100 ))/pd-sidecar/metrics" >"$out/$s/metrics-sidecar-$(( p + 100 )).txt" 2>/dev/null \
+      || rm -f "$out/$s/metrics-sidecar-$(( p + 100 )).txt"
+  done
   kill "${started[@]}" 2>/dev/null || true
   wait "${started[@]}" 2>/dev/null || true
   sleep 1

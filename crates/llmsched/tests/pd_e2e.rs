@@ -574,6 +574,23 @@ async fn wait_generated(d: &Deployment, c: &HttpClient, want: f64) -> Vec<Replic
     }
 }
 
+/// Polls the prefill replicas until `want` held prompts were read and freed in all (the
+/// decoder's completion notification is asynchronous, as NIXL's).
+async fn wait_served(d: &Deployment, c: &HttpClient, want: f64) -> Vec<Replica> {
+    let start = Instant::now();
+    loop {
+        let last = d.prefills(c).await;
+        if last.iter().map(|r| r.served).sum::<f64>() >= want {
+            return last;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "prefill replicas never had {want} held prompts read: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncached_prompts_are_prefilled_remotely_cached_ones_are_not_and_a_dead_prefiller_is_survived()
  {
@@ -593,7 +610,7 @@ async fn uncached_prompts_are_prefilled_remotely_cached_ones_are_not_and_a_dead_
     assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let k = d.decode_index(&r);
     let dec = wait_generated(&d, &c, 20.0).await;
-    let pre = d.prefills(&c).await;
+    let pre = wait_served(&d, &c, 1.0).await;
     let p = pre
         .iter()
         .position(|x| x.computed > 0.0)

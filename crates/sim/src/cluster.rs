@@ -411,6 +411,7 @@ async fn start_replica(
             cfg.pd.transfer,
             layers,
             done_tx,
+            engine_shared.clone(),
         );
         let pd = EnginePd {
             cfg: cfg.pd.clone(),

@@ -285,6 +285,8 @@ pub struct Engine {
     pd: Option<EnginePd>,
     /// Requests whose blocks are being read from a prefill replica.
     recving: usize,
+    /// Commands that arrived during a step and wait for its end.
+    deferred: Vec<EngineCmd>,
 }
 
 /// The next completed pull, or never without a connector.
@@ -333,6 +335,7 @@ impl Engine {
             scratch: Vec::new(),
             pd,
             recving: 0,
+            deferred: Vec::new(),
         }
     }
 
@@ -343,6 +346,9 @@ impl Engine {
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            for cmd in std::mem::take(&mut self.deferred) {
+                self.handle(cmd);
             }
             loop {
                 match self.rx.try_recv() {
@@ -397,12 +403,32 @@ impl Engine {
                 continue;
             }
 
+            // The scheduler's view (running, waiting, KV usage) as of this step, visible to
+            // scrapes while the step runs.
+            self.update_gauges();
             let end = step_start + self.cfg.step.step_time(&shape);
             let target = self.clock.wall_at(end);
             if target > Instant::now() + Duration::from_micros(200) {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(target.into()) => {}
-                    _ = shutdown.changed() => break,
+                // While the GPU computes the step, the engine's other threads keep answering:
+                // commands are handled as they arrive (a NIXL read or completion notification
+                // from a decoder must not wait for this replica's step to end, as vLLM's
+                // side channel and NIXL's one-sided reads do not; new requests join the
+                // waiting queue, scheduled at the next step as before).
+                let sleep = tokio::time::sleep_until(target.into());
+                tokio::pin!(sleep);
+                let mut closed = false;
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        cmd = self.rx.recv(), if !closed => match cmd {
+                            Some(cmd) => self.handle_mid_step(cmd),
+                            None => closed = true,
+                        },
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                if *shutdown.borrow() {
+                    break;
                 }
             } else {
                 tokio::task::yield_now().await;
@@ -436,6 +462,15 @@ impl Engine {
         self.flush_events();
         if let Some(p) = self.publisher.take() {
             p.shutdown().await;
+        }
+    }
+
+    /// A command arriving during a step: everything but a prefix-cache reset (which would
+    /// touch blocks the running step is filling) is handled at once.
+    fn handle_mid_step(&mut self, cmd: EngineCmd) {
+        match cmd {
+            EngineCmd::ResetPrefixCache => self.deferred.push(cmd),
+            cmd => self.handle(cmd),
         }
     }
 
@@ -548,9 +583,6 @@ impl Engine {
                     m.pd.post_time.observe(st.post_seconds);
                     m.pd.bytes.observe(st.bytes as f64);
                     m.pd.descriptors.observe(st.descriptors as f64);
-                    if st.notify_failed {
-                        m.pd.failed_notifications += 1;
-                    }
                 }
                 // vLLM: computed = all the request's blocks' tokens, capped at the prompt,
                 // minus the last token (recomputed to sample the first output token).

@@ -49,6 +49,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -65,7 +66,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::clock::SimClock;
-use crate::engine::EngineCmd;
+use crate::engine::{EngineCmd, EngineShared};
 
 /// vLLM's default `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`: seconds a finished prefill keeps its
 /// blocks for a decoder that never reads them.
@@ -522,8 +523,6 @@ pub struct XferStats {
     pub post_seconds: f64,
     /// NIXL descriptors (one per block, layer and K/V region).
     pub descriptors: u64,
-    /// The completion notification could not be delivered.
-    pub notify_failed: bool,
 }
 
 /// P/D counters of a replica (rendered by [`crate::metrics`]).
@@ -626,6 +625,9 @@ pub struct Puller {
     model: TransferModel,
     layers: u64,
     done: mpsc::UnboundedSender<XferDone>,
+    /// The decoder engine's metrics (failed notifications are counted after the request
+    /// has moved on).
+    shared: Arc<EngineShared>,
 }
 
 impl std::fmt::Debug for Puller {
@@ -658,13 +660,15 @@ struct NotifyRequest {
 }
 
 impl Puller {
-    /// A puller whose pulls run on `io` and report to `done`.
+    /// A puller whose pulls run on `io` and report to `done`; failed completion
+    /// notifications are counted in `shared`'s metrics.
     pub fn new(
         io: tokio::runtime::Handle,
         clock: SimClock,
         model: TransferModel,
         layers: u32,
         done: mpsc::UnboundedSender<XferDone>,
+        shared: Arc<EngineShared>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -676,15 +680,24 @@ impl Puller {
             model,
             layers: u64::from(layers.max(1)),
             done,
+            shared,
         }
     }
 
-    /// Reads the last `num_blocks` blocks of `remote` and reports to the engine.
+    /// Reads the last `num_blocks` blocks of `remote`, reports to the engine as soon as the
+    /// data is in place, then sends the completion notification. As NIXL's: the decoder does
+    /// not wait for the prefill replica to acknowledge it (a one-sided READ completes on the
+    /// reader; the notification only lets the prefill side free its blocks).
     pub fn spawn_pull(&self, slot: usize, id: u64, remote: RemotePrefill, num_blocks: usize) {
         let this = self.clone();
         self.io.spawn(async move {
             let result = this.pull(&remote, num_blocks).await;
+            let read = result.is_ok();
             let _ = this.done.send(XferDone { slot, id, result });
+            if read && let Err(e) = this.notify(&remote).await {
+                tracing::warn!(error = %e, "NIXL completion notification failed");
+                this.shared.metrics.lock().pd.failed_notifications += 1;
+            }
         });
     }
 
@@ -754,7 +767,8 @@ impl Puller {
         }
     }
 
-    /// One transfer: read → transfer time → notify.
+    /// One transfer: read the block ids, then pay the transfer time (the notification is
+    /// [`Self::spawn_pull`]'s).
     pub async fn pull(
         &self,
         remote: &RemotePrefill,
@@ -785,20 +799,12 @@ impl Puller {
         let bytes = read.block_bytes * blocks as u64;
         let seconds = self.model.seconds(bytes);
         tokio::time::sleep(self.clock.wall_duration(seconds)).await;
-        let notify_failed = match self.notify(remote).await {
-            Ok(()) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "NIXL completion notification failed");
-                true
-            }
-        };
         Ok(XferStats {
             blocks,
             bytes,
             seconds,
             post_seconds: self.model.latency_s,
             descriptors: blocks as u64 * 2 * self.layers,
-            notify_failed,
         })
     }
 }

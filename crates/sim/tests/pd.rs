@@ -190,7 +190,9 @@ async fn prefill_holds_blocks_and_the_decoder_reads_them_instead_of_recomputing(
     assert_eq!(dm.value("vllm:nixl_num_failed_transfers_total", &LBL), 0.0);
     assert_eq!(dm.value("vllm:generation_tokens_total", &LBL), 20.0);
 
-    // 3. The prefill replica freed the blocks on the decoder's notification.
+    // 3. The prefill replica freed the blocks on the decoder's notification (sent after the
+    //    decoder has the data, without waiting for an answer, as NIXL's).
+    wait_metric(&c, &p, "llmsched_sim_kv_transfer_served_total", 1.0).await;
     let pm = scrape(&c, p.addrs()[0]).await;
     assert_eq!(
         pm.value("llmsched_sim_kv_transfer_held_requests", &LBL),
@@ -206,6 +208,54 @@ async fn prefill_holds_blocks_and_the_decoder_reads_them_instead_of_recomputing(
         r.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
         192
     );
+    p.shutdown().await;
+    d.shutdown().await;
+}
+
+/// A decoder's read and its completion notification do not wait for the prefill replica's
+/// current step: NIXL reads are one-sided and vLLM answers its side channel from another
+/// thread, so a prefill replica busy with a long prompt still serves held blocks at once.
+/// The prefill replica runs 10× slower than real time here, so its step for an 8,000-token
+/// prompt lasts seconds of wall time; the decode of an earlier prefill (read, transferred,
+/// decoded, blocks freed) completes while that step is still running (ordering, not timing:
+/// with reads queued behind the step, the decode could not finish before the step does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_notifications_are_served_during_a_prefill_step() {
+    let p = start(role(fast(0.1), Role::Prefill)).await;
+    let d = start(role(fast(50.0), Role::Decode)).await;
+    let c = client();
+    let prompt = words(0, 64);
+    let r = post(&c, p.addrs()[0], "/v1/completions", &prefill_body(&prompt)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let kv = r.json()["kv_transfer_params"].clone();
+
+    // A long prompt occupies the prefill replica for one long step.
+    let long = {
+        let (c, addr, body) = (c.clone(), p.addrs()[0], prefill_body(&words(10_000, 8_000)));
+        tokio::spawn(async move { post(&c, addr, "/v1/completions", &body).await })
+    };
+    wait_metric(&c, &p, "vllm:num_requests_running", 1.0).await;
+
+    let r = post(
+        &c,
+        d.addrs()[0],
+        "/v1/completions",
+        &decode_body(&prompt, 4, false, &kv),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+    let dm = scrape(&c, d.addrs()[0]).await;
+    assert_eq!(dm.histogram("vllm:nixl_xfer_time_seconds").0, 1.0);
+    wait_metric(&c, &p, "llmsched_sim_kv_transfer_served_total", 1.0).await;
+    // The long prompt's step has not ended yet: it is still running, not answered.
+    assert!(!long.is_finished(), "the 8,000-token prefill ended first");
+    assert_eq!(
+        metric(&c, &p, "vllm:num_requests_running", &LBL).await,
+        1.0
+    );
+    let r = long.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
     p.shutdown().await;
     d.shutdown().await;
 }
