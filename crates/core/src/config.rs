@@ -13,6 +13,8 @@
 //! * the parser is `requestHandler.parsers[0]`, else the older top-level `parser`, else
 //!   `openai-parser`;
 //! * the saturation detector is `saturationDetector.pluginRef`, else `utilization-detector`;
+//! * a plugin that names other plugins in its parameters (a P/D handler's decider) resolves
+//!   them once every entry is built, so the named entry may come later in `plugins[]`;
 //! * every plugin implementing a request-control hook (data producer, admitter, pre-request,
 //!   response hooks, endpoint listener) is wired in, whether or not a profile names it.
 //!
@@ -137,6 +139,10 @@ pub struct EndpointPickerConfig {
     /// Newer parser selection.
     #[serde(default)]
     pub request_handler: Option<RequestHandlerSpec>,
+    /// A profile handler declared outside `plugins` (the form of the reference's SLO-aware P/D
+    /// sample); loaded as one more `plugins[]` entry.
+    #[serde(default)]
+    pub profile_handler: Option<PluginSpec>,
 }
 
 /// One `plugins[]` entry.
@@ -503,7 +509,10 @@ impl Loader<'_> {
         }
         let feature_gates: BTreeSet<String> = doc.feature_gates.iter().cloned().collect();
 
-        // Plugins.
+        // Plugins (a separately declared profile handler is one more entry).
+        if let Some(spec) = doc.profile_handler.take() {
+            doc.plugins.push(spec);
+        }
         let mut plugins: Vec<(String, Arc<dyn Plugin>)> = Vec::with_capacity(doc.plugins.len() + 3);
         let mut by_name: HashMap<String, usize> = HashMap::new();
         for (i, spec) in doc.plugins.iter_mut().enumerate() {
@@ -528,6 +537,15 @@ impl Loader<'_> {
             let p = self.instantiate(&name, &spec.type_name, spec.parameters.as_ref())?;
             by_name.insert(name.clone(), plugins.len());
             plugins.push((name, p));
+        }
+        // References between plugins (by instance name), once every entry exists.
+        {
+            let lookup = |n: &str| by_name.get(n).map(|&i| plugins[i].1.clone());
+            for (name, p) in &plugins {
+                p.resolve_references(&lookup).map_err(|e| {
+                    self.err(format!("plugin '{name}' (type {}): {e}", p.type_name()))
+                })?;
+            }
         }
         // Profiles: default one when none is declared.
         if doc.scheduling_profiles.is_empty() {
@@ -618,6 +636,19 @@ impl Loader<'_> {
                 )));
             }
         };
+
+        let profile_names: Vec<&str> = doc
+            .scheduling_profiles
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        handler.check_profiles(&profile_names).map_err(|e| {
+            self.err(format!(
+                "profile handler '{}' (type {}): {e}",
+                handler.name(),
+                handler.type_name()
+            ))
+        })?;
 
         // Build profiles.
         let metrics = Some(self.handle.metrics.clone());

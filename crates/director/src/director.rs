@@ -43,7 +43,8 @@ use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, SaturationProbe};
 use crate::headers::{ensure_request_id, parse_ms};
 use crate::health::{CandidateFilter, HealthMetrics, now_ms};
 use crate::metrics::{
-    EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, RewriteLabels,
+    EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, ProfilePickLabels,
+    RewriteLabels,
 };
 use crate::routed::{RouteKind, Routed, RoutedParts};
 
@@ -575,7 +576,19 @@ impl Director {
         metrics.observe_phase(Phase::Scheduling, t.elapsed());
 
         let targets: Vec<Arc<Endpoint>> = result.targets().to_vec();
-        let destination = join_hostports(&targets);
+        let destination = take_destination_override(&mut headers_to_set)
+            .unwrap_or_else(|| join_hostports(&targets));
+        for (profile, r) in &result.profiles {
+            if let Some(first) = r.targets.first() {
+                metrics
+                    .profile_picks
+                    .get_or_create(&ProfilePickLabels {
+                        profile: profile.clone(),
+                        pod_name: first.name().to_string(),
+                    })
+                    .inc();
+            }
+        }
         let forward_body = request.forward_body();
         let tokens = estimate_tokens(&request);
 
@@ -754,6 +767,26 @@ fn hint_ip(entry: &str) -> Option<std::net::IpAddr> {
         .ok()
 }
 
+/// A pre-request hook may redirect the request by setting the destination header (P/D's
+/// `primaryPort`: the decode pick's address on its routing sidecar's port). The value is
+/// taken out of the hook headers (the transport writes the destination itself); in-flight
+/// accounting and the prefix index stay with the endpoints the scheduler chose. The last
+/// non-empty value wins.
+fn take_destination_override(headers_to_set: &mut Vec<(String, String)>) -> Option<String> {
+    let mut found = None;
+    headers_to_set.retain(|(k, v)| {
+        if k.eq_ignore_ascii_case(header::DESTINATION_ENDPOINT) {
+            if !v.trim().is_empty() {
+                found = Some(v.trim().to_string());
+            }
+            false
+        } else {
+            true
+        }
+    });
+    found
+}
+
 /// `ip:port[,ip:port...]`.
 pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
     let mut out = String::with_capacity(targets.len() * 22);
@@ -766,13 +799,18 @@ pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
     out
 }
 
+/// The prompt part of [`estimate_tokens`]: characters / 4, token ids counted exactly.
+pub fn estimate_prompt_tokens(request: &InferenceRequest) -> u64 {
+    match request.prompt() {
+        Prompt::TokenIds(ids) => ids.len() as u64,
+        p => (p.text_len() as u64).div_ceil(4),
+    }
+}
+
 /// A rough token count for in-flight token accounting: prompt characters / 4 (token ids
 /// counted exactly) plus `max_tokens` when given.
 pub fn estimate_tokens(request: &InferenceRequest) -> u64 {
-    let prompt = match request.prompt() {
-        Prompt::TokenIds(ids) => ids.len() as u64,
-        p => (p.text_len() as u64).div_ceil(4),
-    };
+    let prompt = estimate_prompt_tokens(request);
     let max = request
         .body
         .as_ref()
@@ -784,6 +822,33 @@ pub fn estimate_tokens(request: &InferenceRequest) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hooks_may_redirect_the_destination() {
+        let mut h = vec![
+            (
+                "x-prefiller-host-port".to_string(),
+                "10.0.0.1:8000".to_string(),
+            ),
+            (
+                "X-Gateway-Destination-Endpoint".to_string(),
+                "10.0.0.2:8200".to_string(),
+            ),
+            (
+                "x-data-parallel-host-port".to_string(),
+                "10.0.0.2:8001".to_string(),
+            ),
+        ];
+        assert_eq!(
+            take_destination_override(&mut h).as_deref(),
+            Some("10.0.0.2:8200")
+        );
+        assert_eq!(h.len(), 2);
+        assert!(h.iter().all(|(k, _)| !k.contains("destination")));
+        let mut none = vec![(header::DESTINATION_ENDPOINT.to_string(), " ".to_string())];
+        assert_eq!(take_destination_override(&mut none), None);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn subset_hint_entries() {

@@ -340,6 +340,8 @@ impl ApproxPrefixCache {
         let mut m = PrefixCacheMatch {
             total_blocks: u32::try_from(hashes.len()).unwrap_or(u32::MAX),
             block_size: u32::try_from(block_chars).unwrap_or(u32::MAX),
+            prompt_tokens: estimated_prompt_tokens(request),
+            block_tokens: block_chars as f64 / AVERAGE_CHARS_PER_TOKEN as f64,
             ..Default::default()
         };
         if !matches.is_empty() {
@@ -466,6 +468,15 @@ impl ApproxPrefixCache {
             );
             self.publish_size();
         }
+    }
+}
+
+/// The prompt's length in tokens as the reference's tokenizer-free `estimate` counts it:
+/// token ids exactly, text as bytes / 4 (rounded up).
+pub fn estimated_prompt_tokens(request: &InferenceRequest) -> u64 {
+    match request.prompt() {
+        llmsched_core::Prompt::TokenIds(ids) => ids.len() as u64,
+        p => (p.text_len() as u64).div_ceil(AVERAGE_CHARS_PER_TOKEN as u64),
     }
 }
 

@@ -1008,6 +1008,8 @@ impl DataProducer for PreciseScorer {
             let mut m = PrefixCacheMatch {
                 total_blocks: u32::try_from(total).unwrap_or(u32::MAX),
                 block_size: inner.index.config().block_size,
+                prompt_tokens: state.prompt_tokens,
+                block_tokens: f64::from(inner.index.config().block_size),
                 ..PrefixCacheMatch::default()
             };
             for x in &state.matches {

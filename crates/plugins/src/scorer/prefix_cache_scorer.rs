@@ -28,7 +28,8 @@
 //!
 //! ## Parameters
 //!
-//! `autoTune` (default `true`), `blockSizeTokens` (16), `blockSize` (deprecated, characters),
+//! `autoTune` (default `true`), `blockSizeTokens` (16), `blockSize` (deprecated, characters;
+//! its older name `hashBlockSize` is accepted too, as 2025 P/D configurations write it),
 //! `maxPrefixBlocksToMatch` (256), `maxPrefixTokensToMatch` (0 = off),
 //! `lruCapacityPerServer` (31250): see [`crate::prefix`] for their exact meaning.
 //!
@@ -96,8 +97,30 @@ impl PrefixCacheScorer {
 
 /// Factory.
 pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
+    let renamed = legacy_hash_block_size(i.parameters);
+    let i = FactoryInput {
+        parameters: renamed.as_ref().or(i.parameters),
+        ..i
+    };
     let cache = ApproxPrefixCache::from_input(&i)?;
     Ok(Arc::new(PrefixCacheScorer::new(i.name, cache)))
+}
+
+/// `hashBlockSize`, the scorer's block-size parameter until GIE renamed it `blockSize`
+/// (2025-09), as P/D configurations of 2025 still write it: the parameters with it renamed
+/// (`blockSize` wins when both are given), or `None` when it is absent.
+fn legacy_hash_block_size(parameters: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+    let obj = parameters?.as_object()?;
+    let v = obj.get("hashBlockSize")?;
+    let mut out = obj.clone();
+    out.remove("hashBlockSize");
+    if !out.contains_key("blockSize") {
+        tracing::warn!(
+            "prefix-cache-scorer: 'hashBlockSize' is the old name of 'blockSize'; prefer 'blockSizeTokens'"
+        );
+        out.insert("blockSize".into(), v.clone());
+    }
+    Some(serde_json::Value::Object(out))
 }
 
 impl_plugin!(
@@ -281,6 +304,25 @@ mod tests {
             .produce(req, &mut cycle, &cands);
         let s = scores(p.clone().as_scorer().unwrap().as_ref(), req, &cycle, eps);
         (cycle, s)
+    }
+
+    #[test]
+    fn the_old_hash_block_size_name_is_block_size() {
+        let renamed = |v: serde_json::Value| legacy_hash_block_size(Some(&v));
+        assert_eq!(
+            renamed(serde_json::json!({"hashBlockSize": 5, "lruCapacityPerServer": 9})),
+            Some(serde_json::json!({"blockSize": 5, "lruCapacityPerServer": 9}))
+        );
+        assert_eq!(
+            renamed(serde_json::json!({"hashBlockSize": 5, "blockSize": 7})),
+            Some(serde_json::json!({"blockSize": 7}))
+        );
+        assert_eq!(renamed(serde_json::json!({"blockSize": 7})), None);
+        assert!(build(TYPE, Some(serde_json::json!({"hashBlockSize": 5}))).is_ok());
+        assert!(
+            build_err(TYPE, serde_json::json!({"hashBlockSize": 0}))
+                .contains("blockSize must be > 0")
+        );
     }
 
     #[test]
