@@ -21,6 +21,47 @@ use hyper::body::Incoming;
 use llmsched_core::endpoint::Endpoint;
 use llmsched_director::Routed;
 
+/// Errors of relayed bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a relayed response comes from: the endpoint's connection, or the in-process P/D
+/// router (whose decode hop relays the decode endpoint's body, with the usage rewrite).
+pub(crate) enum Upstream {
+    /// A response of the proxy's own client.
+    Hyper(Incoming),
+    /// A response of [`llmsched_pdsidecar::PdRouter`].
+    Pd(llmsched_pdsidecar::ProxyBody),
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Upstream::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Pd(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Hyper(b) => b.is_end_stream(),
+            Upstream::Pd(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Hyper(b) => b.size_hint(),
+            Upstream::Pd(b) => b.size_hint(),
+        }
+    }
+}
+
 /// In-flight accounting of a baseline request: [`Endpoint::dispatch`] when created,
 /// [`Endpoint::complete`] when dropped (response finished, client gone or upstream failed).
 #[derive(Debug)]
@@ -58,7 +99,7 @@ pub(crate) enum Accounting {
 }
 
 struct Relay {
-    upstream: Incoming,
+    upstream: Upstream,
     accounting: Option<Accounting>,
     /// Rewrite the model name back in each chunk (the length may change).
     rewrite: bool,
@@ -115,7 +156,7 @@ impl ProxyBody {
     }
 
     /// The upstream body relayed frame by frame with `accounting`.
-    pub(crate) fn relay(upstream: Incoming, accounting: Accounting, rewrite: bool) -> Self {
+    pub(crate) fn relay(upstream: Upstream, accounting: Accounting, rewrite: bool) -> Self {
         Self {
             kind: Kind::Relay(Box::new(Relay {
                 upstream,
@@ -129,12 +170,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let relay = match &mut self.kind {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Relay(r) => r,

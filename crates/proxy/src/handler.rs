@@ -20,9 +20,10 @@ use llmsched_core::endpoint::Endpoint;
 use llmsched_core::error::InferenceError;
 use llmsched_core::request::header as names;
 use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
+use llmsched_pdsidecar::{PREFILLER_HOST_PORT, PdRouter, Upstream as PdUpstream};
 use rand::Rng;
 
-use crate::body::{Accounting, InflightGuard, ProxyBody};
+use crate::body::{Accounting, InflightGuard, ProxyBody, Upstream};
 use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
 
@@ -86,6 +87,19 @@ impl Proxy {
 
         if let Some(b) = self.options.baseline {
             return self.baseline(b, parts, body, header_only).await;
+        }
+        if let Some(pd) = &self.options.pd_router
+            && header_only
+            && parts.method == http::Method::GET
+            && parts.uri.path() == llmsched_pdsidecar::METRICS_PATH
+        {
+            // The in-process P/D router's own metrics, where a sidecar serves them.
+            let mut r = Response::new(ProxyBody::full(pd.metrics().render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return r;
         }
 
         let headers = director_headers(&parts);
@@ -185,6 +199,12 @@ impl Proxy {
         prepare_request_headers(&mut parts, has_body.then_some(body.len()));
         set_routing_headers(&mut parts.headers, &routed);
         let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
+        if let Some(pd) = &self.options.pd_router
+            && let Some(decoder) = targets.first()
+            && parts.headers.contains_key(PREFILLER_HOST_PORT)
+        {
+            return self.forward_pd(pd, parts, body, decoder, routed).await;
+        }
         let mut routed = routed;
         // The hooks' deferred bookkeeping runs while the endpoint works on the request: the
         // send is polled first (handing the request to its connection), then this task
@@ -203,10 +223,41 @@ impl Proxy {
                 // A request the parser skipped has no response phase in the ext_proc path
                 // (the stream closes after routing), hence no marker header there either.
                 let marker = !(has_body && routed.kind() == RouteKind::Fallback);
-                self.relay(resp, routed, marker).await
+                self.relay(resp.map(Upstream::Hyper), routed, marker).await
             }
             Err(f) => upstream_failure(&f),
         }
+    }
+
+    /// A disaggregated decision (the P/D profile set `x-prefiller-host-port`): the sidecar's
+    /// [`PdRouter`] runs in process — prefill hop on the named prefill endpoint, then the
+    /// decode hop on the decode pick with the returned `kv_transfer_params` — and its answer
+    /// is relayed like any other (response hooks, usage, in-flight accounting). A prefiller
+    /// that fails is retried and then replaced by a local prefill on the decoder, as the
+    /// sidecar does; a decode endpoint that cannot be reached is the router's 503.
+    async fn forward_pd(
+        &self,
+        pd: &PdRouter,
+        parts: Parts,
+        body: Bytes,
+        decoder: &Arc<Endpoint>,
+        mut routed: Routed,
+    ) -> Response<ProxyBody> {
+        let upstream = match PdUpstream::parse(decoder.hostport()) {
+            Ok(u) => u,
+            Err(e) => {
+                return upstream_failure(&UpstreamFailure {
+                    tried: vec![decoder.hostport().to_string()],
+                    error: e.to_string(),
+                });
+            }
+        };
+        let req = Request::from_parts(parts, Full::new(body));
+        let (resp, ()) = tokio::join!(pd.handle_with_decoder(req, &upstream), async {
+            tokio::task::yield_now().await;
+            routed.run_after_dispatch();
+        });
+        self.relay(resp.map(Upstream::Pd), routed, true).await
     }
 
     /// A baseline request: an endpoint in turn or at random, the body forwarded unchanged.
@@ -251,7 +302,11 @@ impl Proxy {
                 strip_hop_by_hop(&mut rparts.headers);
                 Response::from_parts(
                     rparts,
-                    ProxyBody::relay(incoming, Accounting::Baseline(guard), false),
+                    ProxyBody::relay(
+                        Upstream::Hyper(incoming),
+                        Accounting::Baseline(guard),
+                        false,
+                    ),
                 )
             }
             Err(f) => upstream_failure(&f),
@@ -325,7 +380,7 @@ impl Proxy {
     /// are read whole first, so the rewrite cannot be split by a frame boundary).
     async fn relay(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<Upstream>,
         mut routed: Routed,
         marker: bool,
     ) -> Response<ProxyBody> {

@@ -58,6 +58,18 @@
 //! target can be reached the client gets `503` and a body starting with
 //! `upstream connect error or disconnect/reset before headers`, as Envoy answers.
 //!
+//! ## Prefill/decode disaggregation
+//!
+//! With [`ProxyOptions::pd_router`] set, a decision that carries a prefill endpoint (the P/D
+//! plugins' `x-prefiller-host-port` header) is served by `llmsched-pdsidecar`'s
+//! [`PdRouter`] in process: prefill hop to that endpoint with `max_tokens: 1` and
+//! `kv_transfer_params` asking for a remote decode, then the decode hop to the decode pick
+//! with the returned parameters, relayed as usual (streams stay streams; the usage's cached
+//! tokens are the prefill replica's). A failing prefiller is retried and then replaced by a
+//! local prefill on the decoder (counted). The router's metrics are served on the proxy at
+//! `GET /pd-sidecar/metrics`. Without it the header goes to the decode endpoint, whose own
+//! `pd-sidecar` acts on it, as behind Envoy.
+//!
 //! ## Baselines
 //!
 //! [`Baseline::RoundRobin`] and [`Baseline::Random`] (flag `--baseline`) replace the
@@ -90,6 +102,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use body::ProxyBody;
+/// The in-process P/D router and its settings ([`ProxyOptions::pd_router`]).
+pub use llmsched_pdsidecar::{PdRouter, PdRouterConfig, SidecarMetrics};
 
 /// A naive routing policy used instead of the scheduler, for comparisons (see the crate
 /// documentation for exactly what a baseline does and does not do).
@@ -135,6 +149,12 @@ pub struct ProxyOptions {
     pub baseline_attempts: usize,
     /// On shutdown, connections get this long to finish their requests. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Prefill/decode disaggregation in process: when the decision names a prefill endpoint
+    /// (`x-prefiller-host-port`, set by the P/D plugins) this router does the sidecar's work
+    /// (prefill hop, then decode hop on the decode pick), so no `pd-sidecar` process is
+    /// needed. `None` forwards the header to the decode endpoint, whose own sidecar acts on
+    /// it. Default `None` (`llmsched epp` turns it on: `--proxy-pd-routing`).
+    pub pd_router: Option<Arc<PdRouter>>,
 }
 
 impl Default for ProxyOptions {
@@ -149,6 +169,7 @@ impl Default for ProxyOptions {
             pool_max_idle_per_host: usize::MAX,
             baseline_attempts: 3,
             shutdown_grace: Duration::from_secs(10),
+            pd_router: None,
         }
     }
 }
