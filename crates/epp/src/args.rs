@@ -863,7 +863,11 @@ mod tests {
                 "fastest",
             ),
             (
-                &["--endpoints=a:1", "--proxy-port=8080", "--proxy-pd-routing=both"],
+                &[
+                    "--endpoints=a:1",
+                    "--proxy-port=8080",
+                    "--proxy-pd-routing=both",
+                ],
                 "in-process",
             ),
             (

@@ -109,7 +109,14 @@ report:
     let out = dir.path().join("results");
     let output = llmsched()
         .args(["demo", "--pd", "--replicas", "2", "--time-scale", "4"])
-        .args(["--proxy-port", "0", "--sim-base-port", "0", "--no-progress", "--workload"])
+        .args([
+            "--proxy-port",
+            "0",
+            "--sim-base-port",
+            "0",
+            "--no-progress",
+            "--workload",
+        ])
         .arg(&workload)
         .arg("-o")
         .arg(&out)
@@ -117,7 +124,10 @@ report:
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         stdout
             .lines()
@@ -140,7 +150,8 @@ report:
         .find(|l| l.starts_with("1p1d:") && l.contains("KV transfers"))
         .unwrap_or_else(|| panic!("no P/D counters in:\n{stdout}"));
     assert!(
-        line.contains(&format!("1p1d: {n} prompts prefilled")) && line.contains(&format!(", {n} KV transfers")),
+        line.contains(&format!("1p1d: {n} prompts prefilled"))
+            && line.contains(&format!(", {n} KV transfers")),
         "{n} requests: {line}"
     );
 }

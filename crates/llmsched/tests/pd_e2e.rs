@@ -813,13 +813,19 @@ async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
     let start = Instant::now();
     while try_get(&c, proxy, "/pd-sidecar/metrics").await.is_none() {
         epp.assert_running();
-        assert!(start.elapsed() < DEADLINE, "the proxy never answered:\n{}", epp.logs());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the proxy never answered:\n{}",
+            epp.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pd_metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
         let c = c.clone();
         async move {
-            let t = http(&c, "GET", proxy, "/pd-sidecar/metrics", "").await.text();
+            let t = http(&c, "GET", proxy, "/pd-sidecar/metrics", "")
+                .await
+                .text();
             sample(&t, name, labels)
         }
     };
@@ -849,7 +855,10 @@ async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
     assert_eq!(text, 20, "{}", r.text());
     assert_eq!(usage["prompt_tokens"], N);
     assert_eq!(usage["completion_tokens"], 20);
-    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "the prefill replica's");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 0,
+        "the prefill replica's"
+    );
     let dec = wait_decoded(20.0).await;
     eventually("the prefill replica to free the read blocks", || async {
         replica(&c, prefill_addr).await.served == 1.0
@@ -860,19 +869,35 @@ async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
     assert_eq!(pre.generated, 1.0, "the prefill hop asks for one token");
     assert_eq!(dec.transfers, 1.0, "{dec:?}");
     assert_eq!(dec.transferred, (N - 1) as f64, "{dec:?}");
-    assert_eq!(dec.computed, 1.0, "only the last prompt token is recomputed");
-    assert_eq!(pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await, 1.0);
-    assert_eq!(pd_metric("llmsched_pd_sidecar_prefill_duration_seconds_count", &[]).await, 1.0);
+    assert_eq!(
+        dec.computed, 1.0,
+        "only the last prompt token is recomputed"
+    );
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await,
+        1.0
+    );
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_prefill_duration_seconds_count", &[]).await,
+        1.0
+    );
 
     // 2. The same prompt: cached on the decoder, no prefill hop.
     let r = send(completion(&doc, 20, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["usage"]["completion_tokens"], 20);
     let dec2 = wait_decoded(40.0).await;
-    assert_eq!(replica(&c, prefill_addr).await.computed, N as f64, "no second prefill");
+    assert_eq!(
+        replica(&c, prefill_addr).await.computed,
+        N as f64,
+        "no second prefill"
+    );
     assert_eq!(dec2.transfers, 1.0, "{dec2:?}");
     assert!(dec2.cache_hit >= (N - 16) as f64, "{dec2:?}");
-    assert_eq!(pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await, 1.0);
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await,
+        1.0
+    );
 
     // 3. The prefill replica dies: the proxy retries, then prefills on the decoder.
     prefill.kill();
@@ -880,13 +905,24 @@ async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["usage"]["completion_tokens"], 10);
     let dec3 = wait_decoded(50.0).await;
-    assert_eq!(dec3.computed - dec2.computed, N as f64, "prefilled locally: {dec3:?}");
+    assert_eq!(
+        dec3.computed - dec2.computed,
+        N as f64,
+        "prefilled locally: {dec3:?}"
+    );
     assert_eq!(dec3.transfers, 1.0, "{dec3:?}");
     assert_eq!(
-        pd_metric("llmsched_pd_sidecar_prefill_fallbacks_total", &[("reason", "connect")]).await,
+        pd_metric(
+            "llmsched_pd_sidecar_prefill_fallbacks_total",
+            &[("reason", "connect")]
+        )
+        .await,
         1.0
     );
-    assert_eq!(pd_metric("llmsched_pd_sidecar_prefill_retries_total", &[]).await, 2.0);
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_prefill_retries_total", &[]).await,
+        2.0
+    );
     let log = epp.logs();
     assert!(log.contains("prefilling locally"), "{log}");
     decode.assert_running();

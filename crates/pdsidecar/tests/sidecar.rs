@@ -240,12 +240,15 @@ async fn a_request_with_the_header_is_prefilled_remotely_and_decoded_locally() {
 
     // The prefill replica computed the prompt and produced one token; its blocks were read
     // (the decoder's completion notification is asynchronous, as NIXL's).
-    eventually("the decoder's notification to free the held blocks", || async {
-        scrape(&c, &p)
-            .await
-            .value("llmsched_sim_kv_transfer_served_total", &LBL)
-            == 1.0
-    })
+    eventually(
+        "the decoder's notification to free the held blocks",
+        || async {
+            scrape(&c, &p)
+                .await
+                .value("llmsched_sim_kv_transfer_served_total", &LBL)
+                == 1.0
+        },
+    )
     .await;
     let pm = scrape(&c, &p).await;
     let psrc = |m: &promtext::Exposition, s: &str| {

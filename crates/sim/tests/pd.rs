@@ -250,10 +250,7 @@ async fn reads_and_notifications_are_served_during_a_prefill_step() {
     wait_metric(&c, &p, "llmsched_sim_kv_transfer_served_total", 1.0).await;
     // The long prompt's step has not ended yet: it is still running, not answered.
     assert!(!long.is_finished(), "the 8,000-token prefill ended first");
-    assert_eq!(
-        metric(&c, &p, "vllm:num_requests_running", &LBL).await,
-        1.0
-    );
+    assert_eq!(metric(&c, &p, "vllm:num_requests_running", &LBL).await, 1.0);
     let r = long.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     p.shutdown().await;
