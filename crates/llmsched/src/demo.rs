@@ -384,7 +384,7 @@ async fn run_leg(
         let addrs = cluster.addrs();
         let outcome = run_leg_on(args, setup, leg, cancel, &Fleet::Aggregated(&addrs)).await;
         cluster.shutdown().await;
-        return Ok(outcome?);
+        return outcome;
     };
     // P/D: prefill replicas first, decode replicas on the following ports; side channels on
     // free ports.
