@@ -112,8 +112,9 @@ run_one() { # setup
         echo "- {name: decode-$i, address: 127.0.0.1, port: $side, labels: {llm-d.ai/role: decode}}" >>"$file"
       done
       wait_http "http://127.0.0.1:8000/health" 30
+      # The decoders' own pd-sidecars do the prefill hop (the proxy forwards the header).
       "$bin" epp "${epp[@]}" --endpoints-file "$file" --config-file "$pd_config" \
-        >"$out/$s.epp.log" 2>&1 &
+        --proxy-pd-routing=sidecar >"$out/$s.epp.log" 2>&1 &
       started+=($!)
       ;;
   esac
@@ -180,6 +181,95 @@ for s in setups:
               f"{1e3 * itl.get('p90', float('nan')):.1f} | {1e3 * itl.get('p99', float('nan')):.1f} | {tp.get('output_tokens_per_sec', float('nan')):.0f} | "
               f"{tp['requests_per_sec']:.2f} | {cached:.0f} | {m['failures']['count']} |")
         i += 1
+print()
+# TTFT of new prompts (prefilled: on a prefill replica with P/D) and of repeated ones (cached
+# on a replica), from the per-request records: a request is "new" when less than half its
+# prompt was reported cached (the sidecar reports the prefill replica's cached tokens).
+pr_rows, stall_rows = [], []
+for s in setups:
+    f = os.path.join(out, s, "per_request_lifecycle_metrics.json")
+    if not os.path.exists(f):
+        continue
+    by = {}
+    gaps = {}
+    for r in json.load(open(f)):
+        rm = r["info"].get("response_metrics") or {}
+        ct = rm.get("chunk_times") or []
+        if not ct:
+            continue
+        g = [b - a for a, b in zip(ct, ct[1:])]
+        st = gaps.setdefault(r["stage_id"], {"itl": [], "stalled": 0, "requests": 0})
+        st["itl"].extend(g)
+        st["requests"] += 1
+        st["stalled"] += any(x > 0.1 for x in g)
+        usage = rm.get("server_usage") or {}
+        cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        new = cached < 0.5 * (r["info"].get("input_tokens") or 1)
+        by.setdefault((r["stage_id"], new), []).append(ct[0] - r["start_time"])
+    for (stage, new), v in sorted(by.items()):
+        v.sort()
+        q = lambda p: v[min(len(v) - 1, int(p * len(v)))]
+        pr_rows.append(f"| {s} | {stage} | {'new' if new else 'repeated'} | {len(v)} | {sum(v) / len(v):.3f} | {q(0.5):.3f} | {q(0.9):.3f} |")
+    for stage, st in sorted(gaps.items()):
+        v = sorted(st["itl"])
+        if v:
+            q = lambda p: v[min(len(v) - 1, int(p * len(v)))]
+            stall_rows.append(f"| {s} | {stage} | {len(v)} | {1e3 * q(0.99):.1f} | {1e3 * q(0.999):.1f} | {1e3 * v[-1]:.1f} | "
+                              f"{sum(1 for x in v if x > 0.1)} | {st['stalled']} of {st['requests']} |")
+if pr_rows:
+    print("| setup | stage | prompts | requests | TTFT mean (s) | TTFT p50 (s) | TTFT p90 (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(pr_rows))
+    print()
+if stall_rows:
+    # Decode stalls: a decode step that shares its batch with a long prefill (aggregated
+    # replicas) takes the prefill's time; every request running there sees that gap.
+    print("| setup | stage | token gaps | ITL p99 (ms) | ITL p99.9 (ms) | ITL max (ms) | gaps > 100 ms | requests with a gap > 100 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(stall_rows))
+    print()
+# Per hop, over the whole run, from the components' own metrics (means in seconds).
+def prom(path):
+    vals = {}
+    for line in open(path):
+        if line.startswith("#") or not line.strip():
+            continue
+        name_labels, _, v = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            vals[name] = vals.get(name, 0.0) + float(v)
+        except ValueError:
+            pass
+    return vals
+def role(path):
+    for line in open(path):
+        if line.startswith("llmsched_sim_info{"):
+            return line.split('role="', 1)[1].split('"', 1)[0]
+    return "?"
+def mean(m, name):
+    c = m.get(name + "_count", 0.0)
+    return f"{m.get(name + '_sum', 0.0) / c:.3f}" if c else "-"
+print("| setup | component | requests | queue (s) | prefill compute (s) | TTFT at the replica (s) | KV transfer (s) | prefill hop in the sidecar (s) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for s in setups:
+    d = os.path.join(out, s)
+    if not os.path.isdir(d):
+        continue
+    groups = {}
+    for f in sorted(os.listdir(d)):
+        if f.startswith("metrics-replica-"):
+            key = role(os.path.join(d, f)) + " replicas"
+        elif f.startswith("metrics-sidecar-"):
+            key = "sidecars"
+        else:
+            continue
+        m = groups.setdefault(key, {})
+        for k, v in prom(os.path.join(d, f)).items():
+            m[k] = m.get(k, 0.0) + v
+    for key, m in sorted(groups.items()):
+        n = m.get("vllm:time_to_first_token_seconds_count") or m.get("llmsched_pd_sidecar_prefill_duration_seconds_count") or 0
+        print(f"| {s} | {key} | {n:.0f} | {mean(m, 'vllm:request_queue_time_seconds')} | {mean(m, 'vllm:request_prefill_time_seconds')} | "
+              f"{mean(m, 'vllm:time_to_first_token_seconds')} | {mean(m, 'vllm:nixl_xfer_time_seconds')} | {mean(m, 'llmsched_pd_sidecar_prefill_duration_seconds')} |")
 print()
 print("| setup | KV transfers | sim resyncs |")
 print("| --- | --- | --- |")

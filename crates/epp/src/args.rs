@@ -485,6 +485,13 @@ pub struct Args {
     /// Route proxy requests with a naive baseline instead of the scheduler (for comparisons).
     #[arg(long, value_parser = ["round-robin", "random"], requires = "proxy_port")]
     pub baseline: Option<String>,
+
+    /// Prefill/decode disaggregation through the proxy: `in-process` runs the pd-sidecar's
+    /// prefill and decode hops inside the proxy when the P/D plugins name a prefill endpoint;
+    /// `sidecar` forwards `x-prefiller-host-port` to the decode endpoint, whose own
+    /// `llmsched pd-sidecar` acts on it (as behind Envoy).
+    #[arg(long, value_parser = ["in-process", "sidecar"], default_value = "in-process", requires = "proxy_port")]
+    pub proxy_pd_routing: String,
 }
 
 /// A flag combination llmsched cannot run with.
@@ -960,6 +967,18 @@ mod tests {
             (
                 &["--endpoints=a:1", "--proxy-port=8080", "--baseline=fastest"],
                 "fastest",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--proxy-port=8080",
+                    "--proxy-pd-routing=both",
+                ],
+                "in-process",
+            ),
+            (
+                &["--endpoints=a:1", "--proxy-pd-routing=sidecar"],
+                "--proxy-port",
             ),
             (
                 &["--endpoints=a:1", "--secure-serving", "false"],

@@ -1,7 +1,7 @@
 //! Prefill/decode disaggregation end to end, every part real and in its own process where a
 //! user runs it so: a real Envoy (from `scripts/install-tools.sh`) with ext_proc to `llmsched
-//! epp` loaded with the reference's simulator P/D example (`config/epp/pd-sim-epp-config.yaml`,
-//! unchanged), two `llmsched sim --role prefill` replicas, two `llmsched sim --role decode`
+//! epp` loaded with `config/epp/pd-sim-epp-config.yaml` (the plugin types and parameter values
+//! of the reference's simulator P/D example), two `llmsched sim --role prefill` replicas, two `llmsched sim --role decode`
 //! replicas, each behind its own `llmsched pd-sidecar`. The endpoints file labels the prefill
 //! replicas `llm-d.ai/role: prefill` and the sidecars `llm-d.ai/role: decode`, as the llm-d
 //! guide's pods are labelled (the pool's port on a decode pod is the sidecar's).
@@ -737,6 +737,196 @@ async fn uncached_prompts_are_prefilled_remotely_cached_ones_are_not_and_a_dead_
         log.contains("prefilling locally") && log.contains("connect"),
         "{log}"
     );
+}
+
+/// Standalone mode, no sidecar process: `llmsched epp --proxy-port` (default
+/// `--proxy-pd-routing in-process`) in front of one `llmsched sim --role prefill` and one
+/// `llmsched sim --role decode` process, the decode endpoint being the decode replica itself.
+/// The proxy runs the pd-sidecar's router in process: an uncached prompt is prefilled on the
+/// prefill replica and read by the decoder (the replicas' own metrics), streamed back with its
+/// usage intact; the same prompt again skips the prefill hop; with the prefill replica dead the
+/// request still succeeds (local prefill, counted on the proxy's `/pd-sidecar/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
+    const N: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let prefill_addr = SocketAddr::from(([127, 0, 0, 6], free_port([127, 0, 0, 6])));
+    let decode_addr = SocketAddr::from(([127, 0, 0, 7], free_port([127, 0, 0, 7])));
+    let sim = |role: &str, addr: SocketAddr| -> Vec<String> {
+        [
+            "sim",
+            "--profile",
+            PROFILE,
+            "--time-scale",
+            "20",
+            "--role",
+            role,
+            "--kv-side-channel-port",
+            "0",
+            "--addrs",
+            &addr.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut prefill = Proc::spawn("sim-prefill", dir.path(), &sim("prefill", prefill_addr));
+    let mut decode = Proc::spawn("sim-decode", dir.path(), &sim("decode", decode_addr));
+    let endpoints = format!(
+        "endpoints:\n- {{name: prefill-0, address: {}, port: {}, labels: {{llm-d.ai/role: prefill}}}}\n\
+         - {{name: decode-0, address: {}, port: {}, labels: {{llm-d.ai/role: decode}}}}\n",
+        prefill_addr.ip(),
+        prefill_addr.port(),
+        decode_addr.ip(),
+        decode_addr.port()
+    );
+    let endpoints_file = dir.path().join("endpoints.yaml");
+    std::fs::write(&endpoints_file, endpoints).unwrap();
+    let lo = [127, 0, 0, 1];
+    let (grpc, health, metrics, proxy) =
+        (free_port(lo), free_port(lo), free_port(lo), free_port(lo));
+    let mut epp = Proc::spawn(
+        "epp",
+        dir.path(),
+        &[
+            "epp".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--grpc-port={grpc}"),
+            format!("--grpc-health-port={health}"),
+            format!("--metrics-port={metrics}"),
+            format!("--proxy-port={proxy}"),
+            "--secure-serving=false".into(),
+            "--refresh-metrics-interval=50ms".into(),
+            format!("--endpoints-file={}", endpoints_file.display()),
+            format!(
+                "--config-file={}",
+                repo_root()
+                    .join("config/epp/pd-sim-epp-config.yaml")
+                    .display()
+            ),
+        ],
+    );
+    let proxy = SocketAddr::from((lo, proxy));
+    let c = client();
+    for a in [prefill_addr, decode_addr] {
+        eventually(&format!("{a} to answer /health"), || healthy(a)).await;
+    }
+    let start = Instant::now();
+    while try_get(&c, proxy, "/pd-sidecar/metrics").await.is_none() {
+        epp.assert_running();
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the proxy never answered:\n{}",
+            epp.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pd_metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let c = c.clone();
+        async move {
+            let t = http(&c, "GET", proxy, "/pd-sidecar/metrics", "")
+                .await
+                .text();
+            sample(&t, name, labels)
+        }
+    };
+    let send = |body: String| {
+        let c = c.clone();
+        async move { http(&c, "POST", proxy, "/v1/completions", &body).await }
+    };
+    let wait_decoded = |want: f64| {
+        let c = c.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let r = replica(&c, decode_addr).await;
+                if r.generated >= want {
+                    return r;
+                }
+                assert!(start.elapsed() < DEADLINE, "decoder stuck: {r:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // 1. Uncached, streamed: prefill hop in the proxy, KV read by the decoder.
+    let doc = words("inproc", N);
+    let r = send(completion(&doc, 20, true)).await;
+    let (text, usage) = stream_parts(&r);
+    assert_eq!(text, 20, "{}", r.text());
+    assert_eq!(usage["prompt_tokens"], N);
+    assert_eq!(usage["completion_tokens"], 20);
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 0,
+        "the prefill replica's"
+    );
+    let dec = wait_decoded(20.0).await;
+    eventually("the prefill replica to free the read blocks", || async {
+        replica(&c, prefill_addr).await.served == 1.0
+    })
+    .await;
+    let pre = replica(&c, prefill_addr).await;
+    assert_eq!(pre.computed, N as f64, "{pre:?}");
+    assert_eq!(pre.generated, 1.0, "the prefill hop asks for one token");
+    assert_eq!(dec.transfers, 1.0, "{dec:?}");
+    assert_eq!(dec.transferred, (N - 1) as f64, "{dec:?}");
+    assert_eq!(
+        dec.computed, 1.0,
+        "only the last prompt token is recomputed"
+    );
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await,
+        1.0
+    );
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_prefill_duration_seconds_count", &[]).await,
+        1.0
+    );
+
+    // 2. The same prompt: cached on the decoder, no prefill hop.
+    let r = send(completion(&doc, 20, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 20);
+    let dec2 = wait_decoded(40.0).await;
+    assert_eq!(
+        replica(&c, prefill_addr).await.computed,
+        N as f64,
+        "no second prefill"
+    );
+    assert_eq!(dec2.transfers, 1.0, "{dec2:?}");
+    assert!(dec2.cache_hit >= (N - 16) as f64, "{dec2:?}");
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_requests_total", &[("route", "pd")]).await,
+        1.0
+    );
+
+    // 3. The prefill replica dies: the proxy retries, then prefills on the decoder.
+    prefill.kill();
+    let r = send(completion(&words("alone", N), 10, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 10);
+    let dec3 = wait_decoded(50.0).await;
+    assert_eq!(
+        dec3.computed - dec2.computed,
+        N as f64,
+        "prefilled locally: {dec3:?}"
+    );
+    assert_eq!(dec3.transfers, 1.0, "{dec3:?}");
+    assert_eq!(
+        pd_metric(
+            "llmsched_pd_sidecar_prefill_fallbacks_total",
+            &[("reason", "connect")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        pd_metric("llmsched_pd_sidecar_prefill_retries_total", &[]).await,
+        2.0
+    );
+    let log = epp.logs();
+    assert!(log.contains("prefilling locally"), "{log}");
+    decode.assert_running();
+    epp.assert_running();
 }
 
 /// `llmsched pd-sidecar` refuses bad flags with a message that names them, before binding.

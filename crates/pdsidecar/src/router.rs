@@ -136,10 +136,24 @@ pub struct PdRouterConfig {
 }
 
 impl PdRouterConfig {
+    /// Defaults for a router that is given its decode replica with every call
+    /// ([`PdRouter::handle_with_decoder`]), as the built-in proxy uses it; `decoder` is then
+    /// only what [`PdRouter::handle`] would use (`127.0.0.1:0`, which refuses connections).
+    pub fn per_call_decoder() -> Self {
+        Self::with_upstream(Upstream {
+            scheme: Scheme::HTTP,
+            authority: Authority::from_static("127.0.0.1:0"),
+        })
+    }
+
     /// Defaults in front of `decoder` (`host:port` or an `http(s)://` URL).
     pub fn new(decoder: &str) -> Result<Self, SidecarError> {
-        Ok(Self {
-            decoder: Upstream::parse(decoder)?,
+        Ok(Self::with_upstream(Upstream::parse(decoder)?))
+    }
+
+    fn with_upstream(decoder: Upstream) -> Self {
+        Self {
+            decoder,
             prefill_tls: false,
             prefill_insecure_skip_verify: false,
             decoder_insecure_skip_verify: false,
@@ -151,7 +165,7 @@ impl PdRouterConfig {
             max_body_bytes: 64 << 20,
             connect_timeout: Duration::from_secs(5),
             max_idle_conns_per_host: 1024,
-        })
+        }
     }
 }
 

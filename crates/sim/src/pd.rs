@@ -22,7 +22,10 @@
 //!    *side channel* (`remote_host:remote_port`, see [`serve_side_channel`]): `POST
 //!    /nixl/read` checks the blocks are still held and returns their ids, the decoder then
 //!    pays the transfer time of the [`TransferModel`] on its simulated clock, and `POST
-//!    /nixl/notify` tells the prefill replica to free them (NIXL's completion notification).
+//!    /nixl/notify` tells the prefill replica to free them (NIXL's completion notification;
+//!    the decoder does not wait for its answer). The prefill replica answers both while it
+//!    computes a step, as vLLM's side-channel thread and NIXL's one-sided reads do not wait
+//!    for the engine's scheduler.
 //!    When the blocks arrive, the request's computed tokens jump to the prompt length minus
 //!    one (vLLM recomputes the last prompt token to get logits), the transferred full blocks
 //!    enter the decoder's prefix cache (KV events included), and decoding starts without
