@@ -399,6 +399,10 @@ impl Deployment {
                 format!("--metrics-port={metrics}"),
                 "--secure-serving=false".into(),
                 "--refresh-metrics-interval=50ms".into(),
+                // The P/D hops and the sidecar's own fallback for a dead prefiller are under
+                // test; with endpoint health checks the EPP stops naming a dead or not yet
+                // scraped endpoint, which endpoint_health.rs covers.
+                "--endpoint-health-checks=false".into(),
                 format!("--endpoints-file={}", endpoints_file.display()),
                 format!(
                     "--config-file={}",
@@ -796,6 +800,10 @@ async fn the_built_in_proxy_runs_the_prefill_hop_in_process() {
             format!("--proxy-port={proxy}"),
             "--secure-serving=false".into(),
             "--refresh-metrics-interval=50ms".into(),
+            // The P/D hops and the sidecar's own fallback for a dead prefiller are under
+            // test; with endpoint health checks the EPP stops naming a dead or not yet
+            // scraped endpoint, which endpoint_health.rs covers.
+            "--endpoint-health-checks=false".into(),
             format!("--endpoints-file={}", endpoints_file.display()),
             format!(
                 "--config-file={}",
