@@ -28,9 +28,10 @@ use llmsched_datalayer::{
     MetricsScheme, ScrapeTls, parse_endpoints_flag,
 };
 use llmsched_director::{Director, DirectorOptions, EppMetrics, HealthMetrics, PoolCollector};
-use llmsched_extproc::{
-    ExtProcOptions, HealthHandle, Limits, Listener, ListenerMetrics, ServeError, TlsConfig,
-    serve_ext_proc_on, serve_health_on, serve_metrics_on, spawn_readiness_watch,
+use llmsched_extproc::{ExtProcOptions, TlsConfig, serve_ext_proc_on};
+use llmsched_ops::{
+    HealthHandle, Limits, Listener, ListenerMetrics, ServeError, serve_health_on, serve_metrics_on,
+    spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -682,7 +683,7 @@ async fn metrics_authorizer(
     args: &Args,
     kube_client: Option<&llmsched_kube::Client>,
     registry: &mut Registry,
-) -> Result<Option<Arc<dyn llmsched_extproc::MetricsAuthorizer>>, EppError> {
+) -> Result<Option<Arc<dyn llmsched_ops::MetricsAuthorizer>>, EppError> {
     let client = match (args.metrics_endpoint_auth, kube_client) {
         (Some(false), _) => {
             tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");
