@@ -437,8 +437,58 @@ pub fn load(
         source,
         registry,
         handle,
+        previous: None,
     }
     .build(doc)
+}
+
+/// [`load`], reusing the plugin instances of `previous` whose name, type and parameters are
+/// unchanged (a reload): the instance is carried over as it is, with its state (the prefix
+/// indexes, KV-event subscriptions, counters), instead of being built anew. Defaults added
+/// by the loader (a `max-score-picker`, the `openai-parser`...) are reused the same way.
+pub fn load_reusing(
+    text: &str,
+    source: ConfigSource,
+    registry: &Registry,
+    handle: &PluginHandle,
+    previous: &LoadedConfig,
+) -> Result<LoadedConfig, ConfigError> {
+    let doc = parse_document(text, &source)?;
+    Loader {
+        source,
+        registry,
+        handle,
+        previous: Some(previous),
+    }
+    .build(doc)
+}
+
+impl LoadedConfig {
+    /// The instance named `name` if it was built from `type_name` with `parameters` (a
+    /// declared plugin), or is a default the loader added under its type's name.
+    fn reusable(
+        &self,
+        name: &str,
+        type_name: &str,
+        parameters: Option<&serde_json::Value>,
+    ) -> Option<Arc<dyn Plugin>> {
+        let (_, plugin) = self.plugins.iter().find(|(n, _)| n == name)?;
+        let same = match self
+            .document
+            .plugins
+            .iter()
+            .find(|s| s.name.as_deref() == Some(name))
+        {
+            Some(spec) => {
+                spec.type_name == type_name
+                    && spec.parameters.as_ref().filter(|v| !v.is_null())
+                        == parameters.filter(|v| !v.is_null())
+            }
+            // Added by the loader: named after its type, without parameters.
+            None => name == type_name && plugin.type_name() == type_name && parameters.is_none(),
+        };
+        same.then(|| plugin.clone())
+    }
 }
 
 /// Loads [`DEFAULT_CONFIG_YAML`].
@@ -453,6 +503,8 @@ struct Loader<'a> {
     source: ConfigSource,
     registry: &'a Registry,
     handle: &'a PluginHandle,
+    /// On a reload, the configuration whose unchanged plugin instances are reused.
+    previous: Option<&'a LoadedConfig>,
 }
 
 impl Loader<'_> {
@@ -469,6 +521,12 @@ impl Loader<'_> {
         type_name: &str,
         parameters: Option<&serde_json::Value>,
     ) -> Result<Arc<dyn Plugin>, ConfigError> {
+        if let Some(p) = self
+            .previous
+            .and_then(|prev| prev.reusable(name, type_name, parameters))
+        {
+            return Ok(p);
+        }
         let factory = self
             .registry
             .factory(type_name)

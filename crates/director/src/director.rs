@@ -145,8 +145,9 @@ pub(crate) struct Shared {
 
 /// The request lifecycle, shared by every transport. Cheap to share (`Arc<Director>`).
 pub struct Director {
-    active: ArcSwap<ActiveConfig>,
-    config_cell: Arc<ArcSwap<LoadedConfig>>,
+    /// The one configuration cell: the loaded configuration with what is derived from it.
+    /// The flow controller's saturation probe reads it through a weak reference.
+    active: Arc<ArcSwap<ActiveConfig>>,
     endpoints: Arc<dyn EndpointSource>,
     objectives: Arc<ArcSwap<Objectives>>,
     scheduler_metrics: Option<Arc<SchedulerMetrics>>,
@@ -218,14 +219,12 @@ impl DirectorBuilder {
             health_metrics: self.health_metrics.unwrap_or_default(),
             last_fail_open_log: AtomicU64::new(0),
         });
-        let config_cell = Arc::new(ArcSwap::new(self.config.clone()));
-        let mut d = Director {
-            active: ArcSwap::from_pointee(ActiveConfig {
+        let d = Director {
+            active: Arc::new(ArcSwap::from_pointee(ActiveConfig {
                 config: self.config.clone(),
                 hooks: Arc::new(HookSet { hooks: Vec::new() }),
                 flow: None,
-            }),
-            config_cell,
+            })),
             endpoints: self.endpoints,
             objectives: self
                 .objectives
@@ -235,18 +234,23 @@ impl DirectorBuilder {
             options: self.options,
         };
         let active = d.activate(self.config, None);
-        d.active = ArcSwap::from_pointee(active);
+        d.active.store(Arc::new(active));
         d
     }
 }
 
+/// Saturation as the configuration in effect sees it (weak: the cell owns the controller
+/// that owns this probe).
 fn saturation_probe(
-    config: Arc<ArcSwap<LoadedConfig>>,
+    active: std::sync::Weak<ArcSwap<ActiveConfig>>,
     endpoints: Arc<dyn EndpointSource>,
 ) -> SaturationProbe {
     Arc::new(move || {
-        let cfg = config.load();
-        let Some(det) = &cfg.saturation_detector else {
+        let Some(active) = active.upgrade() else {
+            return 0.0;
+        };
+        let active = active.load();
+        let Some(det) = &active.config.saturation_detector else {
             return 0.0;
         };
         let snap = endpoints.snapshot();
@@ -293,13 +297,12 @@ impl Director {
                 )
             })
             .collect();
-        self.config_cell.store(config.clone());
         let flow = match (&config.flow_control, previous.and_then(|p| p.flow.as_ref())) {
             (None, _) => None,
             (Some(s), Some(prev)) if prev.settings() == s => Some(prev.clone()),
             (Some(s), _) => Some(FlowController::new(
                 s.clone(),
-                saturation_probe(self.config_cell.clone(), self.endpoints.clone()),
+                saturation_probe(Arc::downgrade(&self.active), self.endpoints.clone()),
                 self.shared.metrics.clone(),
                 self.options.pool_name.clone(),
                 self.options.flow_control_tick,
@@ -321,8 +324,10 @@ impl Director {
         }
     }
 
-    /// Replaces the configuration (plugins, scheduler, flow control). Requests in flight
-    /// finish with the configuration they were routed with.
+    /// Replaces the configuration (plugins, scheduler, flow control) with one atomic swap:
+    /// requests routed from now on use it, requests in flight finish with the configuration
+    /// they were routed with. A flow controller with unchanged settings carries over (its
+    /// queues with it). Callers serialize their calls (`llmsched epp`'s reloader is one task).
     pub fn set_config(&self, config: Arc<LoadedConfig>) {
         let prev = self.active.load_full();
         let next = self.activate(config, Some(&prev));

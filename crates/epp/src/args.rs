@@ -265,6 +265,20 @@ pub struct Args {
     #[arg(long, value_parser = unquoted)]
     pub config_text: Option<String>,
 
+    /// Reload --config-file when it changes (checked every --config-reload-interval; a
+    /// Kubernetes ConfigMap update is seen too) and on SIGHUP: the new configuration is
+    /// built and validated off the request path, then swapped in atomically (requests in
+    /// flight finish on the one they started with); a broken file is logged and counted and
+    /// the running configuration stays. Unchanged plugin instances, with their state (prefix
+    /// indexes), are carried over. false: the file is read once, at start.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub config_reload: bool,
+
+    /// How often --config-file is checked for changes (a change is applied once it has been
+    /// read the same twice in a row, so a half-written file is never loaded).
+    #[arg(long, default_value = "1s", value_parser = go_duration)]
+    pub config_reload_interval: Duration,
+
     // --- Endpoints without Kubernetes ----------------------------------------------------
     /// Static endpoints: ip:port[,ip:port...].
     #[arg(long, value_name = "IP:PORT,...", value_parser = unquoted)]
@@ -337,7 +351,8 @@ pub struct Args {
     pub disable_endpoint_subset_filter: bool,
 
     // --- Data layer ---------------------------------------------------------------------
-    /// Scheme used to scrape model-server metrics (only http is supported).
+    /// Scheme used to scrape model-server metrics: http or https (a `metrics-data-source`
+    /// `scheme` parameter in the configuration wins).
     #[arg(long, default_value = "http", value_parser = unquoted)]
     pub model_server_metrics_scheme: String,
 
@@ -351,7 +366,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_parser = port)]
     pub model_server_metrics_port: u16,
 
-    /// Deprecated; accepted for compatibility (https scraping is not supported).
+    /// With --model-server-metrics-scheme=https: accept any model-server certificate
+    /// (default true, as the reference); false verifies it against the system roots, or the
+    /// `caCertPath` of the configuration's `metrics-data-source`.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub model_server_metrics_https_insecure_skip_verify: bool,
 
@@ -703,13 +720,8 @@ impl Args {
                 "--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)".into(),
             ));
         }
-        if self.model_server_metrics_scheme != "http" {
-            if self.model_server_metrics_scheme == "https" {
-                return Err(ArgsError(format!(
-                    "flag --{} is not supported by llmsched yet: {}",
-                    "model-server-metrics-scheme=https", "metrics are scraped over http only"
-                )));
-            }
+        if self.model_server_metrics_scheme != "http" && self.model_server_metrics_scheme != "https"
+        {
             return Err(ArgsError(format!(
                 "unexpected \"{}\" value for \"model-server-metrics-scheme\" flag, it can only be set to 'http' or 'https'",
                 self.model_server_metrics_scheme
@@ -739,6 +751,11 @@ impl Args {
         if self.cert_path.is_some() && !self.secure_serving {
             return Err(ArgsError(
                 "--cert-path is set but --secure-serving=false: drop one of them".into(),
+            ));
+        }
+        if self.config_reload_interval.is_zero() {
+            return Err(ArgsError(
+                "--config-reload-interval must be positive".into(),
             ));
         }
         if self.refresh_metrics_interval.is_zero() {
@@ -824,6 +841,25 @@ mod tests {
         assert_eq!(a.max_request_body_bytes, 1 << 20);
         let a = parse(&["--endpoints=a:1", "--max-request-body-bytes", "4096"]).unwrap();
         assert_eq!(a.max_request_body_bytes, 4096);
+        let a = parse(&[
+            "--endpoints=a:1",
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-https-insecure-skip-verify=false",
+        ])
+        .unwrap();
+        assert_eq!(a.model_server_metrics_scheme, "https");
+        assert!(!a.model_server_metrics_https_insecure_skip_verify);
+        let a = parse(&["--endpoints=a:1"]).unwrap();
+        assert!(a.config_reload);
+        assert_eq!(a.config_reload_interval, Duration::from_secs(1));
+        let a = parse(&[
+            "--endpoints=a:1",
+            "--config-reload=false",
+            "--config-reload-interval=250ms",
+        ])
+        .unwrap();
+        assert!(!a.config_reload);
+        assert_eq!(a.config_reload_interval, Duration::from_millis(250));
     }
 
     #[test]
@@ -924,10 +960,6 @@ mod tests {
                 &["--endpoints=a:1", "--model-server-metrics-scheme=ftp"],
                 "can only be set to 'http' or 'https'",
             ),
-            (
-                &["--endpoints=a:1", "--model-server-metrics-scheme=https"],
-                "http only",
-            ),
             (&[], "no endpoints: pass --pool-name"),
             (&["--pool-name="], "no endpoints"),
             (
@@ -951,6 +983,14 @@ mod tests {
             (
                 &["--endpoints=a:1", "--drain-timeout=forever"],
                 "drain-timeout",
+            ),
+            (
+                &["--endpoints=a:1", "--config-reload-interval=0s"],
+                "--config-reload-interval must be positive",
+            ),
+            (
+                &["--endpoints=a:1", "--config-reload=sometimes"],
+                "config-reload",
             ),
             (
                 &["--endpoints=a:1", "--endpoint-health-checks=maybe"],

@@ -5,7 +5,9 @@
 //! servers and, in standalone mode, the built-in proxy.
 
 pub mod args;
+pub mod data_sources;
 mod proxy;
+pub mod reload;
 pub mod run;
 
 pub use args::{Args, ArgsError, Discovery, LogSettings, TimeEncoding, ZapEncoder, ZapLevel};

@@ -25,19 +25,23 @@ use llmsched_core::objectives::Objectives;
 use llmsched_core::registry::{Extensions, PluginHandle};
 use llmsched_datalayer::{
     DataLayerConfig, DataLayerHandle, EndpointStore, HealthCollector, MetricOverrides,
-    parse_endpoints_flag,
+    MetricsScheme, ScrapeTls, parse_endpoints_flag,
 };
 use llmsched_director::{Director, DirectorOptions, EppMetrics, HealthMetrics, PoolCollector};
-use llmsched_extproc::{
-    ExtProcOptions, HealthHandle, Limits, Listener, ListenerMetrics, ServeError, TlsConfig,
-    serve_ext_proc_on, serve_health_on, serve_metrics_on, spawn_readiness_watch,
+use llmsched_extproc::{ExtProcOptions, TlsConfig, serve_ext_proc_on};
+use llmsched_ops::{
+    HealthHandle, Limits, Listener, ListenerMetrics, ServeError, serve_health_on, serve_metrics_on,
+    spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::{Args, ArgsError, Discovery};
+use crate::data_sources::DataLayerPlan;
+use crate::reload::{ConfigMetrics, Reloader};
 use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
 
 /// Why the EPP cannot start or stopped.
@@ -122,6 +126,7 @@ pub struct EppHandle {
     datalayer: Option<DataLayerHandle>,
     kube: Option<llmsched_kube::discovery::KubeDiscovery>,
     leader: Option<llmsched_kube::leader::LeaderElection>,
+    reload_trigger: Arc<Notify>,
 }
 
 type Servers = JoinSet<(&'static str, Result<(), String>)>;
@@ -140,6 +145,13 @@ impl EppHandle {
     /// The health handle.
     pub fn health(&self) -> &HealthHandle {
         &self.health
+    }
+
+    /// Reloads `--config-file` now, as SIGHUP does (no-op without a file or with
+    /// `--config-reload=false`). The outcome is logged and counted in
+    /// `llmsched_config_reloads_total`.
+    pub fn reload_config(&self) {
+        self.reload_trigger.notify_one();
     }
 
     /// Whether this replica holds the leader Lease (`None` without leader election).
@@ -249,30 +261,57 @@ impl Drop for EppHandle {
     }
 }
 
+/// `--config-file`, unless empty (an empty value means unset, as pflag's empty string does).
+pub fn config_file(args: &Args) -> Option<&Path> {
+    args.config_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Where the configuration comes from.
+pub fn config_source(args: &Args) -> ConfigSource {
+    match (config_file(args), &args.config_text) {
+        (Some(path), _) => ConfigSource::File(path.display().to_string()),
+        (None, Some(_)) => ConfigSource::Text,
+        (None, None) => ConfigSource::Default,
+    }
+}
+
+/// The configuration text named by the flags (file, text, or the built-in default).
+pub fn config_text(args: &Args) -> Result<String, EppError> {
+    if let Some(path) = config_file(args) {
+        return std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
+            path: path.display().to_string(),
+            error,
+        });
+    }
+    Ok(args
+        .config_text
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_CONFIG_YAML.to_string()))
+}
+
 /// Loads the configuration named by the flags (file, text, or the built-in default).
 pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
     let registry = llmsched_plugins::default_registry();
-    // An empty --config-file means unset, as pflag's empty string does.
-    if let Some(path) = args
-        .config_file
-        .as_ref()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
-            path: path.display().to_string(),
-            error,
-        })?;
-        return Ok(config::load(
-            &text,
-            ConfigSource::File(path.display().to_string()),
-            &registry,
-            handle,
-        )?);
-    }
-    if let Some(text) = &args.config_text {
-        return Ok(config::load(text, ConfigSource::Text, &registry, handle)?);
-    }
-    Ok(config::load_default(&registry, handle)?)
+    let text = config_text(args)?;
+    Ok(config::load(&text, config_source(args), &registry, handle)?)
+}
+
+/// The data layer's settings: the flags, then what the configuration's `dataLayer` and
+/// `metrics-data-source` / `core-metrics-extractor` parameters say (see
+/// [`crate::data_sources`]). Errors name the configuration's source, as load errors do.
+pub fn resolve_data_layer(
+    args: &Args,
+    config: &LoadedConfig,
+) -> Result<(DataLayerPlan, DataLayerConfig), EppError> {
+    let fail = |detail: String| config::ConfigError {
+        origin: config_source(args),
+        detail,
+    };
+    let plan = DataLayerPlan::resolve(config).map_err(fail)?;
+    let dl = plan.apply(data_layer_config(args)?).map_err(fail)?;
+    Ok((plan, dl))
 }
 
 fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
@@ -284,6 +323,11 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
     Ok(DataLayerConfig {
         refresh_interval: args.refresh_metrics_interval,
         staleness_threshold: args.metrics_staleness_threshold,
+        metrics_scheme: MetricsScheme::parse(&args.model_server_metrics_scheme).unwrap_or_default(),
+        tls: ScrapeTls {
+            insecure_skip_verify: args.model_server_metrics_https_insecure_skip_verify,
+            ..ScrapeTls::default()
+        },
         metrics_path: args.model_server_metrics_path.clone(),
         metrics_port: (args.model_server_metrics_port != 0)
             .then_some(args.model_server_metrics_port),
@@ -307,18 +351,18 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
         endpoints_file: args.endpoints_file.clone(),
         target_ports: args.endpoint_target_ports.clone(),
         objectives_file: args.objectives_file.clone(),
-        health: health_policy(args),
+        health: health_policy(args, args.refresh_metrics_interval),
         ..DataLayerConfig::default()
     })
 }
 
-/// Endpoint health from the flags. Metrics count as stale after
+/// Endpoint health from the flags, for metrics scraped every `refresh` (the flag's, or the
+/// configured source's `interval`). Metrics count as stale after
 /// `--metrics-staleness-threshold`, but never sooner than two refresh intervals plus a
-/// scrape timeout, so a long `--refresh-metrics-interval` cannot make every endpoint look
-/// stale between two scrapes.
-pub fn health_policy(args: &Args) -> HealthPolicy {
-    let floor = args
-        .refresh_metrics_interval
+/// scrape timeout, so a long refresh interval cannot make every endpoint look stale between
+/// two scrapes.
+pub fn health_policy(args: &Args, refresh: Duration) -> HealthPolicy {
+    let floor = refresh
         .saturating_mul(2)
         .saturating_add(DataLayerConfig::default().scrape_timeout);
     HealthPolicy {
@@ -401,7 +445,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
     let health_metrics = HealthMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
-    let health_policy = health_policy(&args);
+    let config_metrics = ConfigMetrics::register(&mut registry);
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -416,7 +460,19 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         endpoints: Some(store.clone() as Arc<dyn EndpointSource>),
         extensions,
     };
-    let config = Arc::new(load_config(&args, &handle)?);
+    let plugin_registry = llmsched_plugins::default_registry();
+    let text = config_text(&args)?;
+    let config_hash = crate::reload::content_hash(&text);
+    let config = Arc::new(config::load(
+        &text,
+        config_source(&args),
+        &plugin_registry,
+        &handle,
+    )?);
+    let (dl_plan, mut dl_config) = resolve_data_layer(&args, &config)?;
+    config_metrics.loaded(&config_source(&args), config_hash, false);
+    let health_policy = health_policy(&args, dl_config.refresh_interval);
+    dl_config.health = health_policy.clone();
     for listener in &config.endpoint_listeners {
         store.add_listener(listener.clone());
     }
@@ -424,6 +480,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         profiles = ?config.scheduler.profiles().iter().map(|p| p.name()).collect::<Vec<_>>(),
         plugins = ?config.plugins.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         parser = config.parser.name(),
+        source = %config_source(&args),
+        hash = %crate::reload::hash_hex(config_hash),
         "configuration loaded"
     );
 
@@ -448,13 +506,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         .transpose()?;
 
     // Data layer: endpoints, objectives, scraping.
-    let dl = llmsched_datalayer::start(
-        data_layer_config(&args)?,
-        store.clone(),
-        dl_metrics,
-        cancel.clone(),
-    )
-    .await?;
+    let dl =
+        llmsched_datalayer::start(dl_config, store.clone(), dl_metrics, cancel.clone()).await?;
     let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
     let kube = match (&kube_client, kube_metrics, kube_source) {
         (Some(client), Some(metrics), Some((namespace, source))) => Some(start_kube_discovery(
@@ -495,6 +548,29 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
             })
             .build(),
     );
+    let reload_trigger = Arc::new(Notify::new());
+    match (config_file(&args), args.config_reload) {
+        (Some(path), true) => {
+            let reloader = Reloader {
+                path: path.to_path_buf(),
+                source: config_source(&args),
+                registry: plugin_registry,
+                handle,
+                director: director.clone(),
+                store: store.clone(),
+                plan: dl_plan,
+                metrics: config_metrics,
+                interval: args.config_reload_interval,
+                applied: config_hash,
+                trigger: reload_trigger.clone(),
+            };
+            tokio::spawn(reloader.run(cancel.clone()));
+        }
+        (Some(_), false) => {
+            tracing::info!("--config-reload=false: the configuration file is read once");
+        }
+        (None, _) => {}
+    }
 
     // Servers.
     let registry = Arc::new(registry);
@@ -595,6 +671,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         datalayer: Some(dl),
         kube,
         leader,
+        reload_trigger,
     })
 }
 
@@ -606,7 +683,7 @@ async fn metrics_authorizer(
     args: &Args,
     kube_client: Option<&llmsched_kube::Client>,
     registry: &mut Registry,
-) -> Result<Option<Arc<dyn llmsched_extproc::MetricsAuthorizer>>, EppError> {
+) -> Result<Option<Arc<dyn llmsched_ops::MetricsAuthorizer>>, EppError> {
     let client = match (args.metrics_endpoint_auth, kube_client) {
         (Some(false), _) => {
             tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");

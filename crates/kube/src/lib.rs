@@ -13,7 +13,7 @@
 //! * [`leader`] — leader election over a `coordination.k8s.io/v1` Lease
 //!   (`--ha-enable-leader-election`);
 //! * [`auth`] — `/metrics` authentication and authorization with TokenReview and
-//!   SubjectAccessReview (`--metrics-endpoint-auth`), behind `llmsched-extproc`'s
+//!   SubjectAccessReview (`--metrics-endpoint-auth`), behind `llmsched-ops`'
 //!   `MetricsAuthorizer` seam.
 pub mod auth;
 pub mod crd;

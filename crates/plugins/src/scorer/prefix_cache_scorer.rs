@@ -139,6 +139,12 @@ impl Scorer for PrefixCacheScorer {
     }
 
     fn score(&self, cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
+        // Deferred to a producer that is no longer there (a configuration reload dropped it
+        // and carried this scorer over): hash and record again from the next request.
+        if self.deferred.load(Ordering::Relaxed) && cx.cycle.get::<ApproxPrefixState>().is_none() {
+            self.deferred.store(false, Ordering::Relaxed);
+            tracing::info!(scorer = %self.name, "prefix-cache-scorer: no other prefix producer ran; hashing and recording again");
+        }
         score_prefix_match(cx.cycle, candidates, scores);
     }
 }
@@ -304,6 +310,42 @@ mod tests {
             .produce(req, &mut cycle, &cands);
         let s = scores(p.clone().as_scorer().unwrap().as_ref(), req, &cycle, eps);
         (cycle, s)
+    }
+
+    /// Deferring to a producer, then the producer goes away (a reload dropped it and carried
+    /// this scorer over): the scorer hashes and records by itself again.
+    #[test]
+    fn deferral_ends_when_the_producer_is_gone() {
+        let p = scorer(Some(serde_json::json!({"blockSize": 4, "autoTune": false})));
+        let producer = build(
+            crate::producer::approx_prefix_cache_producer::TYPE,
+            Some(serde_json::json!({"blockSizeTokens": 1, "autoTune": false})),
+        )
+        .unwrap();
+        let eps = [ep(1)];
+        let req = chat_request("aaaabbbb");
+        let cands: Vec<Candidate<'_>> = eps.iter().collect();
+        // With the producer: its state is in the cycle, the scorer defers.
+        let mut cycle = CycleState::new();
+        producer
+            .clone()
+            .as_data_producer()
+            .unwrap()
+            .produce(&req, &mut cycle, &cands);
+        p.clone()
+            .as_data_producer()
+            .unwrap()
+            .produce(&req, &mut cycle, &cands);
+        scores(p.clone().as_scorer().unwrap().as_ref(), &req, &cycle, &eps);
+        let (cycle, _) = run_cycle(&p, &req, &eps);
+        assert!(
+            cycle.get::<ApproxPrefixState>().is_none(),
+            "deferred: no state of its own"
+        );
+        // Without it: the next request is hashed and recorded by the scorer again.
+        let (cycle, _) = run_cycle(&p, &req, &eps);
+        dispatch(&p, &req, &cycle, &result_for(&eps[0]));
+        assert_close(&run_cycle(&p, &req, &eps).1, &[1.0]);
     }
 
     #[test]
