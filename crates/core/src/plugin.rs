@@ -26,6 +26,7 @@ use smallvec::SmallVec;
 use crate::cycle::CycleState;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::error::InferenceError;
+pub use crate::replica::ReplicatedState;
 use crate::request::{Headers, InferenceRequest, RequestBody, ResponseInfo};
 use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingResult};
 
@@ -81,6 +82,10 @@ pub trait Plugin: Send + Sync + 'static {
     }
     /// This plugin as an endpoint-membership listener.
     fn as_endpoint_listener(self: Arc<Self>) -> Option<Arc<dyn EndpointListener>> {
+        None
+    }
+    /// This plugin's state shared with the EPP's other replicas (see [`crate::replica`]).
+    fn as_replicated(self: Arc<Self>) -> Option<Arc<dyn ReplicatedState>> {
         None
     }
 }
