@@ -196,6 +196,7 @@ pub fn start(
     let origin = proto::Origin {
         replica_id: config.replica_id.clone(),
         incarnation: rand::random::<u64>() | 1,
+        sync_port: u32::from(addr.port()),
     };
     let tls = config.server_tls.clone();
     let inner = Arc::new(sync::Inner::new(
@@ -287,6 +288,13 @@ impl HaHandle {
     /// Peer replicas with an open push stream to this replica.
     pub fn receiving_from(&self) -> usize {
         self.inner.remote_replicas()
+    }
+
+    /// The most bytes ever queued for one peer (bounded by `max_peer_queue_bytes`).
+    pub fn peer_queue_high_water(&self) -> usize {
+        self.inner
+            .queue_high_water
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The metrics.

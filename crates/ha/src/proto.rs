@@ -27,6 +27,9 @@ pub struct Origin {
     /// Random, drawn at start: a restart is a new incarnation.
     #[prost(fixed64, tag = "2")]
     pub incarnation: u64,
+    /// The port its sync server listens on (a receiver dials back there to resync).
+    #[prost(uint32, tag = "3")]
+    pub sync_port: u32,
 }
 
 /// `Hello` request.
@@ -212,6 +215,7 @@ mod tests {
             origin: Some(Origin {
                 replica_id: "epp-0".into(),
                 incarnation: 42,
+                sync_port: 9004,
             }),
             seq: 7,
             sent_unix_ms: 1,

@@ -44,7 +44,13 @@ impl ClientStreamingService<SyncBatch> for PushSvc {
     type Future = BoxFuture<Response<PushSummary>, Status>;
     fn call(&mut self, req: Request<Streaming<SyncBatch>>) -> Self::Future {
         let inner = self.0.clone();
-        Box::pin(async move { inner.serve_push(req.into_inner()).await.map(Response::new) })
+        let from = req.remote_addr();
+        Box::pin(async move {
+            inner
+                .serve_push(req.into_inner(), from)
+                .await
+                .map(Response::new)
+        })
     }
 }
 

@@ -98,6 +98,8 @@ struct Remote {
     /// Gauge values per (state kind, state name), per endpoint name.
     gauges: HashMap<(String, String), HashMap<String, u64>>,
     last_resync: Option<Instant>,
+    /// Where its sync server is (source address of its stream + its advertised port).
+    addr: Option<String>,
 }
 
 impl Remote {
@@ -110,6 +112,7 @@ impl Remote {
             loads: HashMap::new(),
             gauges: HashMap::new(),
             last_resync: None,
+            addr: None,
         }
     }
 }
@@ -126,6 +129,10 @@ pub(crate) struct Inner {
     remotes: Mutex<HashMap<String, Remote>>,
     resync_wanted: Mutex<HashSet<String>>,
     snapshot_permits: Arc<Semaphore>,
+    /// Most bytes ever queued for one peer.
+    pub(crate) queue_high_water: AtomicUsize,
+    /// A peer's snapshot was applied at start.
+    bootstrapped_warm: AtomicBool,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -149,6 +156,8 @@ impl Inner {
             remotes: Mutex::new(HashMap::new()),
             resync_wanted: Mutex::new(HashSet::new()),
             snapshot_permits: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
+            queue_high_water: AtomicUsize::new(0),
+            bootstrapped_warm: AtomicBool::new(false),
             cancel,
         }
     }
@@ -438,7 +447,8 @@ impl Inner {
                 self.metrics.drop_n("peer_queue_full", 1);
                 continue;
             }
-            l.queued.fetch_add(len, Ordering::Relaxed);
+            let now = l.queued.fetch_add(len, Ordering::Relaxed) + len;
+            self.queue_high_water.fetch_max(now, Ordering::Relaxed);
             if tx.try_send(bytes.clone()).is_err() {
                 l.queued.fetch_sub(len, Ordering::Relaxed);
                 self.metrics.drop_n("peer_queue_full", 1);
@@ -908,10 +918,14 @@ impl Inner {
             r.streams = streams;
         }
         r.last_heard = Instant::now();
-        if let Some(last) = r.last_seq
-            && seq > last + 1
-        {
-            let missed = seq - last - 1;
+        let missed = match r.last_seq {
+            Some(last) => seq.saturating_sub(last + 1),
+            // First contact: what it sent before is covered by the snapshot this replica
+            // started from, if it started warm.
+            None if !self.bootstrapped_warm.load(Ordering::Relaxed) => seq.saturating_sub(1),
+            None => 0,
+        };
+        if missed > 0 {
             self.metrics.drop_n("missed", missed);
             tracing::debug!(replica = %origin.replica_id, missed, "ha: batches from peer were lost; a snapshot will resync");
             self.resync_wanted.lock().insert(origin.replica_id.clone());
@@ -1021,6 +1035,7 @@ impl Inner {
     pub(crate) async fn serve_push(
         self: Arc<Self>,
         mut stream: tonic::Streaming<SyncBatch>,
+        from_addr: Option<std::net::SocketAddr>,
     ) -> Result<PushSummary, Status> {
         let mut resolver = Resolver::new();
         let mut from: Option<Origin> = None;
@@ -1049,10 +1064,15 @@ impl Inner {
             match &from {
                 None => {
                     let mut remotes = self.remotes.lock();
-                    remotes
+                    let r = remotes
                         .entry(origin.replica_id.clone())
-                        .or_insert_with(|| Remote::new(origin.incarnation))
-                        .streams += 1;
+                        .or_insert_with(|| Remote::new(origin.incarnation));
+                    r.streams += 1;
+                    if let (Some(a), Ok(port)) = (from_addr, u16::try_from(origin.sync_port))
+                        && port != 0
+                    {
+                        r.addr = Some(std::net::SocketAddr::new(a.ip(), port).to_string());
+                    }
                     from = Some(origin.clone());
                 }
                 Some(f) if f != &origin => {
@@ -1332,9 +1352,10 @@ impl Inner {
                 .lock()
                 .iter()
                 .find(|(_, l)| l.replica_id.lock().as_deref() == Some(replica.as_str()))
-                .map(|(a, _)| a.clone());
+                .map(|(a, _)| a.clone())
+                .or_else(|| self.remotes.lock().get(&replica).and_then(|r| r.addr.clone()));
             let Some(addr) = addr else {
-                tracing::debug!(replica = %replica, "ha: lost batches from a replica this one does not dial; it converges through later traffic");
+                tracing::debug!(replica = %replica, "ha: lost batches from a replica whose sync address is unknown; it converges through later traffic");
                 continue;
             };
             let inner = self.clone();
@@ -1418,7 +1439,10 @@ impl Inner {
                     break;
                 }
                 match tokio::time::timeout(remaining, self.pull_snapshot(addr)).await {
-                    Ok(Ok((from, keys))) => return Bootstrap::Warm { from, keys },
+                    Ok(Ok((from, keys))) => {
+                        self.bootstrapped_warm.store(true, Ordering::Relaxed);
+                        return Bootstrap::Warm { from, keys };
+                    }
                     Ok(Err(PeerError::IsSelf)) => {}
                     Ok(Err(e)) => {
                         self.metrics.error(e.reason());

@@ -32,6 +32,7 @@ use crate::metrics::HaMetrics;
 /// An accepted or dialled peer connection (plaintext or TLS).
 pub struct PeerIo {
     inner: Box<dyn Io>,
+    remote: Option<std::net::SocketAddr>,
     _permit: Option<ConnPermit>,
 }
 
@@ -81,8 +82,13 @@ impl AsyncWrite for PeerIo {
 }
 
 impl tonic::transport::server::Connected for PeerIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: None,
+            remote_addr: self.remote,
+        }
+    }
 }
 
 /// Counts open accepted connections; released on drop.
@@ -156,6 +162,7 @@ pub(crate) fn incoming(
                 let io = match acceptor {
                     None => PeerIo {
                         inner: Box::new(sock),
+                        remote: Some(peer),
                         _permit: Some(permit),
                     },
                     Some(acc) => {
@@ -163,6 +170,7 @@ pub(crate) fn incoming(
                         {
                             Ok(Ok(tls)) => PeerIo {
                                 inner: Box::new(tls),
+                                remote: Some(peer),
                                 _permit: Some(permit),
                             },
                             Ok(Err(e)) => {
@@ -380,6 +388,7 @@ pub async fn dial(
     };
     let slot = Arc::new(parking_lot::Mutex::new(Some(PeerIo {
         inner: io,
+        remote: None,
         _permit: None,
     })));
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
