@@ -5,6 +5,9 @@
 //! [`EndpointMetrics`] are swapped in atomically (`arc-swap`), and the EPP's own in-flight
 //! counts are plain atomics. The set of endpoints is itself an immutable [`EndpointSet`]
 //! snapshot, replaced wholesale when discovery changes it.
+//!
+//! Each endpoint also carries its health ([`crate::health`]): whether it may be routed to,
+//! decided from scrapes and from the failures the transports report, with atomics only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +17,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+
+use crate::health::{
+    FailureKind, Health, HealthCounters, HealthPolicy, HealthState, Transition, clock_ms,
+};
 
 /// Well-known endpoint labels.
 pub mod label {
@@ -126,6 +133,7 @@ pub struct Endpoint {
     inflight_requests: AtomicI64,
     inflight_tokens: AtomicI64,
     dispatched_total: AtomicU64,
+    health: HealthState,
 }
 
 impl Endpoint {
@@ -141,6 +149,7 @@ impl Endpoint {
             inflight_requests: AtomicI64::new(0),
             inflight_tokens: AtomicI64::new(0),
             dispatched_total: AtomicU64::new(0),
+            health: HealthState::new(),
         }
     }
 
@@ -174,9 +183,82 @@ impl Endpoint {
         self.metrics.load()
     }
 
-    /// Replaces the metrics.
+    /// Replaces the metrics. Their `updated_at` is the endpoint's last successful scrape
+    /// for its health (the active signal and the half-open probe).
     pub fn set_metrics(&self, metrics: EndpointMetrics) {
+        self.health.set_scraped(metrics.updated_at);
         self.metrics.store(Arc::new(metrics));
+    }
+
+    /// The endpoint's health at `now`.
+    pub fn health(&self, now: Instant, policy: &HealthPolicy) -> Health {
+        self.health.health_at(clock_ms(now), policy)
+    }
+
+    /// True when the endpoint may be routed to at `now_ms` ([`clock_ms`]): the request
+    /// path's check, a few relaxed atomic loads.
+    #[inline]
+    pub fn is_routable_at(&self, now_ms: u64, policy: &HealthPolicy) -> bool {
+        self.health.is_routable_at(now_ms, policy)
+    }
+
+    /// Reports a failure seen while talking to the endpoint (opens its circuit breaker at
+    /// once) and logs the health transition it causes. Returns true when this failure
+    /// opened the circuit.
+    pub fn record_failure(&self, kind: FailureKind, now: Instant, policy: &HealthPolicy) -> bool {
+        let now_ms = clock_ms(now);
+        let opened = self.health.record_failure(kind, now_ms, policy);
+        if opened {
+            tracing::debug!(
+                endpoint = %self.name(),
+                failure = kind.as_str(),
+                backoff = ?policy.backoff_for(self.health.level()),
+                "circuit opened"
+            );
+        }
+        self.observe_health_at(now_ms, policy);
+        opened
+    }
+
+    /// Reports a response received through the endpoint (resets the backoff once the
+    /// endpoint is healthy). One relaxed load (no clock read) when there is nothing to reset.
+    #[inline]
+    pub fn record_success(&self, policy: &HealthPolicy) {
+        if self.health.level() != 0 {
+            self.health.record_success(clock_ms(Instant::now()), policy);
+        }
+    }
+
+    /// Logs and counts the endpoint's health transition since the last observation, if
+    /// any: `warn` when it becomes unhealthy, `info` when it is healthy again, `debug` for
+    /// a change of reason only. Called after every scrape and every reported failure.
+    pub fn observe_health(&self, now: Instant, policy: &HealthPolicy) -> Option<Transition> {
+        self.observe_health_at(clock_ms(now), policy)
+    }
+
+    fn observe_health_at(&self, now_ms: u64, policy: &HealthPolicy) -> Option<Transition> {
+        let t = self.health.observe(now_ms, policy)?;
+        let from = t.from.map_or("unknown", Health::as_str);
+        if t.flipped() && t.to.is_healthy() && t.from == Some(Health::NeverScraped) {
+            tracing::info!(endpoint = %self.name(), "endpoint is healthy (first successful scrape): routable");
+        } else if t.flipped() && t.to.is_healthy() {
+            tracing::info!(endpoint = %self.name(), from, "endpoint is healthy again: routable");
+        } else if t.flipped() {
+            tracing::warn!(
+                endpoint = %self.name(),
+                reason = t.to.as_str(),
+                retry_after = ?policy.backoff_for(self.health.level().max(1)),
+                "endpoint is unhealthy: not routable until a scrape succeeds"
+            );
+        } else {
+            tracing::debug!(endpoint = %self.name(), from, to = t.to.as_str(), "endpoint health changed");
+        }
+        Some(t)
+    }
+
+    /// Health transition and failure counters.
+    pub fn health_counters(&self) -> HealthCounters {
+        self.health.counters()
     }
 
     /// Requests the EPP has sent to this endpoint that have not completed.

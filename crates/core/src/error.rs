@@ -17,6 +17,11 @@ pub enum ErrorCode {
     Forbidden,
     /// 404.
     NotFound,
+    /// 413: the request body is larger than the EPP accepts (`--max-request-body-bytes`).
+    /// llmsched's own code: the reference EPP buffers bodies without a limit; its
+    /// light-weight EPP ends the stream with gRPC `ResourceExhausted` and llm-d's coordinator
+    /// answers HTTP 413, which is what a client can act on (429 would invite a retry).
+    PayloadTooLarge,
     /// 429: no capacity to serve the request now.
     ResourceExhausted,
     /// 500.
@@ -33,6 +38,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ResourceExhausted => 429,
             ErrorCode::Internal => 500,
             ErrorCode::ServiceUnavailable => 503,
@@ -46,6 +52,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "Unauthorized",
             ErrorCode::Forbidden => "Forbidden",
             ErrorCode::NotFound => "NotFound",
+            ErrorCode::PayloadTooLarge => "PayloadTooLarge",
             ErrorCode::ResourceExhausted => "ResourceExhausted",
             ErrorCode::Internal => "Internal",
             ErrorCode::ServiceUnavailable => "ServiceUnavailable",
@@ -95,6 +102,14 @@ impl InferenceError {
         Self::new(ErrorCode::BadRequest, message)
     }
 
+    /// 413: a request body over `limit` bytes.
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
     /// 429.
     pub fn resource_exhausted(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::ResourceExhausted, message)
@@ -138,6 +153,7 @@ mod tests {
             (ErrorCode::Unauthorized, 401),
             (ErrorCode::Forbidden, 403),
             (ErrorCode::NotFound, 404),
+            (ErrorCode::PayloadTooLarge, 413),
             (ErrorCode::ResourceExhausted, 429),
             (ErrorCode::Internal, 500),
             (ErrorCode::ServiceUnavailable, 503),

@@ -6,6 +6,8 @@
 //!
 //! * [`request`] — the request model (`InferenceRequest`, parsed body, headers, usage);
 //! * [`endpoint`] — endpoints with lock-free metrics snapshots and in-flight counters;
+//! * [`health`] — endpoint health (scrape freshness and a circuit breaker fed by transport
+//!   failures), atomics only;
 //! * [`plugin`] — the extension points (filters, scorers, pickers, profile handlers, data
 //!   producers, admission, pre-request and response hooks, parsers);
 //! * [`scheduler`] — profiles (filters → weighted scorers → picker) and the scheduler;
@@ -14,6 +16,7 @@
 //! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
 //! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
 //! * [`metrics`] — scheduler-level Prometheus metrics with the reference's names;
+//! * [`labels`] — bounded label values for client-controlled names (unknown models → `other`);
 //! * [`error`] — the client-facing error model (`inference error: <Code> - <message>`);
 //! * [`units`] — Go durations and Kubernetes quantities.
 
@@ -21,6 +24,8 @@ pub mod config;
 pub mod cycle;
 pub mod endpoint;
 pub mod error;
+pub mod health;
+pub mod labels;
 pub mod metrics;
 pub mod objectives;
 pub mod plugin;
@@ -38,6 +43,7 @@ pub use endpoint::{
     Endpoint, EndpointId, EndpointMeta, EndpointMetrics, EndpointSet, EndpointSource,
 };
 pub use error::{ErrorCode, InferenceError};
+pub use health::{FailureKind, Health, HealthPolicy};
 pub use plugin::{Candidate, Plugin, SchedulingContext};
 pub use request::{Headers, InferenceRequest, Prompt, RequestBody, ResponseInfo, Usage};
 pub use scheduler::{Scheduler, SchedulerProfile, SchedulingResult};

@@ -2,7 +2,7 @@
 //!
 //! * `inference_extension_scheduler_e2e_duration_seconds` — one scheduling decision.
 //! * `inference_extension_scheduler_attempts_total{status, target_model_name, pod_name,
-//!   namespace, port}`.
+//!   namespace, port}` (`target_model_name` bounded: [`crate::labels`]).
 //! * `inference_extension_plugin_duration_seconds{extension_point, plugin_type, plugin_name}`.
 //! * `inference_extension_prefix_indexer_size`, `..._hit_ratio`, `..._hit_bytes` — recorded
 //!   by the prefix-cache plugins through [`PrefixIndexerMetrics`].
@@ -19,6 +19,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::labels::KnownNames;
 
 /// Buckets of the scheduler and plugin duration histograms (100 µs .. 100 ms).
 pub const SCHEDULER_BUCKETS: [f64; 10] = [
@@ -92,6 +94,9 @@ pub struct SchedulerMetrics {
     pub plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
     /// Prefix indexer metrics.
     pub prefix: PrefixIndexerMetrics,
+    /// Which model names may be label values (`target_model_name` of the attempts); the
+    /// director shares its own with these so both agree (see [`crate::labels`]).
+    pub known: KnownNames,
 }
 
 impl std::fmt::Debug for SchedulerMetrics {
@@ -107,6 +112,7 @@ impl Default for SchedulerMetrics {
             attempts: Family::default(),
             plugin_duration: Family::new_with_constructor(scheduler_histogram),
             prefix: PrefixIndexerMetrics::default(),
+            known: KnownNames::default(),
         }
     }
 }

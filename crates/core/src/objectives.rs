@@ -160,6 +160,17 @@ impl Objectives {
         self.exact.get(model).or(self.generic.as_ref())
     }
 
+    /// Every model name the rewrites mention: the models they match and the targets they
+    /// rewrite to (with repeats). Used to decide which model names are metric label values.
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        let targets = self
+            .exact
+            .values()
+            .chain(self.generic.iter())
+            .flat_map(|r| r.targets.iter().map(|(m, _)| m.as_str()));
+        self.exact.keys().map(String::as_str).chain(targets)
+    }
+
     /// Number of objectives.
     pub fn objective_count(&self) -> usize {
         self.priorities.len()

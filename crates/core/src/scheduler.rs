@@ -363,7 +363,7 @@ impl Scheduler {
                     let primary = r.targets().first();
                     AttemptLabels {
                         status: "success".into(),
-                        target_model_name: request.target_model.clone(),
+                        target_model_name: m.known.model(&request.target_model).to_string(),
                         pod_name: primary.map(|e| e.name().to_string()).unwrap_or_default(),
                         namespace: String::new(),
                         port: primary
@@ -373,7 +373,7 @@ impl Scheduler {
                 }
                 Err(_) => AttemptLabels {
                     status: "failure".into(),
-                    target_model_name: request.target_model.clone(),
+                    target_model_name: m.known.model(&request.target_model).to_string(),
                     pod_name: String::new(),
                     namespace: String::new(),
                     port: String::new(),

@@ -12,7 +12,8 @@
 //! * [`mapping`] — metric names per engine (vLLM, SGLang, TensorRT-LLM, Triton) and the
 //!   deprecated override flags;
 //! * [`prom`] — a strict, allocation-light exposition-format parser;
-//! * [`metrics`] — scrape-health counters and the pool aggregates.
+//! * [`metrics`] — scrape-health counters and the pool aggregates;
+//! * [`health`] — the endpoints' health as Prometheus metrics ([`HealthCollector`]).
 //!
 //! [`start`] wires it all from a [`DataLayerConfig`] the flag layer fills in:
 //!
@@ -29,6 +30,7 @@
 //! | `--total-queued-requests-metric`, `--total-running-requests-metric`, `--kv-cache-usage-percentage-metric`, `--lora-info-metric`, `--cache-info-metric` | [`DataLayerConfig::metric_overrides`] |
 
 pub mod discovery;
+pub mod health;
 pub mod mapping;
 pub mod metrics;
 pub mod objectives;
@@ -50,10 +52,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use discovery::{DiscoveryError, parse_endpoints_file, parse_endpoints_flag};
+pub use health::HealthCollector;
 pub use mapping::{EngineMapping, MetricMappings, MetricOverrides, MetricSpec};
 pub use metrics::{DataLayerMetrics, PoolStats, pool_stats, register_metrics};
 pub use objectives::ObjectivesStore;
-pub use scraper::ScrapeSettings;
+pub use scraper::{MetricsPort, ScrapeSettings};
 pub use store::{EndpointStore, MembershipChange, StoreError};
 
 /// Everything the data layer needs; [`Default`] gives the reference's defaults.
@@ -91,6 +94,8 @@ pub struct DataLayerConfig {
     pub objectives_file: Option<PathBuf>,
     /// How often watched files are checked (1s).
     pub file_poll_interval: Duration,
+    /// Endpoint health rules (scrapes are its active signal and half-open probe).
+    pub health: llmsched_core::health::HealthPolicy,
 }
 
 impl Default for DataLayerConfig {
@@ -111,6 +116,7 @@ impl Default for DataLayerConfig {
             target_ports: Vec::new(),
             objectives_file: None,
             file_poll_interval: Duration::from_secs(1),
+            health: Default::default(),
         }
     }
 }
@@ -176,14 +182,15 @@ impl DataLayerConfig {
         Ok(())
     }
 
-    fn scrape_settings(&self) -> ScrapeSettings {
+    fn scrape_settings(&self, metrics_port: MetricsPort) -> ScrapeSettings {
         ScrapeSettings {
             interval: self.refresh_interval,
             timeout: self.scrape_timeout,
             max_backoff: self.max_backoff,
             max_body_bytes: self.max_body_bytes,
             path: self.metrics_path.clone(),
-            metrics_port: self.metrics_port,
+            metrics_port,
+            health: self.health.clone(),
         }
     }
 }
@@ -194,6 +201,7 @@ impl DataLayerConfig {
 pub struct DataLayerHandle {
     store: Arc<EndpointStore>,
     objectives: Arc<ObjectivesStore>,
+    metrics_port: MetricsPort,
     staleness_threshold: Duration,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -208,6 +216,12 @@ impl DataLayerHandle {
     /// The objectives in effect.
     pub fn objectives(&self) -> &Arc<ObjectivesStore> {
         &self.objectives
+    }
+
+    /// The scraped metrics port, for a discovery source that changes it while running
+    /// (starts as [`DataLayerConfig::metrics_port`]).
+    pub fn metrics_port(&self) -> &MetricsPort {
+        &self.metrics_port
     }
 
     /// Pool aggregates now, with the configured staleness threshold.
@@ -344,10 +358,11 @@ pub async fn start(
     if let Some(w) = endpoints_watch {
         tasks.spawn(w.run(cancel.clone()));
     }
+    let metrics_port = MetricsPort::new(config.metrics_port);
     tasks.spawn(scraper::run_scraper(
         store.clone(),
         mappings,
-        config.scrape_settings(),
+        config.scrape_settings(metrics_port.clone()),
         metrics,
         cancel.clone(),
     ));
@@ -359,6 +374,7 @@ pub async fn start(
     Ok(DataLayerHandle {
         store,
         objectives,
+        metrics_port,
         staleness_threshold: config.staleness_threshold,
         cancel,
         tasks,

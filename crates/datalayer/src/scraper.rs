@@ -14,10 +14,18 @@
 //! threshold, so a recovered endpoint is fresh again within a second). A failing endpoint is
 //! logged at `warn` when the kind of failure changes and at `info` when it recovers, not on
 //! every attempt.
+//!
+//! Scrapes also drive the endpoint's health ([`llmsched_core::health`]): a successful scrape
+//! is the active signal (and the half-open probe of an endpoint whose circuit is open), a
+//! scrape whose connection is refused or reset is reported as a failure at once (a replica
+//! that died is excluded within one refresh interval even when no request reaches it), and
+//! after every attempt the endpoint's health is observed so each transition is logged and
+//! counted (a stale endpoint is noticed here, by age).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +36,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSource};
+use llmsched_core::health::{FailureKind, HealthPolicy};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,8 +59,44 @@ pub struct ScrapeSettings {
     pub max_body_bytes: usize,
     /// URL path (`/metrics`).
     pub path: String,
-    /// Scrape this port instead of the endpoint's own.
-    pub metrics_port: Option<u16>,
+    /// Scrape this port instead of the endpoint's own (changeable while running).
+    pub metrics_port: MetricsPort,
+    /// How endpoint health is judged (scrapes feed it).
+    pub health: HealthPolicy,
+}
+
+/// The port scraped instead of each endpoint's own, shared between the scraper and a
+/// discovery source that may change it while running (Kubernetes discovery follows the
+/// reference: `--model-server-metrics-port` applies only while the pool has exactly one
+/// target port). Cheap to clone; clones share the value. Running scrapers pick a change up
+/// before their next scrape.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsPort(Arc<AtomicU32>);
+
+impl MetricsPort {
+    /// A shared value holding `port` (`None`: each endpoint's own port).
+    pub fn new(port: Option<u16>) -> Self {
+        Self(Arc::new(AtomicU32::new(port.map_or(0, u32::from))))
+    }
+
+    /// The port in effect (`None`: each endpoint's own port).
+    pub fn get(&self) -> Option<u16> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            p => u16::try_from(p).ok(),
+        }
+    }
+
+    /// Changes the port for every endpoint (`None` or `Some(0)`: each endpoint's own port).
+    pub fn set(&self, port: Option<u16>) {
+        self.0.store(port.map_or(0, u32::from), Ordering::Release);
+    }
+}
+
+impl From<Option<u16>> for MetricsPort {
+    fn from(port: Option<u16>) -> Self {
+        Self::new(port)
+    }
 }
 
 /// Why a scrape failed.
@@ -60,6 +105,15 @@ pub enum ScrapeError {
     /// The request could not be sent or the response headers not received.
     #[error("request failed: {0}")]
     Request(String),
+    /// The connection broke: refused, reset or closed before the response (the endpoint's
+    /// health records a failure).
+    #[error("request failed: {detail}")]
+    Connection {
+        /// `Connect` (refused, unreachable) or `Reset` (broke after connecting).
+        kind: FailureKind,
+        /// The error chain.
+        detail: String,
+    },
     /// The scrape took longer than the timeout.
     #[error("no complete response within {0:?}")]
     Timeout(Duration),
@@ -84,7 +138,7 @@ impl ScrapeError {
     /// The `reason` label of the error counter.
     pub fn reason(&self) -> &'static str {
         match self {
-            ScrapeError::Request(_) => "connect",
+            ScrapeError::Request(_) | ScrapeError::Connection { .. } => "connect",
             ScrapeError::Timeout(_) => "timeout",
             ScrapeError::Status(_) => "http_status",
             ScrapeError::TooLarge(_) => "body_too_large",
@@ -131,9 +185,17 @@ fn build_client(settings: &ScrapeSettings) -> HttpClient {
 
 /// Builds the scrape URI of `endpoint`.
 pub fn scrape_uri(endpoint: &Endpoint, settings: &ScrapeSettings) -> Result<Uri, String> {
-    let port = settings.metrics_port.unwrap_or(endpoint.meta().port);
+    scrape_uri_with(endpoint, settings.metrics_port.get(), &settings.path)
+}
+
+fn scrape_uri_with(
+    endpoint: &Endpoint,
+    metrics_port: Option<u16>,
+    path: &str,
+) -> Result<Uri, String> {
+    let port = metrics_port.unwrap_or(endpoint.meta().port);
     let addr = SocketAddr::new(endpoint.meta().address, port);
-    format!("http://{addr}{}", settings.path)
+    format!("http://{addr}{path}")
         .parse::<Uri>()
         .map_err(|e| format!("invalid scrape URL for {}: {e}", endpoint.name()))
 }
@@ -144,11 +206,26 @@ async fn fetch(shared: &Shared, uri: &Uri) -> Result<Bytes, ScrapeError> {
         .header(USER_AGENT, "llmsched-epp")
         .body(Empty::<Bytes>::new())
         .map_err(|e| ScrapeError::Request(e.to_string()))?;
-    let resp = shared
-        .client
-        .request(req)
-        .await
-        .map_err(|e| ScrapeError::Request(error_chain(&e)))?;
+    let resp = shared.client.request(req).await.map_err(|e| {
+        // Connect errors and connections that broke before the response (refused, reset,
+        // closed); not our own request-building errors.
+        if llmsched_core::health::is_local_resource_error(&e) {
+            // Out of descriptors or ports here: not the endpoint's fault.
+            ScrapeError::Request(error_chain(&e))
+        } else if e.is_connect() {
+            ScrapeError::Connection {
+                kind: FailureKind::Connect,
+                detail: error_chain(&e),
+            }
+        } else if std::error::Error::source(&e).is_some() {
+            ScrapeError::Connection {
+                kind: FailureKind::Reset,
+                detail: error_chain(&e),
+            }
+        } else {
+            ScrapeError::Request(error_chain(&e))
+        }
+    })?;
     if resp.status() != StatusCode::OK {
         return Err(ScrapeError::Status(resp.status()));
     }
@@ -197,7 +274,8 @@ fn backoff(settings: &ScrapeSettings, failures: u32) -> Duration {
 
 async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: CancellationToken) {
     let extractor = shared.mappings.for_labels(&endpoint.meta().labels).clone();
-    let uri = match scrape_uri(&endpoint, &shared.settings) {
+    let mut port = shared.settings.metrics_port.get();
+    let mut uri = match scrape_uri_with(&endpoint, port, &shared.settings.path) {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(endpoint = %endpoint.name(), error = %e, "not scraping endpoint");
@@ -209,10 +287,26 @@ async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: Canc
     let successes = shared.metrics.scrapes.get_or_create_owned(&EndpointLabels {
         endpoint: name.clone(),
     });
+    let health: &HealthPolicy = &shared.settings.health;
+    endpoint.observe_health(std::time::Instant::now(), health);
     let mut failures: u32 = 0;
     let mut last_reason: Option<&'static str> = None;
     let mut last_warnings: Vec<String> = Vec::new();
     loop {
+        let now_port = shared.settings.metrics_port.get();
+        if now_port != port {
+            match scrape_uri_with(&endpoint, now_port, &shared.settings.path) {
+                Ok(u) => {
+                    tracing::info!(endpoint = %name, url = %u, "metrics port changed");
+                    uri = u;
+                    port = now_port;
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "not scraping endpoint");
+                    return;
+                }
+            }
+        }
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             biased;
@@ -241,6 +335,9 @@ async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: Canc
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
+                if let ScrapeError::Connection { kind, .. } = &e {
+                    endpoint.record_failure(*kind, std::time::Instant::now(), health);
+                }
                 let reason = e.reason();
                 shared
                     .metrics
@@ -258,6 +355,7 @@ async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: Canc
                 }
             }
         }
+        endpoint.observe_health(std::time::Instant::now(), health);
         let delay = if failures == 0 {
             shared.settings.interval
         } else {
@@ -354,7 +452,8 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             max_body_bytes: 1,
             path: "/metrics".into(),
-            metrics_port: None,
+            metrics_port: MetricsPort::default(),
+            health: HealthPolicy::default(),
         };
         let got: Vec<u64> = (1..=7).map(|f| backoff(&s, f).as_millis() as u64).collect();
         assert_eq!(got, [50, 100, 200, 400, 800, 1000, 1000]);

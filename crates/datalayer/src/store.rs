@@ -146,7 +146,7 @@ impl EndpointStore {
         self.snapshot.load_full()
     }
 
-    /// True once [`Self::set_synced`] was called.
+    /// True after [`Self::set_synced`] (until [`Self::set_unsynced`]).
     pub fn is_synced(&self) -> bool {
         self.snapshot.load().synced
     }
@@ -191,6 +191,24 @@ impl EndpointStore {
             // Sent under the lock so receivers never see generations out of order.
             self.changes.send_replace(cur.generation);
         }
+    }
+
+    /// Marks the store not synced (readiness drops): the discovery source lost its view of
+    /// the pool, e.g. the Kubernetes `InferencePool` was deleted. The endpoints are left as
+    /// they are; the caller empties them with [`Self::update`] when that is what it means.
+    /// Notifies subscribers like [`Self::set_synced`]; a no-op when not synced.
+    pub fn set_unsynced(&self) {
+        let _state = self.state.lock();
+        let cur = self.snapshot.load_full();
+        if !cur.synced {
+            return;
+        }
+        self.snapshot.store(Arc::new(EndpointSet {
+            endpoints: cur.endpoints.clone(),
+            generation: cur.generation,
+            synced: false,
+        }));
+        self.changes.send_replace(cur.generation);
     }
 
     /// Replaces the membership with `metas` (the complete list). Names must be unique, and
@@ -505,6 +523,16 @@ mod tests {
         assert!(!rx.has_changed().unwrap(), "second call is a no-op");
         store.update(vec![meta("a", "127.0.0.1:1")]).unwrap();
         assert!(store.snapshot().synced, "synced survives updates");
+        rx.borrow_and_update();
+        store.set_unsynced();
+        assert!(!store.is_synced());
+        assert!(rx.has_changed().unwrap(), "unsynced notifies");
+        assert_eq!(store.snapshot().len(), 1, "endpoints are kept");
+        rx.borrow_and_update();
+        store.set_unsynced();
+        assert!(!rx.has_changed().unwrap(), "second call is a no-op");
+        store.set_synced();
+        assert!(store.is_synced(), "can be synced again");
     }
 
     #[test]

@@ -844,6 +844,37 @@ async fn metric_name_overrides_and_metrics_port_are_honoured() {
     h.shutdown().await;
 }
 
+/// A discovery source changes the metrics port while scrapers run (Kubernetes: the pool
+/// goes from one target port to several): running scrapers follow before their next scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_port_changes_while_running() {
+    let page = vllm_page(3, 1, 0.5, "vllm:kv_cache_usage_perc");
+    let own = serve("127.0.0.11", Reply::Text(page.clone())).await;
+    let side = serve("127.0.0.11", Reply::Text(page)).await;
+    let config = DataLayerConfig {
+        static_endpoints: parse_endpoints_flag(&own.name(), &[]).unwrap(),
+        metrics_port: Some(side.addr.port()),
+        ..test_config()
+    };
+    let (h, _) = start_with(config).await;
+    assert_eq!(h.metrics_port().get(), Some(side.addr.port()));
+    wait_for("scrapes on the metrics port", || side.hits() >= 2).await;
+    assert_eq!(own.hits(), 0);
+    h.metrics_port().set(None);
+    wait_for("scrapes on the endpoint's own port", || own.hits() >= 2).await;
+    let side_hits = side.hits();
+    let own_hits = own.hits();
+    wait_for("more scrapes on the own port", || {
+        own.hits() >= own_hits + 3
+    })
+    .await;
+    assert!(
+        side.hits() <= side_hits + 1,
+        "the old port is no longer scraped"
+    );
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_stop_scraping() {
     let srv = serve(
@@ -910,7 +941,8 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         max_backoff: Duration::from_secs(1),
         max_body_bytes: 1,
         path: "/metrics".into(),
-        metrics_port: None,
+        metrics_port: crate::MetricsPort::default(),
+        health: Default::default(),
     };
     let ep = Endpoint::new(
         EndpointId(0),
@@ -928,7 +960,7 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         "http://[fd00::1]:8000/metrics"
     );
     let s2 = crate::ScrapeSettings {
-        metrics_port: Some(9100),
+        metrics_port: crate::MetricsPort::new(Some(9100)),
         path: "/custom/metrics".into(),
         ..settings
     };
@@ -936,4 +968,110 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         crate::scraper::scrape_uri(&ep, &s2).unwrap().to_string(),
         "http://[fd00::1]:9100/custom/metrics"
     );
+}
+
+/// A `/metrics` server that can be killed (listener and open connections closed at once,
+/// as `kill -9` does) and restarted on the same address.
+struct Killable {
+    addr: SocketAddr,
+    tasks: Option<tokio::task::JoinSet<()>>,
+}
+
+impl Killable {
+    async fn start(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vllm_page(
+                        1,
+                        1,
+                        0.5,
+                        "vllm:kv_cache_usage_perc",
+                    )))))
+                });
+                conns.spawn(async move {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            tasks: Some(tasks),
+        }
+    }
+
+    /// Aborting the accept task drops its connection set, which aborts every connection.
+    async fn kill(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.abort_all();
+            while t.join_next().await.is_some() {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_drive_endpoint_health_a_dead_endpoint_is_excluded_and_readmitted() {
+    use llmsched_core::health::{FailureKind, Health, HealthPolicy};
+    let policy = HealthPolicy {
+        backoff: Duration::from_millis(100),
+        ..HealthPolicy::default()
+    };
+    let mut a = Killable::start("127.0.0.40:0".parse().unwrap()).await;
+    let b = serve(
+        "127.0.0.41",
+        Reply::Text(vllm_page(0, 0, 0.1, "vllm:kv_cache_usage_perc")),
+    )
+    .await;
+    let hung = serve_hung("127.0.0.42").await;
+    let (h, _m) = start_with(DataLayerConfig {
+        static_endpoints: parse_endpoints_flag(&format!("{},{},{hung}", a.addr, b.addr), &[])
+            .unwrap(),
+        health: policy.clone(),
+        ..test_config()
+    })
+    .await;
+    let (ea, eb, eh) = (
+        endpoint(&h, &a.addr.to_string()),
+        endpoint(&h, &b.name()),
+        endpoint(&h, &hung.to_string()),
+    );
+    let health = |e: &Arc<Endpoint>| e.health(Instant::now(), &policy);
+    wait_for("both live endpoints to be healthy", || {
+        health(&ea).is_healthy() && health(&eb).is_healthy()
+    })
+    .await;
+    // Accepting connections is not enough: an endpoint that never answers a scrape is
+    // never routable.
+    assert_eq!(health(&eh), Health::NeverScraped);
+
+    a.kill().await;
+    wait_for(
+        "the dead endpoint to be marked failing by a refused scrape",
+        || {
+            ea.health_counters().failures[FailureKind::Connect as usize] > 0
+                && !health(&ea).is_healthy()
+        },
+    )
+    .await;
+    assert!(health(&eb).is_healthy());
+    assert_eq!(ea.health_counters().became_unhealthy, 1);
+
+    let a = Killable::start(a.addr).await;
+    // (The scraper observes, logs and counts the transition right after its scrape.)
+    wait_for(
+        "the restarted endpoint to be readmitted by a scrape",
+        || health(&ea).is_healthy() && ea.health_counters().became_healthy == 2,
+    )
+    .await;
+    let c = ea.health_counters();
+    // never-scraped → healthy, healthy → failing, failing/awaiting probe → healthy.
+    assert_eq!((c.became_unhealthy, c.became_healthy), (1, 2));
+    drop(a);
+    h.shutdown().await;
 }

@@ -7,7 +7,8 @@
 //!   → target model: x-llm-d-model-name-rewrite header, else InferenceModelRewrite choice
 //!   → priority from x-llm-d-inference-objective (default 0)
 //!   → admission: flow control when enabled, else shed priority < 0 when saturated (429)
-//!   → candidates from the subset hint (503 when none)
+//!   → candidates: subset hint, then endpoint health (unhealthy endpoints are left out,
+//!     all of them come back when none is healthy; 503 when the hint leaves none)
 //!   → data producers → admitters → scheduler (429 on failure) → pre-request hooks
 //!   → in-flight accounting on the primary target → Routed
 //! ```
@@ -22,14 +23,16 @@
 //! value (`RequestBody::with_model`).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use llmsched_core::CycleState;
 use llmsched_core::config::LoadedConfig;
-use llmsched_core::endpoint::{Endpoint, EndpointSet, EndpointSource};
+use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSet, EndpointSource};
 use llmsched_core::error::InferenceError;
+use llmsched_core::health::HealthPolicy;
 use llmsched_core::metrics::{PluginTimer, SchedulerMetrics, point};
 use llmsched_core::objectives::Objectives;
 use llmsched_core::plugin::{Candidate, ParseOutcome, ResponseHooks};
@@ -38,6 +41,7 @@ use rand::Rng;
 
 use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, SaturationProbe};
 use crate::headers::{ensure_request_id, parse_ms};
+use crate::health::{CandidateFilter, HealthMetrics, now_ms};
 use crate::metrics::{
     EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, RewriteLabels,
 };
@@ -64,6 +68,8 @@ pub struct DirectorOptions {
     pub pool_name: String,
     /// Flow-control dispatch tick (the reference's 1 ms).
     pub flow_control_tick: Duration,
+    /// Endpoint health: which endpoints may become candidates.
+    pub health: HealthPolicy,
 }
 
 impl Default for DirectorOptions {
@@ -72,6 +78,7 @@ impl Default for DirectorOptions {
             disable_endpoint_subset_filter: false,
             pool_name: String::new(),
             flow_control_tick: DEFAULT_TICK,
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -130,6 +137,9 @@ pub(crate) struct ActiveConfig {
 pub(crate) struct Shared {
     pub(crate) metrics: EppMetrics,
     pub(crate) endpoints: Arc<dyn EndpointSource>,
+    pub(crate) health: HealthPolicy,
+    pub(crate) health_metrics: HealthMetrics,
+    pub(crate) last_fail_open_log: AtomicU64,
 }
 
 /// The request lifecycle, shared by every transport. Cheap to share (`Arc<Director>`).
@@ -158,11 +168,18 @@ pub struct DirectorBuilder {
     endpoints: Arc<dyn EndpointSource>,
     objectives: Option<Arc<ArcSwap<Objectives>>>,
     metrics: Option<EppMetrics>,
+    health_metrics: Option<HealthMetrics>,
     scheduler_metrics: Option<Arc<SchedulerMetrics>>,
     options: DirectorOptions,
 }
 
 impl DirectorBuilder {
+    /// Health metrics (default: unregistered).
+    pub fn health_metrics(mut self, metrics: HealthMetrics) -> Self {
+        self.health_metrics = Some(metrics);
+        self
+    }
+
     /// Objectives and rewrites, shared with whoever reloads them.
     pub fn objectives(mut self, objectives: Arc<ArcSwap<Objectives>>) -> Self {
         self.objectives = Some(objectives);
@@ -191,8 +208,14 @@ impl DirectorBuilder {
     /// The director.
     pub fn build(self) -> Director {
         let shared = Arc::new(Shared {
-            metrics: self.metrics.unwrap_or_default(),
+            metrics: self
+                .metrics
+                .unwrap_or_default()
+                .sharing_known_names(self.scheduler_metrics.as_deref()),
             endpoints: self.endpoints.clone(),
+            health: self.options.health.clone(),
+            health_metrics: self.health_metrics.unwrap_or_default(),
+            last_fail_open_log: AtomicU64::new(0),
         });
         let config_cell = Arc::new(ArcSwap::new(self.config.clone()));
         let mut d = Director {
@@ -242,6 +265,7 @@ impl Director {
             endpoints,
             objectives: None,
             metrics: None,
+            health_metrics: None,
             scheduler_metrics: None,
             options: DirectorOptions::default(),
         }
@@ -334,12 +358,14 @@ impl Director {
         self.active.load().flow.clone()
     }
 
-    fn random_endpoint(snap: &EndpointSet) -> Option<Arc<Endpoint>> {
-        if snap.endpoints.is_empty() {
+    /// A random candidate (healthy ones first, see [`Self::candidates`]).
+    fn random_endpoint(&self, snap: &EndpointSet, exclude: &[EndpointId]) -> Option<Arc<Endpoint>> {
+        let cands = self.candidates(snap, None, exclude, Instant::now());
+        if cands.is_empty() {
             return None;
         }
-        let i = rand::rng().random_range(0..snap.endpoints.len());
-        Some(snap.endpoints[i].clone())
+        let i = rand::rng().random_range(0..cands.len());
+        Some(cands[i].clone())
     }
 
     fn fallback(
@@ -351,7 +377,7 @@ impl Director {
     ) -> Result<Routed, InferenceError> {
         let request_id = ensure_request_id(&mut headers);
         let snap = self.endpoints.snapshot();
-        let Some(target) = Self::random_endpoint(&snap) else {
+        let Some(target) = self.random_endpoint(&snap, &[]) else {
             let e = InferenceError::internal(MSG_NO_PODS);
             self.shared.metrics.record_error("", "", e.code.as_str());
             return Err(e);
@@ -372,6 +398,11 @@ impl Director {
             forward_body,
             headers_to_set: Vec::new(),
             received_at,
+            subset_hint: None,
+            labels: ModelLabels {
+                model_name: String::new(),
+                target_model_name: String::new(),
+            },
             tokens: 0,
             active: active.clone(),
             shared: self.shared.clone(),
@@ -430,6 +461,7 @@ impl Director {
         // Target model, priority, fairness, objectives.
         let mut request = InferenceRequest::new(request_id, headers, Some(parsed));
         let objectives = self.objectives.load();
+        metrics.known.sync_objectives(&objectives);
         // As in the reference: the rewrite header sets the target, and a matching
         // InferenceModelRewrite rule (looked up by the requested model) overrides it.
         if let Some(rewrite) = request.headers.get_control(header::MODEL_NAME_REWRITE) {
@@ -443,7 +475,7 @@ impl Director {
                 .rewrite_decisions
                 .get_or_create(&RewriteLabels {
                     model_rewrite_name: rule.rewrite_name.clone(),
-                    model_name: request.incoming_model.clone(),
+                    model_name: self.model_label(&request.incoming_model),
                     target_model: request.target_model.clone(),
                 })
                 .inc();
@@ -460,10 +492,15 @@ impl Director {
             ttft_ms: parse_ms(request.headers.get_control(header::SLO_TTFT_MS)),
             tpot_ms: parse_ms(request.headers.get_control(header::SLO_TPOT_MS)),
         };
-        let fail = |e: InferenceError, request: &InferenceRequest| {
+        // Label values, bounded (see `llmsched_core::labels`), fixed for the request's life.
+        let labels = ModelLabels {
+            model_name: self.model_label(&request.incoming_model),
+            target_model_name: self.model_label(&request.target_model),
+        };
+        let fail = |e: InferenceError, _: &InferenceRequest| {
             metrics.record_error(
-                &request.incoming_model,
-                &request.target_model,
+                &labels.model_name,
+                &labels.target_model_name,
                 e.code.as_str(),
             );
             e
@@ -476,8 +513,8 @@ impl Director {
                 fairness_id: request.fairness_id.clone(),
                 priority: request.priority,
                 bytes: request.size_bytes as u64,
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
+                model_name: labels.model_name.clone(),
+                target_model_name: labels.target_model_name.clone(),
             };
             if let Err(e) = flow.enqueue_and_wait(&fr).await {
                 metrics.observe_phase(Phase::Admission, t.elapsed());
@@ -485,7 +522,7 @@ impl Director {
             }
         }
         let snap = self.endpoints.snapshot();
-        let candidates = self.candidates(&snap, subset_hint.as_deref());
+        let candidates = self.candidates(&snap, subset_hint.as_deref(), &[], t);
         if active.flow.is_none()
             && request.priority < 0
             && let Some(det) = &config.saturation_detector
@@ -545,23 +582,20 @@ impl Director {
         metrics
             .request_total
             .get_or_create(&PriorityLabels {
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
+                model_name: labels.model_name.clone(),
+                target_model_name: labels.target_model_name.clone(),
                 priority: request.priority.to_string(),
             })
             .inc();
         metrics
             .request_sizes
-            .get_or_create(&ModelLabels {
-                model_name: request.incoming_model.clone(),
-                target_model_name: request.target_model.clone(),
-            })
+            .get_or_create(&labels)
             .observe(forward_body.len() as f64);
-        if !request.incoming_model.is_empty() {
+        if !labels.model_name.is_empty() {
             metrics
                 .running_requests
                 .get_or_create(&ModelNameLabel {
-                    model_name: request.incoming_model.clone(),
+                    model_name: labels.model_name.clone(),
                 })
                 .inc();
         }
@@ -583,6 +617,8 @@ impl Director {
             forward_body,
             headers_to_set,
             received_at,
+            subset_hint,
+            labels,
             tokens,
             active: active.clone(),
             shared: self.shared.clone(),
@@ -591,18 +627,108 @@ impl Director {
         Ok(routed)
     }
 
-    /// Candidate endpoints for a subset hint (`None` ⇒ all).
-    fn candidates<'a>(&self, snap: &'a EndpointSet, hint: Option<&[String]>) -> Vec<Candidate<'a>> {
-        match hint {
+    /// Candidate endpoints: those the subset hint allows (`None` ⇒ all), minus `exclude`,
+    /// minus the unhealthy ones at `now` — unless that leaves none while some were allowed,
+    /// then all allowed ones (fail-open; see [`crate::health`]).
+    fn candidates<'a>(
+        &self,
+        snap: &'a EndpointSet,
+        hint: Option<&[String]>,
+        exclude: &[EndpointId],
+        now: Instant,
+    ) -> Vec<Candidate<'a>> {
+        let ips: Option<Vec<std::net::IpAddr>> = match hint {
             Some(list) if !self.options.disable_endpoint_subset_filter => {
-                let ips: Vec<std::net::IpAddr> = list.iter().filter_map(|s| hint_ip(s)).collect();
-                snap.endpoints
-                    .iter()
-                    .filter(|e| ips.contains(&e.meta().address))
-                    .collect()
+                Some(list.iter().filter_map(|s| hint_ip(s)).collect())
             }
-            _ => snap.endpoints.iter().collect(),
+            _ => None,
+        };
+        CandidateFilter {
+            policy: &self.shared.health,
+            metrics: &self.shared.health_metrics,
+            last_fail_open_log: &self.shared.last_fail_open_log,
         }
+        .candidates(snap, ips.as_deref(), exclude, now_ms(now))
+    }
+
+    /// The health policy in effect.
+    pub fn health_policy(&self) -> &HealthPolicy {
+        &self.shared.health
+    }
+
+    /// Routes `routed` again because connecting to each endpoint in `failed` failed, so the
+    /// request never reached a model server (a transport must never call this once the
+    /// request may have been sent). The candidates are formed as for [`Self::route`] (same
+    /// subset hint, healthy endpoints only) without `failed`; the request keeps its
+    /// configuration, admission and metrics, the data producers run again over the new
+    /// candidates, the scheduler and the pre-request hooks run again, and the in-flight
+    /// charge moves to the new primary target. A request the parser skipped gets another
+    /// random endpoint.
+    ///
+    /// Errors with 503 `failed to find endpoint candidates …` when no endpoint is left, or
+    /// with the scheduler's error.
+    pub fn reroute(
+        &self,
+        routed: &mut Routed,
+        failed: &[EndpointId],
+    ) -> Result<(), InferenceError> {
+        let snap = self.endpoints.snapshot();
+        let candidates = self.candidates(&snap, routed.subset_hint(), failed, Instant::now());
+        if candidates.is_empty() {
+            return Err(InferenceError::service_unavailable(MSG_NO_CANDIDATES));
+        }
+        self.shared.health_metrics.reroutes.inc();
+        if routed.kind() == RouteKind::Fallback {
+            let i = rand::rng().random_range(0..candidates.len());
+            let target = candidates[i].clone();
+            drop(candidates);
+            routed.retarget(CycleState::new(), None, vec![target], Vec::new());
+            return Ok(());
+        }
+        let config = routed.config().clone();
+        let mut cycle = CycleState::new();
+        for (p, timer) in &config.data_producers {
+            let t0 = Instant::now();
+            p.produce(routed.request(), &mut cycle, &candidates);
+            timer.record(t0.elapsed());
+        }
+        let result = config
+            .scheduler
+            .schedule(routed.request(), &cycle, &candidates)?;
+        drop(candidates);
+        let mut headers_to_set = Vec::new();
+        for (h, timer) in &config.pre_request {
+            let t0 = Instant::now();
+            h.pre_request(routed.request(), &cycle, &result, &mut headers_to_set);
+            timer.record(t0.elapsed());
+        }
+        let targets = result.targets().to_vec();
+        routed.retarget(cycle, Some(result), targets, headers_to_set);
+        Ok(())
+    }
+}
+
+impl Director {
+    /// The label value of model `name`: itself when known (objectives, rewrites, served
+    /// before) or listed as a LoRA adapter by an endpoint (then remembered), else `other`.
+    fn model_label(&self, name: &str) -> String {
+        let known = &self.shared.metrics.known;
+        if known.is_known(name) {
+            return name.to_string();
+        }
+        let snap = self.endpoints.snapshot();
+        let advertised = snap.endpoints.iter().any(|e| {
+            let m = e.metrics();
+            m.running_lora_adapters
+                .iter()
+                .chain(&m.waiting_lora_adapters)
+                .any(|a| a == name)
+        });
+        if advertised {
+            known.advertise(name);
+            return name.to_string();
+        }
+        llmsched_core::labels::OTHER.to_string()
     }
 }
 

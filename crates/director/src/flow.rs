@@ -70,9 +70,9 @@ pub struct FlowRequest {
     pub priority: i32,
     /// Body size in bytes.
     pub bytes: u64,
-    /// Requested model (metrics label).
+    /// Requested model, as a metrics label value (already bounded by the director).
     pub model_name: String,
-    /// Target model (metrics label).
+    /// Target model, as a metrics label value (already bounded by the director).
     pub target_model_name: String,
 }
 
@@ -425,7 +425,8 @@ impl FlowController {
     pub async fn enqueue_and_wait(&self, req: &FlowRequest) -> Result<(), InferenceError> {
         let shared = &*self.shared;
         let labels = FlowQueueLabels {
-            fairness_id: req.fairness_id.clone(),
+            // The queue is keyed by the real id; only the label is bounded.
+            fairness_id: shared.metrics.known.fairness(&req.fairness_id).to_string(),
             priority: req.priority.to_string(),
             inference_pool: shared.pool.clone(),
             model_name: req.model_name.clone(),

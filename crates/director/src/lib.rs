@@ -31,11 +31,14 @@
 //! * [`metrics`] — the reference's request, pool and flow-control metrics plus overhead
 //!   histograms;
 //! * [`usage`] — usage extraction (JSON and SSE) and the response model-name rewrite;
-//! * [`headers`] — request id and system-owned headers.
+//! * [`headers`] — request id and system-owned headers;
+//! * [`health`] — endpoint health on the request path: candidate formation (fail-open),
+//!   gateway failure reports, health metrics.
 
 pub mod director;
 pub mod flow;
 pub mod headers;
+pub mod health;
 pub mod metrics;
 pub mod routed;
 pub mod usage;
@@ -49,5 +52,6 @@ mod tests;
 pub use director::{Director, DirectorBuilder, DirectorOptions, IncomingRequest, estimate_tokens};
 pub use flow::FlowController;
 pub use headers::{ensure_request_id, is_system_owned};
+pub use health::HealthMetrics;
 pub use metrics::{EppMetrics, Phase, PoolCollector};
 pub use routed::{RouteKind, Routed};

@@ -27,11 +27,17 @@
 //!   hooks) and `route` (the director's whole `route` call).
 //!
 //! Per-phase histograms are resolved once, so recording a phase does not hash a label set.
+//!
+//! Label values a client chooses are bounded ([`llmsched_core::labels`]): `model_name`,
+//! `target_model_name` and `model_name` of the rewrite decisions are the name only when an
+//! objective/rewrite names it, an endpoint advertises it or a model server served it, else
+//! `other`; the flow-control `fairness_id` keeps its first 64 distinct ids, then `other`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmsched_core::endpoint::EndpointSource;
+use llmsched_core::labels::KnownNames;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -287,6 +293,8 @@ pub struct EppMetrics {
     pub flow_pool_saturation: Family<PoolLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// `llmsched_request_processing_seconds`.
     pub processing: HistFamily<PhaseLabel>,
+    /// Which client-chosen names may be label values (shared with the scheduler metrics).
+    pub known: KnownNames,
     phases: Arc<[Histogram; 5]>,
 }
 
@@ -322,6 +330,7 @@ impl Default for EppMetrics {
             flow_queue_bytes: Family::default(),
             flow_pool_saturation: Family::default(),
             processing,
+            known: KnownNames::default(),
             phases,
         }
     }
@@ -425,6 +434,19 @@ impl EppMetrics {
             })
             .set(1);
         m
+    }
+
+    /// These metrics with the scheduler metrics' [`KnownNames`], so a model name is the
+    /// same label value (itself or `other`) in every family; unchanged without scheduler
+    /// metrics.
+    pub fn sharing_known_names(
+        mut self,
+        scheduler: Option<&llmsched_core::metrics::SchedulerMetrics>,
+    ) -> Self {
+        if let Some(s) = scheduler {
+            self.known = s.known.clone();
+        }
+        self
     }
 
     /// Records the duration of one processing phase.

@@ -8,18 +8,27 @@
 //! [`Routed::finish`]. Dropping a `Routed` without finishing it (client disconnect, stream
 //! reset, error) still runs the response-complete hooks, releases the in-flight counts and
 //! the running-requests gauge: the accounting can never leak.
+//!
+//! The response also feeds the endpoint's health: a response from the endpoint counts as a
+//! success, and a gateway's local reply saying it could not reach the endpoint (Envoy's
+//! `503 upstream connect error or disconnect/reset before headers …`, `504 upstream request
+//! timeout`, seen in the ext_proc response phase) is reported as a failure, which takes the
+//! endpoint out of the candidates at once.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use llmsched_core::config::LoadedConfig;
 use llmsched_core::endpoint::Endpoint;
+use llmsched_core::health::FailureKind;
 use llmsched_core::request::{Headers, InferenceRequest, ResponseInfo, Usage};
 use llmsched_core::{CycleState, SchedulingResult};
 
-use crate::director::{ActiveConfig, Shared};
+use crate::director::{ActiveConfig, Shared, join_hostports};
 use crate::headers::is_event_stream;
+use crate::health::is_gateway_failure;
 use crate::metrics::{ModelLabels, ModelNameLabel};
 use crate::usage::{ModelNameRewriter, ParsedUsage, SseUsageScanner, usage_from_json};
 
@@ -50,6 +59,8 @@ pub(crate) struct RoutedParts {
     pub(crate) forward_body: Bytes,
     pub(crate) headers_to_set: Vec<(String, String)>,
     pub(crate) received_at: Instant,
+    pub(crate) subset_hint: Option<Vec<String>>,
+    pub(crate) labels: ModelLabels,
     pub(crate) tokens: u64,
     pub(crate) active: Arc<ActiveConfig>,
     pub(crate) shared: Arc<Shared>,
@@ -66,6 +77,9 @@ pub struct Routed {
     forward_body: Bytes,
     headers_to_set: Vec<(String, String)>,
     received_at: Instant,
+    subset_hint: Option<Vec<String>>,
+    // Metric label values, bounded and fixed when the request was routed.
+    labels: ModelLabels,
     active: Arc<ActiveConfig>,
     shared: Arc<Shared>,
     // In-flight accounting: the endpoint charged and the tokens charged to it.
@@ -82,6 +96,8 @@ pub struct Routed {
     cached_reported: bool,
     finalized: bool,
     dispatched: bool,
+    // The status says the gateway may have failed to reach the endpoint: look at the body.
+    gateway_check: bool,
 }
 
 impl std::fmt::Debug for Routed {
@@ -118,6 +134,8 @@ impl Routed {
             forward_body: p.forward_body,
             headers_to_set: p.headers_to_set,
             received_at: p.received_at,
+            subset_hint: p.subset_hint,
+            labels: p.labels,
             active: p.active,
             shared: p.shared,
             charged,
@@ -132,7 +150,46 @@ impl Routed {
             cached_reported: false,
             finalized: false,
             dispatched,
+            gateway_check: false,
         }
+    }
+
+    /// The gateway's subset hint the request was routed with.
+    pub fn subset_hint(&self) -> Option<&[String]> {
+        self.subset_hint.as_deref()
+    }
+
+    /// The configuration the request was routed with.
+    pub(crate) fn config(&self) -> &Arc<LoadedConfig> {
+        &self.active.config
+    }
+
+    /// New targets after [`crate::Director::reroute`]: the in-flight charge moves to the new
+    /// primary, the destination, hook headers and cycle data are replaced, and the hooks'
+    /// deferred bookkeeping is due again (for the new result).
+    pub(crate) fn retarget(
+        &mut self,
+        cycle: CycleState,
+        result: Option<SchedulingResult>,
+        targets: Vec<Arc<Endpoint>>,
+        headers_to_set: Vec<(String, String)>,
+    ) {
+        if let (Some(old), Some(new)) = (self.charged.take(), targets.first()) {
+            old.complete(self.tokens);
+            new.dispatch(self.tokens);
+            self.charged = Some(new.clone());
+        }
+        self.destination = join_hostports(&targets);
+        self.targets = targets;
+        self.dispatched = result.is_none();
+        self.result = result;
+        self.cycle = cycle;
+        self.headers_to_set = headers_to_set;
+    }
+
+    /// The endpoint that answered (or should have): the charged one, else the primary.
+    fn answering_endpoint(&self) -> Option<&Arc<Endpoint>> {
+        self.charged.as_ref().or_else(|| self.targets.first())
     }
 
     /// How the destination was chosen.
@@ -228,7 +285,17 @@ impl Routed {
     /// model-server error when the request finishes.
     pub fn on_response_headers(&mut self, status: u16, headers: &Headers) -> Vec<(String, String)> {
         self.run_after_dispatch();
+        self.gateway_check = matches!(status, 502..=504);
+        if !self.gateway_check
+            && let Some(e) = self.answering_endpoint()
+        {
+            e.record_success(&self.shared.health);
+        }
         self.headers_seen = true;
+        if (200..300).contains(&status) && self.kind == RouteKind::Scheduled {
+            // A model server served this model: from now on it is a label value of its own.
+            self.shared.metrics.known.learn(&self.request.target_model);
+        }
         self.response.status = status;
         self.response.headers = headers.clone();
         if headers.get("content-type").is_some_and(is_event_stream) {
@@ -256,6 +323,29 @@ impl Routed {
     /// A body that is not JSON simply yields no usage.
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
         self.response.body_bytes += chunk.len() as u64;
+        if self.gateway_check && (!chunk.is_empty() || end_of_stream) {
+            self.gateway_check = false;
+            if is_gateway_failure(self.response.status, chunk)
+                && let Some(e) = self.answering_endpoint()
+            {
+                let opened =
+                    e.record_failure(FailureKind::Gateway, Instant::now(), &self.shared.health);
+                if opened {
+                    tracing::warn!(
+                        request_id = %self.request.request_id,
+                        endpoint = %e.name(),
+                        status = self.response.status,
+                        "the gateway could not reach the endpoint"
+                    );
+                } else {
+                    tracing::debug!(
+                        request_id = %self.request.request_id,
+                        endpoint = %e.name(),
+                        "the gateway could not reach the endpoint (already failing)"
+                    );
+                }
+            }
+        }
         if self.kind == RouteKind::Fallback {
             return;
         }
@@ -365,8 +455,7 @@ impl Routed {
             self.take_sse_usage();
         }
         let m = &self.shared.metrics;
-        let incoming = &self.request.incoming_model;
-        let target = &self.request.target_model;
+        let labels = &self.labels;
         if let Some(ep) = self.charged.clone() {
             let hooks = self.active.hooks.clone();
             for (h, timers) in &hooks.hooks {
@@ -377,48 +466,48 @@ impl Routed {
             ep.complete(self.tokens);
         }
         if self.headers_seen && self.response.status != 200 {
-            m.record_error(incoming, target, MODEL_SERVER_ERROR);
+            m.record_error(
+                &labels.model_name,
+                &labels.target_model_name,
+                MODEL_SERVER_ERROR,
+            );
         }
-        if !incoming.is_empty() {
+        if !labels.model_name.is_empty() {
             m.running_requests
                 .get_or_create(&ModelNameLabel {
-                    model_name: incoming.clone(),
+                    model_name: labels.model_name.clone(),
                 })
                 .dec();
         }
         if completed {
-            let labels = ModelLabels {
-                model_name: incoming.clone(),
-                target_model_name: target.clone(),
-            };
             let elapsed = self.received_at.elapsed();
             if !elapsed.is_zero() {
                 m.request_duration
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .observe(elapsed.as_secs_f64());
             }
             m.response_sizes
-                .get_or_create(&labels)
+                .get_or_create(labels)
                 .observe(self.response.body_bytes as f64);
             if let Some(u) = self.response.usage {
                 if u.prompt_tokens > 0 {
                     m.input_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.prompt_tokens as f64);
                 }
                 if u.completion_tokens > 0 {
                     m.output_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.completion_tokens as f64);
                     if !elapsed.is_zero() {
                         m.ntpot
-                            .get_or_create(&labels)
+                            .get_or_create(labels)
                             .observe(elapsed.as_secs_f64() / u.completion_tokens as f64);
                     }
                 }
                 if self.cached_reported {
                     m.prompt_cached_tokens
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .observe(u.cached_tokens as f64);
                 }
             }

@@ -418,6 +418,8 @@ async fn in_flight_counts_are_released_on_drop_and_follow_the_served_endpoint() 
 async fn streaming_usage_split_across_chunks_and_hooks() {
     let mut reg = Registry::default();
     let metrics = EppMetrics::register(&mut reg, "c", "v");
+    // A model the servers have served before: labelled as itself (see llmsched_core::labels).
+    metrics.known.learn("m");
     let eps = endpoints(1);
     let d = Director::builder(basic_config(1, ""), eps)
         .metrics(metrics)
@@ -472,6 +474,8 @@ async fn streaming_usage_split_across_chunks_and_hooks() {
 async fn non_streaming_usage_and_model_server_errors() {
     let mut reg = Registry::default();
     let metrics = EppMetrics::register(&mut reg, "c", "v");
+    // A model the servers have served before: labelled as itself (see llmsched_core::labels).
+    metrics.known.learn("m");
     let d = Director::builder(basic_config(1, ""), endpoints(1))
         .metrics(metrics)
         .build();

@@ -92,7 +92,9 @@ impl RawUsage {
             usage: Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
-                total_tokens: count(self.total_tokens).unwrap_or(prompt + completion),
+                // Saturating: the counts come from the model server (a forged or garbled
+                // 1e300 saturates to u64::MAX instead of overflowing).
+                total_tokens: count(self.total_tokens).unwrap_or(prompt.saturating_add(completion)),
                 cached_tokens: cached.unwrap_or(0),
             },
             cached_reported: cached.is_some(),
@@ -140,17 +142,43 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Incremental usage extraction from a server-sent-event stream.
-#[derive(Debug, Default)]
+///
+/// Lines longer than the line limit ([`MAX_PARTIAL_LINE`] by default) are skipped whole,
+/// however the stream is cut into chunks, so the partial line it keeps between chunks never
+/// exceeds the limit.
+#[derive(Debug)]
 pub struct SseUsageScanner {
     partial: Vec<u8>,
     overflowed: bool,
     usage: Option<ParsedUsage>,
+    max_line: usize,
+}
+
+impl Default for SseUsageScanner {
+    fn default() -> Self {
+        Self::with_line_limit(MAX_PARTIAL_LINE)
+    }
 }
 
 impl SseUsageScanner {
     /// A fresh scanner.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A fresh scanner skipping lines longer than `max_line` bytes (without the line end).
+    pub fn with_line_limit(max_line: usize) -> Self {
+        Self {
+            partial: Vec::new(),
+            overflowed: false,
+            usage: None,
+            max_line,
+        }
+    }
+
+    /// Bytes held for a line not finished yet (at most the line limit).
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
     }
 
     /// The last usage seen so far.
@@ -169,9 +197,14 @@ impl SseUsageScanner {
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
             let piece = &rest[..nl];
             if self.partial.is_empty() && !self.overflowed {
-                self.line(piece);
+                // A line over the limit is skipped here too, as it is when it arrives in
+                // pieces: the result must not depend on where the chunks were cut.
+                if piece.len() <= self.max_line {
+                    self.line(piece);
+                }
             } else {
-                if !self.overflowed {
+                // The line's end may take it over the limit too.
+                if !self.overflowed && self.partial.len() + piece.len() <= self.max_line {
                     self.partial.extend_from_slice(piece);
                     let line = std::mem::take(&mut self.partial);
                     self.line(&line);
@@ -183,7 +216,7 @@ impl SseUsageScanner {
             rest = &rest[nl + 1..];
         }
         if !rest.is_empty() && !self.overflowed {
-            if self.partial.len() + rest.len() > MAX_PARTIAL_LINE {
+            if self.partial.len() + rest.len() > self.max_line {
                 self.partial.clear();
                 self.overflowed = true;
             } else {
@@ -371,6 +404,35 @@ mod tests {
         assert!(sc.usage().is_none());
         sc.feed(b"data: {\"usage\":{\"prompt_tokens\":9}}\n");
         assert_eq!(sc.usage().map(|u| u.prompt_tokens), Some(9));
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_overflowing() {
+        // Found by the property tests: prompt + completion overflowed (a panic in debug
+        // builds, a wrapped total in release).
+        let p = usage_from_json(br#"{"usage":{"prompt_tokens":1e300,"completion_tokens":1e300}}"#)
+            .unwrap();
+        assert_eq!(p.usage.prompt_tokens, u64::MAX);
+        assert_eq!(p.usage.total_tokens, u64::MAX);
+    }
+
+    #[test]
+    fn lines_over_the_limit_are_skipped_however_they_arrive() {
+        // Found by the property tests: a long line was parsed when it arrived whole, or when
+        // its last piece took it over the limit, but skipped when its pieces went over first.
+        let line = b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n";
+        let limit = line.len() - 2;
+        for cut in 0..line.len() {
+            let mut sc = SseUsageScanner::with_line_limit(limit);
+            sc.feed(&line[..cut]);
+            sc.feed(&line[cut..]);
+            sc.finish();
+            assert_eq!(sc.usage(), None, "cut at {cut}");
+            assert!(sc.buffered() <= limit);
+        }
+        let mut sc = SseUsageScanner::with_line_limit(line.len() - 1);
+        sc.feed(line);
+        assert_eq!(sc.usage().map(|u| u.prompt_tokens), Some(5), "at the limit");
     }
 
     #[test]

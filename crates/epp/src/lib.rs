@@ -8,5 +8,5 @@ pub mod args;
 mod proxy;
 pub mod run;
 
-pub use args::{Args, ArgsError};
+pub use args::{Args, ArgsError, Discovery, LogSettings, TimeEncoding, ZapEncoder, ZapLevel};
 pub use run::{EppError, EppHandle, run, start};

@@ -3,20 +3,22 @@
 use std::sync::Arc;
 
 use llmsched_director::Director;
-use llmsched_proxy::{Baseline, ProxyOptions};
+use llmsched_proxy::{Baseline, ListenerMetrics, ProxyOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::Args;
 
-/// Spawns the proxy server into `servers`.
+/// Spawns the proxy server into `servers`; `drain` stops it (it then lets requests in
+/// flight finish for `--drain-timeout`).
 pub(crate) fn spawn(
     servers: &mut JoinSet<(&'static str, Result<(), String>)>,
     listener: TcpListener,
     director: Arc<Director>,
     args: &Args,
-    cancel: CancellationToken,
+    listener_metrics: ListenerMetrics,
+    drain: CancellationToken,
 ) {
     let baseline = match args.baseline.as_deref() {
         Some("round-robin") => Some(Baseline::RoundRobin),
@@ -25,10 +27,16 @@ pub(crate) fn spawn(
     };
     let options = ProxyOptions {
         baseline,
+        max_body_bytes: args.max_request_body_bytes,
+        upstream_timeout: args.proxy_upstream_timeout,
+        request_body_timeout: args.request_body_timeout,
+        shutdown_grace: args.drain_timeout,
+        limits: crate::run::listener_limits(args),
+        listener_metrics,
         ..ProxyOptions::default()
     };
     servers.spawn(async move {
-        let r = llmsched_proxy::serve(listener, director, options, cancel).await;
+        let r = llmsched_proxy::serve(listener, director, options, drain).await;
         ("proxy", r.map_err(|e| e.to_string()))
     });
 }

@@ -4,32 +4,41 @@
 //! [`start`] binds every listener before returning, so callers (tests, the demo) learn the
 //! real addresses, including ephemeral ports (`--grpc-port=0`). [`run`] is the subcommand:
 //! start, then wait for Ctrl-C or a server failure, then shut down cleanly.
+//!
+//! Shutdown drains ([`EppHandle::shutdown`]): readiness turns NOT_SERVING at once (liveness
+//! stays SERVING), the ext_proc and proxy listeners stop accepting connections and streams,
+//! and requests in flight (long generations included) get `--drain-timeout` to finish; then
+//! whatever is left is cut and the health and metrics servers stop. A second SIGTERM or
+//! Ctrl-C ends the drain at once.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use llmsched_core::EndpointSource;
 use llmsched_core::config::{self, ConfigSource, LoadedConfig};
+use llmsched_core::health::HealthPolicy;
 use llmsched_core::metrics::SchedulerMetrics;
 use llmsched_core::objectives::Objectives;
 use llmsched_core::registry::{Extensions, PluginHandle};
 use llmsched_datalayer::{
-    DataLayerConfig, DataLayerHandle, EndpointStore, MetricOverrides, parse_endpoints_flag,
+    DataLayerConfig, DataLayerHandle, EndpointStore, HealthCollector, MetricOverrides,
+    parse_endpoints_flag,
 };
-use llmsched_director::{Director, DirectorOptions, EppMetrics, PoolCollector};
+use llmsched_director::{Director, DirectorOptions, EppMetrics, HealthMetrics, PoolCollector};
 use llmsched_extproc::{
-    ExtProcOptions, HealthHandle, ServeError, TlsConfig, serve_ext_proc, serve_health,
-    serve_metrics, spawn_readiness_watch,
+    ExtProcOptions, HealthHandle, Limits, Listener, ListenerMetrics, ServeError, TlsConfig,
+    serve_ext_proc_on, serve_health_on, serve_metrics_on, spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Args, ArgsError};
+use crate::args::{Args, ArgsError, Discovery};
+use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
 
 /// Why the EPP cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +76,15 @@ pub enum EppError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// Kubernetes discovery cannot start (no usable kubeconfig or service account).
+    #[error(transparent)]
+    Kube(#[from] llmsched_kube::discovery::ClientError),
+    /// Leader election cannot start (bad timings, no pool or POD_NAME to name the Lease).
+    #[error(transparent)]
+    LeaderElection(#[from] llmsched_kube::leader::LeaderElectionError),
+    /// `--metrics-endpoint-auth=true` without a usable Kubernetes client.
+    #[error("--metrics-endpoint-auth=true: {0}")]
+    MetricsAuth(String),
     /// A server failed while running.
     #[error("{server} server failed: {error}")]
     Serve {
@@ -94,9 +112,19 @@ pub struct EppHandle {
     store: Arc<EndpointStore>,
     health: HealthHandle,
     cancel: CancellationToken,
-    servers: JoinSet<(&'static str, Result<(), String>)>,
+    /// Stops the ext_proc and proxy listeners (they then finish what is in flight).
+    drain: CancellationToken,
+    drain_timeout: Duration,
+    /// ext_proc and proxy: drained first.
+    draining: Servers,
+    /// health and metrics: up until the drain is over.
+    servers: Servers,
     datalayer: Option<DataLayerHandle>,
+    kube: Option<llmsched_kube::discovery::KubeDiscovery>,
+    leader: Option<llmsched_kube::leader::LeaderElection>,
 }
+
+type Servers = JoinSet<(&'static str, Result<(), String>)>;
 
 impl EppHandle {
     /// The director (shared by every transport).
@@ -114,36 +142,99 @@ impl EppHandle {
         &self.health
     }
 
+    /// Whether this replica holds the leader Lease (`None` without leader election).
+    pub fn is_leader(&self) -> Option<bool> {
+        self.leader.as_ref().map(|l| l.is_leader())
+    }
+
+    /// Stops everything at once without releasing the leader Lease, as a crash would (the
+    /// other replicas wait for the Lease to expire). For tests.
+    #[doc(hidden)]
+    pub fn abort_without_release(mut self) {
+        if let Some(l) = self.leader.take() {
+            l.abort();
+        }
+        self.cancel.cancel();
+        self.drain.cancel();
+        self.draining.abort_all();
+        self.servers.abort_all();
+    }
+
     /// Waits until a server stops on its own (an error) or `shutdown` is cancelled.
     pub async fn wait(&mut self, shutdown: CancellationToken) -> Result<(), EppError> {
-        tokio::select! {
-            () = shutdown.cancelled() => Ok(()),
-            Some(joined) = self.servers.join_next() => {
-                let (server, outcome) = match joined {
-                    Ok(v) => v,
-                    Err(e) => ("(task)", Err(e.to_string())),
-                };
-                match outcome {
-                    Ok(()) => Err(EppError::Serve { server, error: "stopped unexpectedly".into() }),
-                    Err(error) => Err(EppError::Serve { server, error }),
-                }
-            }
+        let joined = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            Some(j) = self.draining.join_next() => j,
+            Some(j) = self.servers.join_next() => j,
+        };
+        let (server, outcome) = match joined {
+            Ok(v) => v,
+            Err(e) => ("(task)", Err(e.to_string())),
+        };
+        match outcome {
+            Ok(()) => Err(EppError::Serve {
+                server,
+                error: "stopped unexpectedly".into(),
+            }),
+            Err(error) => Err(EppError::Serve { server, error }),
         }
     }
 
-    /// Stops every server and background task and waits for them. Open streams (Envoy keeps
-    /// ext_proc streams and proxy clients keep connections) get [`DRAIN_TIMEOUT`] to finish,
-    /// then they are cut.
-    pub async fn shutdown(mut self) {
+    /// The drain timeout (`--drain-timeout`).
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
+    /// Drains and stops (see the module documentation): health NOT_SERVING, no new
+    /// connections or streams on ext_proc and the proxy, requests in flight get
+    /// `--drain-timeout` to finish, then every server and background task stops.
+    pub async fn shutdown(self) {
+        self.shutdown_until(CancellationToken::new()).await;
+    }
+
+    /// [`Self::shutdown`], cutting the drain short when `force` is cancelled (a second
+    /// signal).
+    pub async fn shutdown_until(mut self, force: CancellationToken) {
+        let started = Instant::now();
+        tracing::info!(
+            drain_timeout = ?self.drain_timeout,
+            "draining: readiness NOT_SERVING, no new connections or streams; requests in flight may finish"
+        );
+        self.health.set_draining();
+        self.drain.cancel();
+        // The leader gives its Lease back first (its election stops with the drain token), so
+        // a follower takes over while this replica's requests in flight finish.
+        if let Some(l) = self.leader.take() {
+            l.stopped().await;
+        }
+        let draining = &mut self.draining;
+        tokio::select! {
+            () = async { while draining.join_next().await.is_some() {} } => {
+                tracing::info!(elapsed = ?started.elapsed(), "drained: every request in flight finished");
+            }
+            () = tokio::time::sleep(self.drain_timeout) => {
+                tracing::warn!(drain_timeout = ?self.drain_timeout, "requests still in flight at the drain timeout: cutting them");
+            }
+            () = force.cancelled() => {
+                tracing::warn!("second signal: cutting the drain short");
+            }
+        }
+        self.draining.abort_all();
+        while self.draining.join_next().await.is_some() {}
         self.cancel.cancel();
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while self.servers.join_next().await.is_some() {}
+        // Health and metrics hold no long requests: a moment for their connections to close
+        // gracefully, then they are cut.
+        let servers = &mut self.servers;
+        let closed = tokio::time::timeout(Duration::from_secs(2), async {
+            while servers.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
-            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "open streams did not finish in time; closing them");
+        if closed.is_err() {
             self.servers.abort_all();
             while self.servers.join_next().await.is_some() {}
+        }
+        if let Some(k) = self.kube.take() {
+            k.shutdown().await;
         }
         if let Some(dl) = self.datalayer.take() {
             dl.shutdown().await;
@@ -151,11 +242,9 @@ impl EppHandle {
     }
 }
 
-/// How long [`EppHandle::shutdown`] waits for open streams before cutting them.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl Drop for EppHandle {
     fn drop(&mut self) {
+        self.drain.cancel();
         self.cancel.cancel();
     }
 }
@@ -163,7 +252,12 @@ impl Drop for EppHandle {
 /// Loads the configuration named by the flags (file, text, or the built-in default).
 pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
     let registry = llmsched_plugins::default_registry();
-    if let Some(path) = &args.config_file {
+    // An empty --config-file means unset, as pflag's empty string does.
+    if let Some(path) = args
+        .config_file
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
             path: path.display().to_string(),
             error,
@@ -213,8 +307,34 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
         endpoints_file: args.endpoints_file.clone(),
         target_ports: args.endpoint_target_ports.clone(),
         objectives_file: args.objectives_file.clone(),
+        health: health_policy(args),
         ..DataLayerConfig::default()
     })
+}
+
+/// Endpoint health from the flags. Metrics count as stale after
+/// `--metrics-staleness-threshold`, but never sooner than two refresh intervals plus a
+/// scrape timeout, so a long `--refresh-metrics-interval` cannot make every endpoint look
+/// stale between two scrapes.
+pub fn health_policy(args: &Args) -> HealthPolicy {
+    let floor = args
+        .refresh_metrics_interval
+        .saturating_mul(2)
+        .saturating_add(DataLayerConfig::default().scrape_timeout);
+    HealthPolicy {
+        enabled: args.endpoint_health_checks,
+        staleness: args.metrics_staleness_threshold.max(floor),
+        ..HealthPolicy::default()
+    }
+}
+
+/// Connection limits of every listener, from the flags.
+pub fn listener_limits(args: &Args) -> Limits {
+    Limits {
+        max_connections: args.max_connections,
+        header_timeout: args.request_header_timeout,
+        idle_timeout: args.connection_idle_timeout,
+    }
 }
 
 async fn bind(args: &Args, port: u16, flag: &'static str) -> Result<TcpListener, EppError> {
@@ -253,7 +373,16 @@ fn tls_config(args: &Args) -> Result<Option<TlsConfig>, EppError> {
 /// Starts the EPP: every listener is bound and every task spawned when this returns.
 pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     args.validate()?;
+    for w in args.compatibility_warnings() {
+        tracing::warn!("{w}");
+    }
     let cancel = CancellationToken::new();
+    let kube_source = kube_source(&args.discovery(std::env::var("NAMESPACE").ok().as_deref())?);
+    // The Kubernetes client (configuration only; nothing is contacted yet).
+    let kube_client = match &kube_source {
+        None => None,
+        Some(_) => Some(llmsched_kube::discovery::client(args.kubeconfig.as_deref()).await?),
+    };
 
     // Metrics registry shared by scheduler, plugins, director and data layer.
     let mut registry = Registry::default();
@@ -264,6 +393,15 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         env!("CARGO_PKG_VERSION"),
     );
     let dl_metrics = llmsched_datalayer::register_metrics(&mut registry);
+    let kube_metrics = kube_client
+        .as_ref()
+        .map(|_| llmsched_kube::metrics::KubeMetrics::register(&mut registry));
+    // --metrics-endpoint-auth and --ha-enable-leader-election (both need the client).
+    let metrics_auth = metrics_authorizer(&args, kube_client.as_ref(), &mut registry).await?;
+    let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
+    let health_metrics = HealthMetrics::register(&mut registry);
+    let listener_metrics = ListenerMetrics::register(&mut registry);
+    let health_policy = health_policy(&args);
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -318,6 +456,17 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     )
     .await?;
     let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
+    let kube = match (&kube_client, kube_metrics, kube_source) {
+        (Some(client), Some(metrics), Some((namespace, source))) => Some(start_kube_discovery(
+            client.clone(),
+            &args,
+            DiscoveryConfig::new(namespace, source),
+            &dl,
+            metrics,
+            cancel.clone(),
+        )),
+        _ => None,
+    };
 
     let pool_name = args.pool_name.clone().unwrap_or_else(|| "llmsched".into());
     PoolCollector::new(
@@ -326,15 +475,22 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         args.metrics_staleness_threshold,
     )
     .register(&mut registry);
+    HealthCollector::new(
+        store.clone() as Arc<dyn EndpointSource>,
+        health_policy.clone(),
+    )
+    .register(&mut registry);
 
     let director = Arc::new(
         Director::builder(config, store.clone() as Arc<dyn EndpointSource>)
             .objectives(objectives)
             .metrics(epp_metrics)
+            .health_metrics(health_metrics)
             .scheduler_metrics(scheduler_metrics)
             .options(DirectorOptions {
                 disable_endpoint_subset_filter: args.disable_endpoint_subset_filter,
                 pool_name,
+                health: health_policy,
                 ..DirectorOptions::default()
             })
             .build(),
@@ -342,40 +498,74 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
 
     // Servers.
     let registry = Arc::new(registry);
-    let health = HealthHandle::new().await;
+    let health = HealthHandle::with_leader_election(args.ha_enable_leader_election);
+    // Cancelled first on shutdown: stops the ext_proc and proxy listeners and the election.
+    let drain = CancellationToken::new();
+    let leader = match election {
+        Some((client, config, metrics)) => {
+            let h = health.clone();
+            Some(llmsched_kube::leader::spawn(
+                client,
+                config,
+                metrics,
+                Arc::new(move |leader| h.set_leader(leader)),
+                drain.clone(),
+            )?)
+        }
+        None => None,
+    };
     spawn_readiness_watch(
         health.clone(),
         store.clone() as Arc<dyn EndpointSource>,
         Duration::from_millis(100),
         cancel.clone(),
     );
+    let limits = listener_limits(&args);
+    let listener = |tcp: TcpListener, name: &'static str| {
+        Listener::new(tcp, name, limits, listener_metrics.clone())
+    };
+    let (grpc, health_l, metrics_l) = (
+        listener(grpc, "ext_proc"),
+        listener(health_l, "health"),
+        listener(metrics_l, "metrics"),
+    );
+    let mut draining = JoinSet::new();
     let mut servers = JoinSet::new();
     let err = |e: ServeError| e.to_string();
     {
-        let (d, c, h) = (director.clone(), cancel.clone(), health.clone());
+        let (d, c, h) = (director.clone(), drain.clone(), health.clone());
         let health_on_grpc = args.health_checking.then_some(h);
-        servers.spawn(async move {
-            let r =
-                serve_ext_proc(grpc, d, tls, health_on_grpc, ExtProcOptions::default(), c).await;
+        let options = ExtProcOptions {
+            max_request_body_bytes: args.max_request_body_bytes,
+            ..ExtProcOptions::default()
+        };
+        draining.spawn(async move {
+            let r = serve_ext_proc_on(grpc, d, tls, health_on_grpc, options, c).await;
             ("ext_proc", r.map_err(err))
         });
     }
     {
         let (h, c) = (health.clone(), cancel.clone());
-        servers.spawn(async move { ("health", serve_health(health_l, h, c).await.map_err(err)) });
+        servers.spawn(async move {
+            let r = serve_health_on(health_l, h, c).await;
+            ("health", r.map_err(err))
+        });
     }
     {
         let (r, c) = (registry.clone(), cancel.clone());
-        servers
-            .spawn(async move { ("metrics", serve_metrics(metrics_l, r, c).await.map_err(err)) });
+        servers.spawn(async move {
+            let served = serve_metrics_on(metrics_l, r, metrics_auth, c).await;
+            ("metrics", served.map_err(err))
+        });
     }
     if let Some(listener) = proxy_l {
         crate::proxy::spawn(
-            &mut servers,
+            &mut draining,
             listener,
             director.clone(),
             &args,
-            cancel.clone(),
+            listener_metrics.clone(),
+            drain.clone(),
         );
     }
 
@@ -398,46 +588,207 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         store,
         health,
         cancel,
+        drain,
+        drain_timeout: args.drain_timeout,
+        draining,
         servers,
         datalayer: Some(dl),
+        kube,
+        leader,
     })
 }
 
-/// `llmsched epp`: runs until Ctrl-C (or SIGTERM) or a server fails.
+/// Resolves `--metrics-endpoint-auth`: explicit `false` is off; explicit `true` needs a
+/// Kubernetes client (the discovery one, else one built from the kubeconfig) or the EPP does
+/// not start; unset is on when endpoints come from Kubernetes and off otherwise (static
+/// endpoints: there is nobody to ask, and /metrics must stay usable).
+async fn metrics_authorizer(
+    args: &Args,
+    kube_client: Option<&llmsched_kube::Client>,
+    registry: &mut Registry,
+) -> Result<Option<Arc<dyn llmsched_extproc::MetricsAuthorizer>>, EppError> {
+    let client = match (args.metrics_endpoint_auth, kube_client) {
+        (Some(false), _) => {
+            tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");
+            return Ok(None);
+        }
+        (_, Some(client)) => client.clone(),
+        (Some(true), None) => llmsched_kube::discovery::client(args.kubeconfig.as_deref())
+            .await
+            .map_err(|e| {
+                EppError::MetricsAuth(format!(
+                    "TokenReview and SubjectAccessReview need a Kubernetes client, and none can be configured ({e}); pass --kubeconfig, run in a cluster, or use --metrics-endpoint-auth=false"
+                ))
+            })?,
+        (None, None) => {
+            tracing::info!(
+                "/metrics is served without authentication: --metrics-endpoint-auth defaults to on only when endpoints come from Kubernetes (--pool-name or --endpoint-selector); pass --metrics-endpoint-auth=true with a kubeconfig to require bearer tokens"
+            );
+            return Ok(None);
+        }
+    };
+    tracing::info!(
+        "/metrics requires a bearer token allowed by a TokenReview and a SubjectAccessReview (get /metrics); --metrics-endpoint-auth=false turns this off"
+    );
+    let metrics = llmsched_kube::auth::MetricsAuthMetrics::register(registry);
+    Ok(Some(Arc::new(
+        llmsched_kube::auth::KubeMetricsAuthorizer::new(client, metrics),
+    )))
+}
+
+type Election = (
+    llmsched_kube::Client,
+    llmsched_kube::leader::LeaderElectionConfig,
+    llmsched_kube::leader::LeaderMetrics,
+);
+
+/// The Lease of `--ha-enable-leader-election`: the pool's (`epp-<ns>-<pool>...`), or in
+/// `--endpoint-selector` mode the Deployment's named by `POD_NAME`, as the reference.
+fn leader_election(
+    args: &Args,
+    kube_client: Option<&llmsched_kube::Client>,
+    registry: &mut Registry,
+) -> Result<Option<Election>, EppError> {
+    use llmsched_kube::leader::{LeaderElectionConfig, LeaderElectionError, LeaderMetrics};
+    if !args.ha_enable_leader_election {
+        return Ok(None);
+    }
+    let Some(client) = kube_client else {
+        // validate() already refuses election without Kubernetes discovery.
+        return Err(LeaderElectionError::Config(
+            "--ha-enable-leader-election needs Kubernetes discovery".into(),
+        )
+        .into());
+    };
+    let ns_env = std::env::var("NAMESPACE").ok();
+    let namespace = args.resolved_namespace(ns_env.as_deref());
+    let target = match args.discovery(ns_env.as_deref())? {
+        Discovery::Pool { name, .. } => name,
+        _ => {
+            let pod = std::env::var("POD_NAME").unwrap_or_default();
+            llmsched_kube::leader::deployment_of_pod(&pod)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    LeaderElectionError::Config(format!(
+                        "with --endpoint-selector the Lease is named after the EPP's Deployment, read from env POD_NAME (<deployment>-<hash>-<suffix>); got {pod:?}"
+                    ))
+                })?
+        }
+    };
+    let config = LeaderElectionConfig {
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+        ..LeaderElectionConfig::for_pool(&namespace, &target)
+    };
+    config.validate()?;
+    let metrics = LeaderMetrics::register(registry);
+    Ok(Some((client.clone(), config, metrics)))
+}
+
+/// The Kubernetes source of `discovery` and its namespace (`None`: no Kubernetes).
+fn kube_source(discovery: &Discovery) -> Option<(String, Source)> {
+    match discovery {
+        Discovery::Static => None,
+        Discovery::Pool {
+            name,
+            namespace,
+            group,
+        } => Some((
+            namespace.clone(),
+            Source::Pool {
+                name: name.clone(),
+                group: group.clone(),
+            },
+        )),
+        Discovery::Selector {
+            labels,
+            target_ports,
+            namespace,
+        } => Some((
+            namespace.clone(),
+            Source::Selector(llmsched_kube::pool::PoolView {
+                selector: labels.clone(),
+                target_ports: target_ports.clone(),
+            }),
+        )),
+    }
+}
+
+/// Starts the InferencePool / pod / objectives watches feeding the data layer's stores.
+fn start_kube_discovery(
+    client: llmsched_kube::Client,
+    args: &Args,
+    mut config: DiscoveryConfig,
+    dl: &DataLayerHandle,
+    metrics: llmsched_kube::metrics::KubeMetrics,
+    cancel: CancellationToken,
+) -> llmsched_kube::discovery::KubeDiscovery {
+    config.model_server_metrics_port = args.model_server_metrics_port;
+    if args.objectives_file.is_some() {
+        tracing::info!(
+            "--objectives-file is set: objectives and rewrites come from the file, not from the cluster"
+        );
+        config.watch_objectives = false;
+    }
+    llmsched_kube::discovery::start(
+        client,
+        config,
+        Sinks {
+            store: dl.store().clone(),
+            objectives: dl.objectives().clone(),
+            metrics_port: dl.metrics_port().clone(),
+        },
+        metrics,
+        cancel,
+    )
+}
+
+/// `llmsched epp`: runs until SIGTERM or Ctrl-C (or a server fails), then drains
+/// ([`EppHandle::shutdown`]); a second signal cuts the drain short.
 pub async fn run(args: Args) -> Result<(), EppError> {
     let mut epp = start(args).await?;
-    let shutdown = CancellationToken::new();
+    let first = CancellationToken::new();
+    let second = CancellationToken::new();
     {
-        let s = shutdown.clone();
+        let (first, second) = (first.clone(), second.clone());
         tokio::spawn(async move {
-            wait_for_signal().await;
-            s.cancel();
+            let mut signals = Signals::new();
+            signals.next().await;
+            first.cancel();
+            signals.next().await;
+            second.cancel();
         });
     }
-    let outcome = epp.wait(shutdown).await;
-    tracing::info!("shutting down");
-    epp.shutdown().await;
+    let outcome = epp.wait(first).await;
+    tracing::info!("shutting down (a second SIGTERM or Ctrl-C exits at once)");
+    epp.shutdown_until(second).await;
     outcome
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), registered once so that none is missed between two waits.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(term) = self.term.as_mut() {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

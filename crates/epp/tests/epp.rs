@@ -111,6 +111,8 @@ fn args(extra: &[String]) -> Args {
         "--metrics-port=0",
         "--bind-address=127.0.0.1",
         "--refresh-metrics-interval=10ms",
+        // Streams the tests leave open are cut at once on shutdown (not after 60 s).
+        "--drain-timeout=50ms",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -526,6 +528,9 @@ async fn objectives_file_drives_rewrites_priorities_and_shedding() {
     let file = dir.path().join("objectives.yaml");
     std::fs::write(&file, OBJECTIVES).unwrap();
     let epp = start(&[&a], &[&format!("--objectives-file={}", file.display())]).await;
+    // "m" was served before (the fake endpoints here answer no requests), so it is a label
+    // value of its own (llmsched_core::labels).
+    epp.director().metrics().known.learn("m");
     scraped(&epp, &[&a]).await;
 
     // Rewrite: the forwarded body carries the target model.
@@ -677,6 +682,9 @@ async fn fallback_endpoints_follow_max_num_of_endpoints() {
 async fn streaming_usage_is_accounted_across_chunk_boundaries() {
     let a = MetricsServer::start("127.0.0.18", Load::default()).await;
     let epp = start(&[&a], &[]).await;
+    // "m" was served before (the fake endpoints here answer no requests), so it is a label
+    // value of its own (llmsched_core::labels).
+    epp.director().metrics().known.learn("m");
     scraped(&epp, &[&a]).await;
     let r = send(&epp, &[], &completion("m", "count me", true), 1).await;
     let Answer::Routed { mut conv, .. } = r else {

@@ -116,6 +116,11 @@ fn bench(c: &mut Criterion) {
     let eps = endpoints(8);
     for (i, e) in eps.0.endpoints.iter().enumerate() {
         set_queue(e, i as u32 % 3);
+        // Fresh for the whole run, as a scraped pool is (metrics older than the staleness
+        // threshold would make every endpoint unhealthy and route fail-open).
+        let mut m = llmsched_core::endpoint::EndpointMetrics::clone(&e.metrics());
+        m.updated_at = Some(std::time::Instant::now() + std::time::Duration::from_secs(3600));
+        e.set_metrics(m);
     }
     let config = match load_config(CONFIG) {
         Ok(c) => c,

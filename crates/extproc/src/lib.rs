@@ -14,7 +14,7 @@
 //! #     registry: Arc<prometheus_client::registry::Registry>) -> Result<(), Box<dyn std::error::Error>> {
 //! use llmsched_extproc::*;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! let health = HealthHandle::new().await;
+//! let health = HealthHandle::new(); // with_leader_election(true) under --ha-enable-leader-election
 //! spawn_readiness_watch(health.clone(), endpoints, std::time::Duration::from_millis(100), shutdown.clone());
 //! let tls = Some(TlsConfig::self_signed()?); // or from_cert_dir(path, reload), or None
 //! let grpc = tokio::net::TcpListener::bind("0.0.0.0:9002").await?;
@@ -31,10 +31,11 @@
 //! * [`service`] — the ext_proc stream state machine;
 //! * [`messages`] — building and reading ext_proc messages (chunking at 62,000 bytes,
 //!   immediate responses, metadata);
-//! * [`tls`], [`health`], [`server`].
+//! * [`tls`], [`health`], [`server`], [`metrics_auth`] (the `/metrics` auth seam).
 
 pub mod health;
 pub mod messages;
+pub mod metrics_auth;
 pub mod server;
 pub mod service;
 pub mod tls;
@@ -42,7 +43,14 @@ pub mod tls;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
-pub use health::{HealthHandle, serve_health, spawn_readiness_watch};
-pub use server::{ServeError, serve_ext_proc, serve_metrics};
+pub use health::{HealthHandle, HealthState, serve_health, serve_health_on, spawn_readiness_watch};
+pub use llmsched_listener::{Limits, Listener, ListenerMetrics};
+pub use metrics_auth::{
+    MetricsAuthDecision, MetricsAuthError, MetricsAuthRequest, MetricsAuthorizer,
+};
+pub use server::{
+    ServeError, serve_ext_proc, serve_ext_proc_on, serve_metrics, serve_metrics_on,
+    serve_metrics_with_auth,
+};
 pub use service::{ExtProcOptions, ExtProcService};
 pub use tls::{TlsConfig, TlsError};

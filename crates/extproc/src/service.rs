@@ -6,7 +6,8 @@
 //! 1. `request_headers`: headers collected (`x-request-id` generated when missing). With
 //!    `end_of_stream` (no body) the director picks a random endpoint and the headers response
 //!    goes out at once; otherwise nothing is sent until the body ends.
-//! 2. `request_body` chunks are appended (pre-sized from `content-length`); at
+//! 2. `request_body` chunks are appended (the buffer pre-sized from `content-length`, at most
+//!    [`ExtProcOptions::max_prealloc_bytes`], then grown as bytes arrive); at
 //!    `end_of_stream` (or at `request_trailers`) the director routes the request and the
 //!    stream answers with the headers response (destination header + `envoy.lb` metadata,
 //!    `Content-Length`, echoed headers, hook headers) followed by the body re-chunked at
@@ -16,7 +17,19 @@
 //!    headers and the response hooks' headers.
 //! 4. `response_body`: streaming responses pass chunk by chunk (model name rewritten back);
 //!    other bodies are buffered to the end and then sent (re-chunked). Usage is accounted.
+//!    A non-streaming body that outgrows [`ExtProcOptions::max_request_body_bytes`] is not
+//!    held any longer: what was buffered and the rest pass through unchanged (no model-name
+//!    rewrite; usage only if the director's own bounded JSON buffer saw it all).
 //! 5. `response_trailers` (or the response body's end) finishes the request.
+//!
+//! Request bodies are bounded by [`ExtProcOptions::max_request_body_bytes`]: a
+//! `content-length` above it is answered at the headers, before any body is read; a body
+//! that grows beyond it (chunked, or a lying `content-length`) is answered as soon as the
+//! chunk that crosses the limit arrives, and its buffer is freed at once. Both answers are an
+//! `ImmediateResponse` 413 with the body `inference error: PayloadTooLarge - request body is
+//! larger than the limit of N bytes` (see [`InferenceError::payload_too_large`]) and the
+//! stream closes. No buffer is ever sized by what the peer announces beyond
+//! [`ExtProcOptions::max_prealloc_bytes`], and no buffer's capacity exceeds the limit.
 //!
 //! A stream that ends early (client gone, Envoy reset) drops its [`Routed`], which releases
 //! the in-flight counts. Messages out of order (a body before headers, headers twice, a
@@ -34,6 +47,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
 use futures::Stream;
+use llmsched_core::error::InferenceError;
 use llmsched_core::request::Headers;
 use llmsched_director::headers::is_system_owned;
 use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
@@ -44,20 +58,64 @@ use crate::messages::{
     response_headers_response, served_endpoint, set_header, subset_hint, trailers_response,
 };
 
+/// Default of [`ExtProcOptions::max_request_body_bytes`]: 64 MiB, as the built-in proxy's.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 64 << 20;
+
+/// Default of [`ExtProcOptions::max_prealloc_bytes`]: 16 KiB. Small on purpose: with mimalloc
+/// and transparent huge pages a buffer's capacity is resident as soon as a few bytes are
+/// written into it, so a stalled stream must cost what it sent, not what it announced.
+pub const DEFAULT_MAX_PREALLOC_BYTES: usize = 16 << 10;
+
 /// Options of the ext_proc service.
 #[derive(Debug, Clone)]
 pub struct ExtProcOptions {
+    /// Largest request body the EPP buffers (`--max-request-body-bytes`): a larger one is
+    /// answered `413` (`PayloadTooLarge`). Also the most of a non-streaming response held for
+    /// the model-name rewrite; a larger response passes through unchanged. Default 64 MiB.
+    pub max_request_body_bytes: usize,
     /// Upper bound of the body buffer pre-allocated from `content-length` (request and
-    /// response); larger bodies still work, they grow the buffer as they arrive.
+    /// response): what a peer announces is only a hint, so a thousand streams announcing
+    /// 64 MiB and stalling cost a thousand small buffers, not 64 GiB. Larger bodies grow the
+    /// buffer as their bytes arrive (doubling, never beyond the limit). Default 16 KiB.
     pub max_prealloc_bytes: usize,
 }
 
 impl Default for ExtProcOptions {
     fn default() -> Self {
         Self {
-            max_prealloc_bytes: 64 << 20,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            max_prealloc_bytes: DEFAULT_MAX_PREALLOC_BYTES,
         }
     }
+}
+
+/// Appends `chunk` to `buf` unless the result would be longer than `limit` (then `buf` is
+/// left as it is and `false` returned). The capacity grows by doubling but never beyond
+/// `limit`, so a buffer never holds more memory than the limit allows.
+fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let Some(need) = buf.len().checked_add(chunk.len()) else {
+        return false;
+    };
+    if need > limit {
+        return false;
+    }
+    if need > buf.capacity() {
+        let target = buf.capacity().saturating_mul(2).max(need).min(limit);
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(chunk);
+    true
+}
+
+/// The buffer for a body announced as `content-length` (absent or unparsable: empty).
+fn presized(headers: &Headers, options: &ExtProcOptions) -> Vec<u8> {
+    let cap = headers
+        .get("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(options.max_prealloc_bytes)
+        .min(options.max_request_body_bytes);
+    Vec::with_capacity(cap)
 }
 
 /// The ext_proc service over a [`Director`].
@@ -156,6 +214,8 @@ enum Resp {
     AwaitHeaders,
     Streaming,
     Buffering(Vec<u8>),
+    /// A non-streaming body too large to hold: passed through as it comes, unchanged.
+    Passthrough,
     Done,
 }
 
@@ -245,20 +305,36 @@ impl StreamHandler {
                 }
             };
         }
-        let cap = headers
+        let limit = self.options.max_request_body_bytes;
+        let announced = headers
             .get("content-length")
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0)
-            .min(self.options.max_prealloc_bytes);
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Ok(self.too_large(announced));
+        }
         self.stage = Stage::Body {
+            buf: presized(&headers, &self.options),
             headers,
-            buf: Vec::with_capacity(cap),
             received_at,
         };
         Ok(Flow::Continue)
     }
 
+    /// Answers 413 and ends the stream; whatever was buffered is freed now.
+    fn too_large(&mut self, announced: Option<u64>) -> Flow {
+        let limit = self.options.max_request_body_bytes;
+        self.stage = Stage::AwaitHeaders;
+        let e = InferenceError::payload_too_large(limit);
+        tracing::debug!(limit, ?announced, "request body over the limit");
+        self.director
+            .metrics()
+            .record_error("", "", e.code.as_str());
+        self.send(immediate_response(&e));
+        Flow::Close
+    }
+
     async fn request_body(&mut self, b: HttpBody) -> Result<Flow, Status> {
+        let limit = self.options.max_request_body_bytes;
         let Stage::Body { buf, .. } = &mut self.stage else {
             return Err(protocol(match self.stage {
                 Stage::AwaitHeaders => "request body received before request headers",
@@ -266,17 +342,21 @@ impl StreamHandler {
             }));
         };
         let body = b.body;
-        if !b.end_of_stream {
-            buf.extend_from_slice(&body);
-            return Ok(Flow::Continue);
+        if !b.end_of_stream || !buf.is_empty() {
+            if !append_capped(buf, &body, limit) {
+                return Ok(self.too_large(None));
+            }
+            if !b.end_of_stream {
+                return Ok(Flow::Continue);
+            }
+            let whole = std::mem::take(buf);
+            return self.route(Bytes::from(whole), false).await;
         }
-        let whole = if buf.is_empty() {
-            body
-        } else {
-            buf.extend_from_slice(&body);
-            std::mem::take(buf)
-        };
-        self.route(Bytes::from(whole), false).await
+        // The whole body in one message: used as it is, no copy.
+        if body.len() > limit {
+            return Ok(self.too_large(None));
+        }
+        self.route(Bytes::from(body), false).await
     }
 
     async fn request_trailers(&mut self) -> Result<Flow, Status> {
@@ -376,12 +456,7 @@ impl StreamHandler {
         } else if streaming {
             Resp::Streaming
         } else {
-            let cap = headers
-                .get("content-length")
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0)
-                .min(self.options.max_prealloc_bytes);
-            Resp::Buffering(Vec::with_capacity(cap))
+            Resp::Buffering(presized(&headers, &self.options))
         };
         self.send(response_headers_response(set));
         Ok(Flow::Continue)
@@ -414,8 +489,27 @@ impl StreamHandler {
             Resp::Buffering(buf) => {
                 if buf.is_empty() && eos {
                     *buf = b.body;
-                } else {
-                    buf.extend_from_slice(&b.body);
+                } else if !append_capped(buf, &b.body, self.options.max_request_body_bytes) {
+                    // Too large to hold for the rewrite: pass it on unchanged from here.
+                    let held = std::mem::take(buf);
+                    tracing::debug!(
+                        held = held.len(),
+                        limit = self.options.max_request_body_bytes,
+                        "response body over the buffering limit; passing it through"
+                    );
+                    r.on_response_body(&held, false);
+                    r.on_response_body(&b.body, eos);
+                    *resp = if eos {
+                        if let Some(r) = routed.take() {
+                            r.finish();
+                        }
+                        Resp::Done
+                    } else {
+                        Resp::Passthrough
+                    };
+                    self.send_all(body_responses(Direction::Response, &held, false));
+                    self.send_all(body_responses(Direction::Response, &b.body, eos));
+                    return Ok(Flow::Continue);
                 }
                 if !eos {
                     return Ok(Flow::Continue);
@@ -428,6 +522,16 @@ impl StreamHandler {
                 }
                 *resp = Resp::Done;
                 self.send_all(body_responses(Direction::Response, &out, true));
+            }
+            Resp::Passthrough => {
+                r.on_response_body(&b.body, eos);
+                if eos {
+                    if let Some(r) = routed.take() {
+                        r.finish();
+                    }
+                    *resp = Resp::Done;
+                }
+                self.send_all(body_responses(Direction::Response, &b.body, eos));
             }
             Resp::AwaitHeaders => {
                 return Err(protocol("response body received before response headers"));

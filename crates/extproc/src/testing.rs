@@ -54,6 +54,7 @@ pub struct EppBuilder {
     endpoints: Arc<dyn EndpointSource>,
     objectives: Option<Objectives>,
     tls: bool,
+    options: ExtProcOptions,
 }
 
 pub fn epp(config: Arc<LoadedConfig>, endpoints: Arc<dyn EndpointSource>) -> EppBuilder {
@@ -62,6 +63,7 @@ pub fn epp(config: Arc<LoadedConfig>, endpoints: Arc<dyn EndpointSource>) -> Epp
         endpoints,
         objectives: None,
         tls: false,
+        options: ExtProcOptions::default(),
     }
 }
 
@@ -73,6 +75,11 @@ impl EppBuilder {
 
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    pub fn options(mut self, options: ExtProcOptions) -> Self {
+        self.options = options;
         self
     }
 
@@ -97,7 +104,7 @@ impl EppBuilder {
             director.clone(),
             tls,
             None,
-            ExtProcOptions::default(),
+            self.options,
             shutdown.clone(),
         ));
         Epp {

@@ -17,6 +17,8 @@ async fn full_duplex_split_body_is_routed_echoed_and_answered() {
     set_queue(&eps.0.endpoints[1], 0);
     set_queue(&eps.0.endpoints[2], 2);
     let epp = epp(basic_config(1, ""), eps.clone()).start().await;
+    // "m" was served before, so it is a label value of its own (llmsched_core::labels).
+    epp.director.metrics().known.learn("m");
     let mut client = epp.client().await;
     let mut c = Conv::open(&mut client).await;
     let body = body_json("m", "hello there, this is a prompt", false);
@@ -386,6 +388,8 @@ async fn priorities_and_shedding() {
         "- type: test-saturation-detector\n  parameters: {queueDepthThreshold: 1}\n",
     );
     let epp = epp(cfg, eps.clone()).objectives(OBJECTIVES).start().await;
+    // "m" was served before, so it is a label value of its own (llmsched_core::labels).
+    epp.director.metrics().known.learn("m");
     for e in &eps.0.endpoints {
         set_queue(e, 5);
     }
@@ -448,6 +452,8 @@ async fn lora_affinity_routes_to_the_adapter() {
 async fn streaming_usage_split_across_chunks_is_accounted() {
     let eps = endpoints(1);
     let epp = epp(basic_config(1, ""), eps.clone()).start().await;
+    // "m" was served before, so it is a label value of its own (llmsched_core::labels).
+    epp.director.metrics().known.learn("m");
     let mut client = epp.client().await;
     let mut c = Conv::open(&mut client).await;
     c.send(headers_msg(&post(&[("x-request-id", "stream-1")]), false))
@@ -579,6 +585,8 @@ async fn skipped_bodies_are_forwarded_unchanged_and_the_stream_closes() {
 async fn cancelled_streams_release_in_flight_counts() {
     let eps = endpoints(1);
     let epp = epp(basic_config(1, ""), eps.clone()).start().await;
+    // "m" was served before, so it is a label value of its own (llmsched_core::labels).
+    epp.director.metrics().known.learn("m");
     let mut client = epp.client().await;
     let mut c = Conv::open(&mut client).await;
     c.send(headers_msg(&post(&[]), false)).await;
@@ -764,8 +772,8 @@ async fn health_can_share_the_ext_proc_port() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let health = llmsched_extproc::HealthHandle::new().await;
-    health.set_ready(true).await;
+    let health = llmsched_extproc::HealthHandle::new();
+    health.set_ready(true);
     tokio::spawn(llmsched_extproc::serve_ext_proc(
         listener,
         director,

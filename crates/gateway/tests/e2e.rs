@@ -378,9 +378,15 @@ async fn proxy_tries_the_fallback_endpoint_when_connecting_fails() {
         l.local_addr().unwrap()
     };
     let config = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: random-picker\n  parameters: {maxNumOfEndpoints: 2}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n";
+    // Health checks off: the dead endpoint stays a candidate (as in the reference), so the
+    // picker's fallback list is what saves the request. (With them on it is never picked;
+    // see tests/endpoint_health.rs in the llmsched crate.)
     let epp = start_epp(
         &format!("{live},{dead}"),
-        &[&format!("--config-text={config}")],
+        &[
+            &format!("--config-text={config}"),
+            "--endpoint-health-checks=false",
+        ],
     )
     .await;
     let proxy = epp.proxy_addr.unwrap();

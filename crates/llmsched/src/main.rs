@@ -14,6 +14,7 @@
 //! errors into a non-zero exit status with a readable message.
 
 mod demo;
+mod logtime;
 
 use std::io::IsTerminal;
 
@@ -40,6 +41,9 @@ enum Command {
     Demo(Box<demo::Args>),
     /// Print or write an Envoy bootstrap (ext_proc EPP or round-robin baseline).
     EnvoyConfig(Box<llmsched_gateway::cli::Args>),
+    /// Print the CustomResourceDefinitions llmsched reads (InferencePool v1 and v1alpha2,
+    /// InferenceObjective and InferenceModelRewrite in both groups) as YAML.
+    Crds,
 }
 
 /// Logging to stderr: `RUST_LOG` wins; otherwise `verbosity` picks the level.
@@ -49,15 +53,33 @@ fn init_logging(verbosity: u8, json: bool) {
         2 | 3 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    init_logging_with(&llmsched_epp::LogSettings {
+        level: default,
+        json,
+        time_encoding: None,
+    });
+}
+
+/// Logging to stderr as the EPP's flags say (`-v`, `--log-format`, the zap flags);
+/// `RUST_LOG` wins over the level.
+fn init_logging_with(settings: &llmsched_epp::LogSettings) {
+    // kube-rs logs every failed request at error level; discovery reports each failure
+    // itself, once per change of reason, so that line is silenced unless RUST_LOG asks.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},kube_client::client::builder=off",
+            settings.level
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(!settings.json && std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    let _ = match (settings.json, settings.time_encoding) {
+        (true, Some(t)) => builder.json().with_timer(logtime::ZapTime(t)).try_init(),
+        (true, None) => builder.json().try_init(),
+        (false, Some(t)) => builder.with_timer(logtime::ZapTime(t)).try_init(),
+        (false, None) => builder.try_init(),
     };
 }
 
@@ -87,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Epp(args) => {
-                init_logging(args.verbosity, args.log_format == "json");
+                init_logging_with(&args.log_settings());
                 llmsched_epp::run(*args).await.context("llmsched epp")
             }
             Command::Sim(args) => {
@@ -106,6 +128,11 @@ fn main() -> anyhow::Result<()> {
             }
             Command::EnvoyConfig(args) => {
                 llmsched_gateway::cli::run(*args).context("llmsched envoy-config")
+            }
+            Command::Crds => {
+                let yaml = llmsched_kube::crd::all_crds_yaml().context("llmsched crds")?;
+                print!("{yaml}");
+                Ok(())
             }
         }
     })

@@ -10,7 +10,9 @@
 //!   prompt by one.
 //! * `decision/default_hot_prefix/N`: as above, but the system prompt was served by *every*
 //!   endpoint (the worst case for the lookup: 32 blocks held by N endpoints).
-//! * `component/*`: the parts on their own (parse, hash, record after the pick).
+//! * `component/*`: the parts on their own (parse, hash, record after the pick), and forming
+//!   the candidate list with and without the endpoint health check the director applies
+//!   (`candidates_all/N` vs `candidates_healthy/N`: its cost per request).
 //!
 //! Run: `cargo bench -p llmsched-plugins --bench scheduling` (times are the benchmark
 //! thread's CPU time; `BENCH_CLOCK=wall` for wall-clock time).
@@ -299,6 +301,26 @@ fn bench<M: Measurement>(c: &mut Criterion<M>) {
             }
         })
     });
+    let policy = llmsched_core::health::HealthPolicy::default();
+    for n in [8u32, 100, 1000] {
+        let eps = endpoints(n);
+        g.bench_with_input(BenchmarkId::new("candidates_all", n), &n, |b, _| {
+            b.iter(|| {
+                let cands: Vec<Candidate<'_>> = black_box(&eps).iter().collect();
+                black_box(cands.len())
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("candidates_healthy", n), &n, |b, _| {
+            b.iter(|| {
+                let now = llmsched_core::health::clock_ms(Instant::now());
+                let cands: Vec<Candidate<'_>> = black_box(&eps)
+                    .iter()
+                    .filter(|e| e.is_routable_at(now, &policy))
+                    .collect();
+                black_box(cands.len())
+            })
+        });
+    }
     g.finish();
 }
 

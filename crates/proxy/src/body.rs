@@ -1,5 +1,11 @@
-//! The response body the proxy hands to hyper: either a small local body (errors, a
-//! rewritten non-streaming response) or the upstream body relayed frame by frame.
+//! Bodies: the request body read whole with a hard limit ([`read_request_body`]), and the
+//! response body the proxy hands to hyper: either a small local body (errors, a rewritten
+//! non-streaming response) or the upstream body relayed frame by frame.
+//!
+//! Reading a request body never trusts `content-length` for memory: a declared length over
+//! the limit is refused at once (413), otherwise the buffer starts at most
+//! [`MAX_PREALLOC_BYTES`] and grows as bytes arrive, its capacity never above the limit. So
+//! a thousand connections announcing 64 MiB and stalling hold what they sent, not 64 GiB.
 //!
 //! Relaying holds no buffer of its own: each upstream frame is polled only when hyper polls
 //! this body, which it does only when the client connection can take more bytes, so a slow
@@ -16,10 +22,175 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use http::header::{self, HeaderMap};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
 use llmsched_core::endpoint::Endpoint;
+use llmsched_core::error::InferenceError;
 use llmsched_director::Routed;
+
+use crate::timeout::{BoxError, UpstreamBody};
+
+/// Most of a request body's buffer allocated before its bytes arrive (from `content-length`).
+/// Small on purpose: with mimalloc and transparent huge pages a buffer's capacity is
+/// resident as soon as a few bytes are written into it (measured: a 1 MiB buffer holding
+/// 8 KiB costs 1.1 MB of RSS, a 64 MiB one 2.2 MB), so a stalled upload must cost what it
+/// sent, not what it announced.
+pub const MAX_PREALLOC_BYTES: usize = 16 << 10;
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadBodyError {
+    /// Larger than the limit (declared or as it arrived): 413.
+    TooLarge,
+    /// The client's body failed (reset, malformed chunking): 400.
+    Failed(String),
+}
+
+impl ReadBodyError {
+    /// The client's answer, in the ext_proc path's error shape.
+    pub(crate) fn to_inference_error(&self, limit: usize) -> InferenceError {
+        match self {
+            ReadBodyError::TooLarge => InferenceError::payload_too_large(limit),
+            ReadBodyError::Failed(e) => {
+                InferenceError::bad_request(format!("failed to read the request body: {e}"))
+            }
+        }
+    }
+}
+
+/// Appends `chunk` unless `buf` would exceed `limit`; the capacity doubles as it grows but
+/// never beyond `limit`.
+fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let Some(need) = buf.len().checked_add(chunk.len()) else {
+        return false;
+    };
+    if need > limit {
+        return false;
+    }
+    if need > buf.capacity() {
+        let target = buf.capacity().saturating_mul(2).max(need).min(limit);
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(chunk);
+    true
+}
+
+/// A request body being collected: the first frame kept as is (a body in one frame is never
+/// copied), later frames appended into a buffer that starts at `min(content-length,
+/// MAX_PREALLOC_BYTES)` and grows with the data, its capacity never above the limit.
+#[derive(Debug)]
+pub(crate) struct BodyCollector {
+    limit: usize,
+    declared: Option<u64>,
+    first: Option<Bytes>,
+    buf: Option<Vec<u8>>,
+}
+
+impl BodyCollector {
+    /// A collector for a body of at most `limit` bytes announced as `declared` bytes;
+    /// refused at once when the announcement is over the limit.
+    pub(crate) fn new(limit: usize, declared: Option<u64>) -> Result<Self, ReadBodyError> {
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ReadBodyError::TooLarge);
+        }
+        Ok(Self {
+            limit,
+            declared,
+            first: None,
+            buf: None,
+        })
+    }
+
+    /// Adds the next frame's data.
+    pub(crate) fn push(&mut self, data: Bytes) -> Result<(), ReadBodyError> {
+        let limit = self.limit;
+        if let Some(b) = self.buf.as_mut() {
+            return append_capped(b, &data, limit)
+                .then_some(())
+                .ok_or(ReadBodyError::TooLarge);
+        }
+        let Some(f) = self.first.take() else {
+            if data.len() > limit {
+                return Err(ReadBodyError::TooLarge);
+            }
+            self.first = Some(data);
+            return Ok(());
+        };
+        let hint = self
+            .declared
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let cap = hint
+            .min(MAX_PREALLOC_BYTES)
+            .max(f.len().saturating_add(data.len()))
+            .min(limit);
+        let mut b = Vec::with_capacity(cap);
+        if !append_capped(&mut b, &f, limit) || !append_capped(&mut b, &data, limit) {
+            return Err(ReadBodyError::TooLarge);
+        }
+        self.buf = Some(b);
+        Ok(())
+    }
+
+    /// Bytes collected so far.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.buf
+            .as_ref()
+            .map_or_else(|| self.first.as_ref().map_or(0, Bytes::len), Vec::len)
+    }
+
+    /// Memory held for the body (the buffer's capacity, or the first frame's length).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf
+            .as_ref()
+            .map_or_else(|| self.first.as_ref().map_or(0, Bytes::len), Vec::capacity)
+    }
+
+    /// The whole body.
+    pub(crate) fn finish(self) -> Bytes {
+        match self.buf {
+            Some(b) => Bytes::from(b),
+            None => self.first.unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads a whole request body of at most `limit` bytes with a [`BodyCollector`]. Request
+/// trailers are dropped (OpenAI requests carry none).
+pub(crate) async fn read_request_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, ReadBodyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut collector = BodyCollector::new(limit, declared)?;
+    let mut body = std::pin::pin!(Limited::new(body, limit));
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    return Err(ReadBodyError::TooLarge);
+                }
+                tracing::debug!(error = %e, "reading the request body failed");
+                return Err(ReadBodyError::Failed(e.to_string()));
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            collector.push(data)?;
+        }
+    }
+    Ok(collector.finish())
+}
 
 /// In-flight accounting of a baseline request: [`Endpoint::dispatch`] when created,
 /// [`Endpoint::complete`] when dropped (response finished, client gone or upstream failed).
@@ -58,7 +229,7 @@ pub(crate) enum Accounting {
 }
 
 struct Relay {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     accounting: Option<Accounting>,
     /// Rewrite the model name back in each chunk (the length may change).
     rewrite: bool,
@@ -115,7 +286,7 @@ impl ProxyBody {
     }
 
     /// The upstream body relayed frame by frame with `accounting`.
-    pub(crate) fn relay(upstream: Incoming, accounting: Accounting, rewrite: bool) -> Self {
+    pub(crate) fn relay(upstream: UpstreamBody, accounting: Accounting, rewrite: bool) -> Self {
         Self {
             kind: Kind::Relay(Box::new(Relay {
                 upstream,
@@ -129,12 +300,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let relay = match &mut self.kind {
             Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Relay(r) => r,
@@ -213,6 +384,101 @@ mod tests {
         assert_eq!(&got[..], b"hello");
         let e = ProxyBody::full(Bytes::new());
         assert!(e.is_end_stream());
+    }
+
+    #[test]
+    fn a_collector_never_sizes_its_buffer_from_the_announced_length() {
+        let limit = 64 << 20;
+        // Announces 64 MiB, sends two small frames and stalls: what it sent is held, plus at
+        // most the pre-allocation bound, never the announced 64 MiB.
+        let mut c = BodyCollector::new(limit, Some(limit as u64)).unwrap();
+        c.push(Bytes::from(vec![b'a'; 1000])).unwrap();
+        c.push(Bytes::from(vec![b'b'; 1000])).unwrap();
+        assert_eq!(c.len(), 2000);
+        assert!(c.capacity() <= MAX_PREALLOC_BYTES, "{}", c.capacity());
+        // Growing with the data: capacity at most twice what arrived (and never over the
+        // limit), whatever was announced.
+        let chunk = Bytes::from(vec![b'c'; 256 << 10]);
+        while c.len() < 20 << 20 {
+            c.push(chunk.clone()).unwrap();
+            assert!(c.capacity() <= (2 * c.len()).max(MAX_PREALLOC_BYTES));
+            assert!(c.capacity() <= limit);
+        }
+        // An announcement without bytes allocates nothing.
+        let c = BodyCollector::new(limit, Some(limit as u64)).unwrap();
+        assert_eq!(c.capacity(), 0);
+    }
+
+    #[test]
+    fn a_collector_stops_at_the_limit() {
+        assert!(matches!(
+            BodyCollector::new(100, Some(101)),
+            Err(ReadBodyError::TooLarge)
+        ));
+        let mut c = BodyCollector::new(100, None).unwrap();
+        c.push(Bytes::from(vec![0u8; 60])).unwrap();
+        c.push(Bytes::from(vec![0u8; 40])).unwrap();
+        assert!(matches!(
+            c.push(Bytes::from_static(b"x")),
+            Err(ReadBodyError::TooLarge)
+        ));
+        assert!(c.capacity() <= 100);
+        // A first frame alone over the limit.
+        let mut c = BodyCollector::new(10, None).unwrap();
+        assert!(matches!(
+            c.push(Bytes::from(vec![0u8; 11])),
+            Err(ReadBodyError::TooLarge)
+        ));
+        // Exactly the limit is fine.
+        let mut c = BodyCollector::new(10, Some(10)).unwrap();
+        c.push(Bytes::from_static(b"0123")).unwrap();
+        c.push(Bytes::from_static(b"456789")).unwrap();
+        assert_eq!(&c.finish()[..], b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn reading_bodies() {
+        use http_body_util::{Full, StreamBody};
+        type Frames = Vec<Result<Frame<Bytes>, std::convert::Infallible>>;
+        let frames = |parts: &[&'static [u8]]| -> Frames {
+            parts
+                .iter()
+                .map(|p| Ok(Frame::data(Bytes::from_static(p))))
+                .collect()
+        };
+        let h = HeaderMap::new();
+        // One frame: the same bytes, not a copy.
+        let one = Bytes::from_static(b"{\"model\":\"m\"}");
+        let got = read_request_body(&h, Full::new(one.clone()), 100)
+            .await
+            .unwrap();
+        assert_eq!(got.as_ptr(), one.as_ptr());
+        // Several frames, concatenated.
+        let body = StreamBody::new(futures::stream::iter(frames(&[b"ab", b"cd", b"ef"])));
+        let got = read_request_body(&h, body, 100).await.unwrap();
+        assert_eq!(&got[..], b"abcdef");
+        // Over the limit as it arrives (no content-length).
+        let body = StreamBody::new(futures::stream::iter(frames(&[b"abcd", b"efgh"])));
+        assert!(matches!(
+            read_request_body(&h, body, 6).await,
+            Err(ReadBodyError::TooLarge)
+        ));
+        // Announced over the limit: refused before reading.
+        let mut big = HeaderMap::new();
+        big.insert(header::CONTENT_LENGTH, "7".parse().unwrap());
+        let body = StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, std::convert::Infallible>,
+        >());
+        assert!(matches!(
+            read_request_body(&big, body, 6).await,
+            Err(ReadBodyError::TooLarge)
+        ));
+        let e = ReadBodyError::TooLarge.to_inference_error(6);
+        assert_eq!(e.http_status(), 413);
+        assert_eq!(
+            e.body(),
+            "inference error: PayloadTooLarge - request body is larger than the limit of 6 bytes"
+        );
     }
 
     #[test]

@@ -1,29 +1,38 @@
 //! One request through the proxy: collect, route with the director (or a baseline), forward
 //! with fallbacks, relay the response.
+//!
+//! Every failure seen on the way to an endpoint is reported to its health: a refused
+//! connection (`connect`: the next target is tried, and when the targets run out the request
+//! is scheduled again without them, [`ProxyOptions::max_reroutes`] times), a connection that
+//! broke before the response (`reset`), no response headers within
+//! [`ProxyOptions::upstream_timeout`] (`timeout`: 504). A request is never sent again once it
+//! may have reached a model server.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use llmsched_core::endpoint::Endpoint;
+use llmsched_core::endpoint::{Endpoint, EndpointId};
 use llmsched_core::error::InferenceError;
+use llmsched_core::health::{FailureKind, is_local_resource_error};
 use llmsched_core::request::header as names;
 use llmsched_director::{Director, IncomingRequest, Phase, RouteKind, Routed};
 use rand::Rng;
 
-use crate::body::{Accounting, InflightGuard, ProxyBody};
+use crate::body::{Accounting, InflightGuard, ProxyBody, read_request_body};
 use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
+use crate::timeout::{IdleTimeout, UpstreamBody};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
 
 type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
@@ -42,6 +51,10 @@ struct UpstreamFailure {
     tried: Vec<String>,
     /// The last error.
     error: String,
+    /// Only connections were refused: the request reached no model server.
+    connect_only: bool,
+    /// No response headers within the upstream timeout.
+    timed_out: bool,
 }
 
 impl Proxy {
@@ -120,92 +133,93 @@ impl Proxy {
         }
     }
 
-    /// Reads the whole request body: the single frame as is (no copy), or the frames
-    /// appended into one buffer pre-sized from `content-length`.
+    /// Reads the whole request body within the size limit ([`crate::body::read_request_body`]:
+    /// nothing pre-sized from `content-length`); errors become the client's answer.
     async fn read_body(
         &self,
         headers: &HeaderMap,
         body: Incoming,
     ) -> Result<Bytes, Response<ProxyBody>> {
         let limit = self.options.max_body_bytes;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(too_large(limit));
-        }
-        let mut body = Limited::new(body, limit);
-        let mut first: Option<Bytes> = None;
-        let mut buf: Option<BytesMut> = None;
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(f) => f,
-                Err(e) => {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        return Err(too_large(limit));
-                    }
-                    tracing::debug!(error = %e, "reading the request body failed");
-                    return Err(error_response(&InferenceError::bad_request(format!(
-                        "failed to read the request body: {e}"
-                    ))));
-                }
-            };
-            // Request trailers are not forwarded (OpenAI requests carry none).
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if let Some(b) = buf.as_mut() {
-                b.extend_from_slice(&data);
-            } else if let Some(f) = first.take() {
-                let cap = declared.map_or(0, |n| n as usize).max(f.len() + data.len());
-                let mut b = BytesMut::with_capacity(cap);
-                b.extend_from_slice(&f);
-                b.extend_from_slice(&data);
-                buf = Some(b);
-            } else {
-                first = Some(data);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let body =
+            IdleTimeout::new(body, self.options.request_body_timeout).with_flag(stalled.clone());
+        read_request_body(headers, body, limit).await.map_err(|e| {
+            if stalled.load(Ordering::Acquire) {
+                return request_timeout(self.options.request_body_timeout);
             }
-        }
-        Ok(match buf {
-            Some(b) => b.freeze(),
-            None => first.unwrap_or_default(),
+            let e = e.to_inference_error(limit);
+            if self.options.baseline.is_none() {
+                self.director
+                    .metrics()
+                    .record_error("", "", e.code.as_str());
+            }
+            error_response(&e)
         })
     }
 
     /// Forwards a routed request to its targets in order (the next one only when connecting
-    /// to the previous one failed) and relays the response.
+    /// to the previous one failed; when all of them refused, the director schedules it again
+    /// without them) and relays the response.
     async fn forward(
         &self,
         mut parts: Parts,
-        routed: Routed,
+        mut routed: Routed,
         has_body: bool,
     ) -> Response<ProxyBody> {
         let body = routed.forward_body().clone();
         prepare_request_headers(&mut parts, has_body.then_some(body.len()));
-        set_routing_headers(&mut parts.headers, &routed);
-        let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
-        let mut routed = routed;
-        // The hooks' deferred bookkeeping runs while the endpoint works on the request: the
-        // send is polled first (handing the request to its connection), then this task
-        // yields so the connection writes it, then the bookkeeping runs.
-        let (sent, ()) = tokio::join!(self.send(parts, body, &targets), async {
-            tokio::task::yield_now().await;
-            routed.run_after_dispatch();
-        });
-        match sent {
-            Ok((resp, served)) => {
-                if served > 0
-                    && let Some(t) = targets.get(served)
-                {
-                    routed.set_served_endpoint(t.hostport());
+        let mut failed: Vec<EndpointId> = Vec::new();
+        let mut tried: Vec<String> = Vec::new();
+        let mut reroutes = 0;
+        loop {
+            let mut headers = parts.headers.clone();
+            set_routing_headers(&mut headers, &routed);
+            let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
+            // The hooks' deferred bookkeeping runs while the endpoint works on the request:
+            // the send is polled first (handing the request to its connection), then this
+            // task yields so the connection writes it, then the bookkeeping runs.
+            let (sent, ()) = tokio::join!(
+                self.send(&parts.method, &parts.uri, headers, &body, &targets),
+                async {
+                    tokio::task::yield_now().await;
+                    routed.run_after_dispatch();
                 }
-                // A request the parser skipped has no response phase in the ext_proc path
-                // (the stream closes after routing), hence no marker header there either.
-                let marker = !(has_body && routed.kind() == RouteKind::Fallback);
-                self.relay(resp, routed, marker).await
+            );
+            let mut f = match sent {
+                Ok((resp, served)) => {
+                    if served > 0
+                        && let Some(t) = targets.get(served)
+                    {
+                        routed.set_served_endpoint(t.hostport());
+                    }
+                    if !tried.is_empty() {
+                        tracing::info!(
+                            request_id = %routed.request_id(),
+                            served = %routed.destination(),
+                            refused = ?tried,
+                            "rescheduled after connection failures: served"
+                        );
+                    }
+                    let served = targets.get(served).cloned();
+                    // A request the parser skipped has no response phase in the ext_proc
+                    // path (the stream closes after routing), hence no marker header there.
+                    let marker = !(has_body && routed.kind() == RouteKind::Fallback);
+                    return self.relay(resp, routed, marker, served).await;
+                }
+                Err(f) => f,
+            };
+            tried.append(&mut f.tried);
+            f.tried = tried.clone();
+            if !f.connect_only || reroutes >= self.options.max_reroutes {
+                return upstream_failure(&f);
             }
-            Err(f) => upstream_failure(&f),
+            failed.extend(targets.iter().map(|t| t.id()));
+            if let Err(e) = self.director.reroute(&mut routed, &failed) {
+                tracing::debug!(error = %e, refused = ?tried, "no endpoint left to reschedule on");
+                return upstream_failure(&f);
+            }
+            reroutes += 1;
         }
     }
 
@@ -242,36 +256,42 @@ impl Proxy {
             .map(|i| snap.endpoints[(first + i) % n].clone())
             .collect();
         let mut guard = InflightGuard::new(targets[0].clone());
-        match self.send(parts, body, &targets).await {
+        match self
+            .send(&parts.method, &parts.uri, parts.headers, &body, &targets)
+            .await
+        {
             Ok((resp, served)) => {
-                if let Some(t) = targets.get(served) {
-                    guard.move_to(t.clone());
-                }
+                let served = targets.get(served).unwrap_or(&targets[0]).clone();
+                guard.move_to(served.clone());
                 let (mut rparts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 Response::from_parts(
                     rparts,
-                    ProxyBody::relay(incoming, Accounting::Baseline(guard), false),
+                    ProxyBody::relay(
+                        self.upstream_body(incoming, served),
+                        Accounting::Baseline(guard),
+                        false,
+                    ),
                 )
             }
             Err(f) => upstream_failure(&f),
         }
     }
 
-    /// Sends the request to `targets` in order until one accepts the connection.
+    /// Sends the request to `targets` in order until one accepts the connection. Every
+    /// failure is reported to the endpoint's health; after a failure that is not a refused
+    /// connection the request may have reached the model server, so no other target is
+    /// tried.
     async fn send(
         &self,
-        parts: Parts,
-        body: Bytes,
+        method: &Method,
+        uri: &Uri,
+        mut headers: HeaderMap,
+        body: &Bytes,
         targets: &[Arc<Endpoint>],
     ) -> Result<(Response<Incoming>, usize), UpstreamFailure> {
-        let Parts {
-            method,
-            uri,
-            mut headers,
-            ..
-        } = parts;
         let pq = uri.path_and_query();
+        let policy = self.director.health_policy();
         let mut tried = Vec::new();
         let mut last = String::from("no endpoint to send to");
         for (i, target) in targets.iter().enumerate() {
@@ -297,27 +317,71 @@ impl Proxy {
             {
                 req.headers_mut().insert(header::HOST, v);
             }
-            match self.client.request(req).await {
-                Ok(resp) => {
+            let outcome =
+                with_timeout(self.options.upstream_timeout, self.client.request(req)).await;
+            tried.push(target.hostport().to_string());
+            let e = match outcome {
+                Some(Ok(resp)) => {
+                    tried.pop();
                     if i > 0 {
                         tracing::info!(served = target.hostport(), failed = ?tried, "a fallback endpoint served the request");
                     }
                     return Ok((resp, i));
                 }
-                Err(e) => {
-                    tried.push(target.hostport().to_string());
-                    last = error_chain(&e);
-                    if e.is_connect() {
-                        tracing::warn!(endpoint = target.hostport(), error = %last, "cannot connect to the endpoint");
-                        continue;
-                    }
-                    // The request may have reached the model server: never resend it.
-                    tracing::warn!(endpoint = target.hostport(), error = %last, "upstream request failed");
-                    break;
+                Some(Err(e)) => e,
+                None => {
+                    tracing::warn!(
+                        endpoint = target.hostport(),
+                        timeout = ?self.options.upstream_timeout,
+                        "no response headers from the endpoint in time"
+                    );
+                    target.record_failure(FailureKind::Timeout, Instant::now(), policy);
+                    return Err(UpstreamFailure {
+                        tried,
+                        error: format!(
+                            "no response headers within {:?}",
+                            self.options.upstream_timeout
+                        ),
+                        connect_only: false,
+                        timed_out: true,
+                    });
                 }
+            };
+            last = error_chain(&e);
+            if e.is_connect() {
+                tracing::warn!(endpoint = target.hostport(), error = %last, "cannot connect to the endpoint");
+                // Out of descriptors or ports here is not the endpoint's fault.
+                if !is_local_resource_error(&e) {
+                    target.record_failure(FailureKind::Connect, Instant::now(), policy);
+                }
+                continue;
             }
+            // The request may have reached the model server: never resend it.
+            tracing::warn!(endpoint = target.hostport(), error = %last, "upstream request failed");
+            target.record_failure(FailureKind::Reset, Instant::now(), policy);
+            return Err(UpstreamFailure {
+                tried,
+                error: last,
+                connect_only: false,
+                timed_out: false,
+            });
         }
-        Err(UpstreamFailure { tried, error: last })
+        Err(UpstreamFailure {
+            tried,
+            error: last,
+            connect_only: true,
+            timed_out: false,
+        })
+    }
+
+    /// The upstream response body with the idle timeout and health reports.
+    fn upstream_body(&self, incoming: Incoming, endpoint: Arc<Endpoint>) -> UpstreamBody {
+        UpstreamBody::new(
+            incoming,
+            self.options.upstream_timeout,
+            endpoint,
+            self.director.health_policy().clone(),
+        )
     }
 
     /// Relays the response of a routed request: response hooks on the headers, then the
@@ -328,8 +392,18 @@ impl Proxy {
         resp: Response<Incoming>,
         mut routed: Routed,
         marker: bool,
+        served: Option<Arc<Endpoint>>,
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
+        let Some(served) = served.or_else(|| routed.targets().first().cloned()) else {
+            return upstream_failure(&UpstreamFailure {
+                tried: Vec::new(),
+                error: "no endpoint".into(),
+                connect_only: false,
+                timed_out: false,
+            });
+        };
+        let incoming = self.upstream_body(incoming, served);
         let status = parts.status.as_u16();
         let extra = routed.on_response_headers(status, &response_headers(status, &parts.headers));
         strip_hop_by_hop(&mut parts.headers);
@@ -370,6 +444,8 @@ impl Proxy {
                 return upstream_failure(&UpstreamFailure {
                     tried: vec![routed.destination().to_string()],
                     error: e.to_string(),
+                    connect_only: false,
+                    timed_out: crate::timeout::is_idle_timeout(&*e),
                 });
             }
         };
@@ -444,6 +520,25 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     s
 }
 
+/// The client stalled its request body: 408, and the connection is closed.
+fn request_timeout(idle: Duration) -> Response<ProxyBody> {
+    let mut r = text_response(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("request body timeout: no data for {idle:?}"),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// `fut`, bounded by `limit` (zero: unbounded); `None` when the time ran out.
+async fn with_timeout<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    if limit.is_zero() {
+        return Some(fut.await);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
+}
+
 fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::full(body));
     *r.status_mut() = status;
@@ -464,15 +559,15 @@ pub(crate) fn error_response(e: &InferenceError) -> Response<ProxyBody> {
     r
 }
 
-fn too_large(limit: usize) -> Response<ProxyBody> {
-    text_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("request body is larger than the proxy's limit of {limit} bytes"),
-    )
-}
-
-/// No endpoint answered: 503, as Envoy answers when its upstream connection fails.
+/// No endpoint answered: 503, as Envoy answers when its upstream connection fails; 504
+/// `upstream request timeout`, Envoy's answer, when no response came in time.
 fn upstream_failure(f: &UpstreamFailure) -> Response<ProxyBody> {
+    if f.timed_out {
+        return text_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout".to_string(),
+        );
+    }
     text_response(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(

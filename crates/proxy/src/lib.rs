@@ -19,7 +19,7 @@
 //!
 //! | request | what happens |
 //! | --- | --- |
-//! | with a body (`POST /v1/completions`, `/v1/chat/completions`, any other path) | body collected (pre-sized from `content-length`, the single-frame case without a copy), then `Director::route`; the forwarded body is the director's (model rewritten when a rewrite applies) |
+//! | with a body (`POST /v1/completions`, `/v1/chat/completions`, any other path) | body collected (at most [`ProxyOptions::max_body_bytes`], else 413 `PayloadTooLarge`; the buffer grows as bytes arrive, never pre-sized beyond 16 KiB from `content-length`; the single-frame case without a copy), then `Director::route`; the forwarded body is the director's (model rewritten when a rewrite applies) |
 //! | without a body (`GET /v1/models`, `/health`, …) | `Director::route_without_body`: a random endpoint, exactly as the ext_proc path does for a header-only request; so `/v1/models` is **forwarded to one endpoint** (every endpoint of a pool serves the same models), not aggregated |
 //! | director error | the error's status, body `inference error: <Code> - <message>`, its headers and `content-type: text/plain` — the ext_proc path's immediate response |
 //!
@@ -54,9 +54,26 @@
 //! One keep-alive connection pool per endpoint (hyper-util's client; HTTP/1.1 by default,
 //! h2c with [`UpstreamProtocol::H2c`]). The targets of [`llmsched_director::Routed::targets`]
 //! are tried in order when connecting fails (never after the request may have reached a model
-//! server); the endpoint that served is reported with `Routed::set_served_endpoint`. When no
-//! target can be reached the client gets `503` and a body starting with
+//! server); the endpoint that served is reported with `Routed::set_served_endpoint`. When
+//! every target refused, the director schedules the request again without them
+//! ([`llmsched_director::Director::reroute`], up to [`ProxyOptions::max_reroutes`] times), so
+//! a retry always has a next candidate even with `maxNumOfEndpoints: 1`. When no endpoint
+//! can be reached the client gets `503` and a body starting with
 //! `upstream connect error or disconnect/reset before headers`, as Envoy answers.
+//!
+//! Every refused connection, broken connection and timeout is reported to the endpoint's
+//! health, which takes it out of the candidates at once (see `llmsched_core::health`).
+//! [`ProxyOptions::upstream_timeout`] bounds the wait for response headers (then `504
+//! upstream request timeout`, Envoy's answer) and the gap between response chunks (then the
+//! response is cut).
+//!
+//! ## Connections
+//!
+//! The listener enforces [`ProxyOptions::limits`] (`llmsched-listener`): a connection limit
+//! at which idle connections are closed to admit new ones, a header timeout (a client that
+//! connects and sends nothing, or stalls in its request head, is closed) and an idle timeout
+//! for keep-alive connections; a request body that stalls for
+//! [`ProxyOptions::request_body_timeout`] is answered `408` and its connection closed.
 //!
 //! ## Baselines
 //!
@@ -81,6 +98,7 @@ mod body;
 mod handler;
 mod headers;
 mod server;
+mod timeout;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +108,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use body::ProxyBody;
+pub use llmsched_listener::{Limits, ListenerMetrics};
 
 /// A naive routing policy used instead of the scheduler, for comparisons (see the crate
 /// documentation for exactly what a baseline does and does not do).
@@ -133,8 +152,24 @@ pub struct ProxyOptions {
     pub pool_max_idle_per_host: usize,
     /// Endpoints a baseline request tries when connecting fails. Default 3.
     pub baseline_attempts: usize,
-    /// On shutdown, connections get this long to finish their requests. Default 10 s.
+    /// On shutdown, connections get this long to finish their requests (the EPP passes
+    /// `--drain-timeout`). Default 60 s.
     pub shutdown_grace: Duration,
+    /// Upstream response timeout (`--proxy-upstream-timeout`): longest wait for a model
+    /// server's response headers (then 504 `upstream request timeout`) and longest gap
+    /// between two chunks of its response body (then the response is cut). Zero: none.
+    /// Default 10 min.
+    pub upstream_timeout: Duration,
+    /// Longest gap between two chunks of a client's request body (`--request-body-timeout`;
+    /// then 408 and the connection closes). Zero: none. Default 30 s.
+    pub request_body_timeout: Duration,
+    /// How many times a request whose targets all refused the connection is scheduled again
+    /// without them. Default 2.
+    pub max_reroutes: usize,
+    /// Connection limit and timeouts of the proxy's listener.
+    pub limits: Limits,
+    /// Metrics of the proxy's listener (unregistered by default).
+    pub listener_metrics: ListenerMetrics,
 }
 
 impl Default for ProxyOptions {
@@ -148,7 +183,12 @@ impl Default for ProxyOptions {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: usize::MAX,
             baseline_attempts: 3,
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(600),
+            request_body_timeout: Duration::from_secs(30),
+            max_reroutes: 2,
+            limits: Limits::default(),
+            listener_metrics: ListenerMetrics::default(),
         }
     }
 }

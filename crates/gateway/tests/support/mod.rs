@@ -81,6 +81,8 @@ pub async fn start_epp(endpoints: &str, extra: &[&str]) -> EppHandle {
         "--metrics-port=0",
         "--proxy-port=0",
         "--refresh-metrics-interval=50ms",
+        // Streams a test leaves open are cut soon on shutdown (tests of the drain override).
+        "--drain-timeout=2s",
     ]
     .iter()
     .map(|s| s.to_string())
