@@ -5,8 +5,11 @@
 //! servers and, in standalone mode, the built-in proxy.
 
 pub mod args;
+mod ha;
 mod proxy;
 pub mod run;
 
-pub use args::{Args, ArgsError, Discovery, LogSettings, TimeEncoding, ZapEncoder, ZapLevel};
+pub use args::{
+    Args, ArgsError, Discovery, HaMode, LogSettings, TimeEncoding, ZapEncoder, ZapLevel,
+};
 pub use run::{EppError, EppHandle, run, start};

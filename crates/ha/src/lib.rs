@@ -199,6 +199,11 @@ pub fn start(
         sync_port: u32::from(addr.port()),
     };
     let tls = config.server_tls.clone();
+    // Record from now on (not from the collector's first tick): a decision made right after
+    // start is shared too.
+    for s in states.states() {
+        s.state.start_recording(config.buffer_deltas);
+    }
     let inner = Arc::new(sync::Inner::new(
         config, origin, states, endpoints, metrics, cancel,
     ));
@@ -241,8 +246,9 @@ impl HaHandle {
         &self.inner.origin.replica_id
     }
 
-    /// Pulls a peer's snapshot (bounded by the configured bootstrap timeout), logs and
-    /// counts the outcome, and marks the sync ready either way.
+    /// Waits until the endpoint set is known, then pulls a peer's snapshot (bounded by the
+    /// configured bootstrap timeout), logs and counts the outcome, and marks the sync ready
+    /// either way.
     pub async fn bootstrap(&self) -> Bootstrap {
         let outcome = self
             .inner
@@ -306,6 +312,22 @@ impl HaHandle {
     /// own). Returns the encoded batch, if there was anything to send.
     pub fn collect_now(&self) -> Option<bytes::Bytes> {
         self.inner.collect_once(&mut sync::Collector::new())
+    }
+
+    /// Decodes and applies one encoded batch as if a peer had pushed it (benches and tests;
+    /// peers' batches arrive through the sync port). Returns the keys applied.
+    #[doc(hidden)]
+    pub fn apply_encoded(&self, batch: &[u8]) -> Result<usize, String> {
+        use prost::Message;
+        let b = proto::SyncBatch::decode(batch).map_err(|e| e.to_string())?;
+        self.inner
+            .apply_batch(&b, &mut sync::Resolver::new(), sync::Source::Push)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Stops every task without waiting for them (peers see the streams close).
+    pub fn stop(&self) {
+        self.inner.cancel.cancel();
     }
 
     /// Stops every task.

@@ -58,6 +58,8 @@ const DEDUPE_MAX: usize = 65_536;
 const SNAPSHOT_CHUNK_KEYS: usize = 65_536;
 /// Snapshots served at once.
 const SNAPSHOT_CONCURRENCY: usize = 2;
+/// The answer of a replica asked for a snapshot while it bootstraps itself.
+const BOOTSTRAPPING: &str = "this replica is bootstrapping itself";
 /// Minimum time between two loss-triggered snapshot pulls from the same replica.
 const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -133,6 +135,9 @@ pub(crate) struct Inner {
     pub(crate) queue_high_water: AtomicUsize,
     /// A peer's snapshot was applied at start.
     bootstrapped_warm: AtomicBool,
+    /// This replica is pulling its own start-up snapshot (it refuses to serve one meanwhile:
+    /// it has nothing worth sending yet).
+    bootstrapping: AtomicBool,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -158,6 +163,7 @@ impl Inner {
             snapshot_permits: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
             queue_high_water: AtomicUsize::new(0),
             bootstrapped_warm: AtomicBool::new(false),
+            bootstrapping: AtomicBool::new(false),
             cancel,
         }
     }
@@ -492,6 +498,8 @@ pub(crate) enum PeerError {
     IsSelf,
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error("the peer is starting too (bootstrapping itself)")]
+    Starting,
 }
 
 impl PeerError {
@@ -502,6 +510,7 @@ impl PeerError {
             PeerError::Incompatible(_) => "incompatible",
             PeerError::IsSelf => "self",
             PeerError::Snapshot(_) => "snapshot",
+            PeerError::Starting => "starting",
         }
     }
 }
@@ -1217,6 +1226,9 @@ impl Inner {
         self: Arc<Self>,
         req: &SnapshotRequest,
     ) -> Result<ReceiverStream<Result<SyncBatch, Status>>, Status> {
+        if self.bootstrapping.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(BOOTSTRAPPING));
+        }
         let permit = self
             .snapshot_permits
             .clone()
@@ -1283,7 +1295,13 @@ impl Inner {
                 tonic_prost::ProstCodec::<SnapshotRequest, SyncBatch>::default(),
             )
             .await
-            .map_err(|s| PeerError::Snapshot(format!("{}: {}", s.code(), s.message())))?
+            .map_err(|s| {
+                if s.code() == tonic::Code::Unavailable && s.message() == BOOTSTRAPPING {
+                    PeerError::Starting
+                } else {
+                    PeerError::Snapshot(format!("{}: {}", s.code(), s.message()))
+                }
+            })?
             .into_inner();
         let mut resolver = Resolver::new();
         let mut keys = 0usize;
@@ -1353,7 +1371,12 @@ impl Inner {
                 .iter()
                 .find(|(_, l)| l.replica_id.lock().as_deref() == Some(replica.as_str()))
                 .map(|(a, _)| a.clone())
-                .or_else(|| self.remotes.lock().get(&replica).and_then(|r| r.addr.clone()));
+                .or_else(|| {
+                    self.remotes
+                        .lock()
+                        .get(&replica)
+                        .and_then(|r| r.addr.clone())
+                });
             let Some(addr) = addr else {
                 tracing::debug!(replica = %replica, "ha: lost batches from a replica whose sync address is unknown; it converges through later traffic");
                 continue;
@@ -1415,15 +1438,26 @@ impl Inner {
         peers: &watch::Receiver<Vec<String>>,
         timeout: Duration,
     ) -> Bootstrap {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Peers name endpoints: their snapshot is of use once this replica knows the
+        // endpoints (it is not ready before anyway). The timeout runs from then.
         while !self.endpoints.snapshot().synced {
-            if tokio::time::Instant::now() >= deadline {
-                return Bootstrap::Cold {
-                    reason: "the endpoint set was not known in time".into(),
-                };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Bootstrap::Cold { reason: "shutting down".into() },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.bootstrapping.store(true, Ordering::Relaxed);
+        let outcome = self.bootstrap_rounds(peers, deadline).await;
+        self.bootstrapping.store(false, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn bootstrap_rounds(
+        &self,
+        peers: &watch::Receiver<Vec<String>>,
+        deadline: tokio::time::Instant,
+    ) -> Bootstrap {
         let mut last_error = String::from("no peers configured or discovered");
         let mut round = 0u64;
         loop {
@@ -1433,6 +1467,8 @@ impl Inner {
                 let shift = (self.origin.incarnation.wrapping_add(round) as usize) % addrs.len();
                 addrs.rotate_left(shift);
             }
+            // Peers that answered "starting too" this round, and peers that answered at all.
+            let (mut starting, mut answered) = (0usize, 0usize);
             for addr in &addrs {
                 let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                 if remaining.is_zero() {
@@ -1444,6 +1480,11 @@ impl Inner {
                         return Bootstrap::Warm { from, keys };
                     }
                     Ok(Err(PeerError::IsSelf)) => {}
+                    Ok(Err(PeerError::Starting)) => {
+                        starting += 1;
+                        answered += 1;
+                        last_error = format!("{addr}: starting too");
+                    }
                     Ok(Err(e)) => {
                         self.metrics.error(e.reason());
                         tracing::debug!(peer = %addr, error = %e, "ha: bootstrap from peer failed");
@@ -1453,6 +1494,13 @@ impl Inner {
                 }
             }
             round += 1;
+            if answered > 0 && starting == answered {
+                // Every peer that answered is starting too: nobody has state to give, and
+                // waiting for each other would only delay readiness.
+                return Bootstrap::Cold {
+                    reason: format!("every reachable peer is starting too ({last_error})"),
+                };
+            }
             if tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
                 return Bootstrap::Cold { reason: last_error };
             }

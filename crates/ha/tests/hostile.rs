@@ -43,7 +43,10 @@ async fn an_unreachable_peer_costs_a_metric_and_a_cold_start_never_a_stall() {
         w => panic!("expected a cold start, got {w:?}"),
     }
     assert!(a.ha.is_bootstrapped(), "cold is still ready");
-    assert_eq!(a.metric("llmsched_ha_snapshot_bootstraps_total{outcome=\"cold\"}"), 1.0);
+    assert_eq!(
+        a.metric("llmsched_ha_snapshot_bootstraps_total{outcome=\"cold\"}"),
+        1.0
+    );
     // Routing goes on: thousands of decisions, each a push into a bounded buffer.
     for i in 0..2000 {
         a.route(&prompt(&format!("x{i}"), 32), i % 4);
@@ -57,8 +60,15 @@ async fn an_unreachable_peer_costs_a_metric_and_a_cold_start_never_a_stall() {
     })
     .await;
     assert!(a.metric("llmsched_ha_peer_errors_total{reason=\"connect\"}") >= 1.0);
-    assert_eq!(a.metric("llmsched_ha_dropped_total{reason=\"local_buffer_full\"}"), 0.0);
-    assert_eq!(a.ha.peer_queue_high_water(), 0, "nothing queues for a dead peer");
+    assert_eq!(
+        a.metric("llmsched_ha_dropped_total{reason=\"local_buffer_full\"}"),
+        0.0
+    );
+    assert_eq!(
+        a.ha.peer_queue_high_water(),
+        0,
+        "nothing queues for a dead peer"
+    );
     a.stop().await;
 }
 
@@ -150,7 +160,10 @@ async fn a_slow_peer_fills_a_bounded_queue_and_is_resynced_by_snapshot_afterward
         "queue {} over its cap {cap}",
         a.ha.peer_queue_high_water()
     );
-    assert_eq!(a.metric("llmsched_ha_dropped_total{reason=\"local_buffer_full\"}"), 0.0);
+    assert_eq!(
+        a.metric("llmsched_ha_dropped_total{reason=\"local_buffer_full\"}"),
+        0.0
+    );
 
     // b reads again: the next batches show a gap, b pulls a's snapshot and knows everything.
     proxy.paused.store(false, Ordering::Relaxed);
@@ -162,7 +175,11 @@ async fn a_slow_peer_fills_a_bounded_queue_and_is_resynced_by_snapshot_afterward
     .await;
     assert!(b.metric("llmsched_ha_dropped_total{reason=\"missed\"}") > 0.0);
     for (i, p) in during.iter().enumerate() {
-        assert_eq!(b.scores(p)[i % 4], 1.0, "prompt {i} routed while b was slow");
+        assert_eq!(
+            b.scores(p)[i % 4],
+            1.0,
+            "prompt {i} routed while b was slow"
+        );
     }
     eventually("and a's later decisions", || b.scores(&after)[2] == 1.0).await;
     a.stop().await;
@@ -177,10 +194,7 @@ fn origin(id: &str) -> Origin {
     }
 }
 
-async fn push_raw(
-    addr: &str,
-    messages: Vec<Bytes>,
-) -> Result<PushSummary, tonic::Status> {
+async fn push_raw(addr: &str, messages: Vec<Bytes>) -> Result<PushSummary, tonic::Status> {
     let ch = dial(addr, &ClientTls::Plaintext, Duration::from_secs(5))
         .await
         .expect("dial");
@@ -228,7 +242,9 @@ async fn garbage_and_hostile_batches_are_refused_and_the_port_keeps_serving() {
 
     // 1. Not HTTP/2 at all: the connection is closed.
     let mut s = TcpStream::connect(&aa).await.unwrap();
-    let junk: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0..65_536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let _ = s.write_all(&junk).await;
     let mut sink = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
@@ -271,11 +287,18 @@ async fn garbage_and_hostile_batches_are_refused_and_the_port_keeps_serving() {
             tonic::Code::InvalidArgument
         );
     }
-    assert_eq!(a.metric("llmsched_ha_dropped_total{reason=\"invalid\"}"), 4.0);
+    assert_eq!(
+        a.metric("llmsched_ha_dropped_total{reason=\"invalid\"}"),
+        4.0
+    );
 
     // 4. Larger than the message cap (4 MiB).
     let huge = batch(1, vec!["10.0.0.1:8000"], vec![blocks(0, vec![3; 600_000])]);
-    assert!(push_raw(&aa, vec![Bytes::from(huge.encode_to_vec())]).await.is_err());
+    assert!(
+        push_raw(&aa, vec![Bytes::from(huge.encode_to_vec())])
+            .await
+            .is_err()
+    );
 
     // 5. Well-formed but about states and endpoints this replica does not have: counted,
     // not applied.
@@ -293,8 +316,14 @@ async fn garbage_and_hostile_batches_are_refused_and_the_port_keeps_serving() {
     );
     let r = push_raw(&aa, vec![Bytes::from(unknown.encode_to_vec())]).await;
     assert_eq!(r.expect("well-formed batch").batches, 1);
-    assert_eq!(a.metric("llmsched_ha_dropped_total{reason=\"unknown_endpoint\"}"), 1.0);
-    assert_eq!(a.metric("llmsched_ha_dropped_total{reason=\"unknown_state\"}"), 1.0);
+    assert_eq!(
+        a.metric("llmsched_ha_dropped_total{reason=\"unknown_endpoint\"}"),
+        1.0
+    );
+    assert_eq!(
+        a.metric("llmsched_ha_dropped_total{reason=\"unknown_state\"}"),
+        1.0
+    );
     assert_eq!(a.metric("llmsched_ha_entries_total{origin=\"peer\"}"), 0.0);
 
     // 6. A flood of valid keys stays within the index's own bounds (31,250 blocks per
@@ -317,7 +346,9 @@ async fn garbage_and_hostile_batches_are_refused_and_the_port_keeps_serving() {
     assert!(held >= 30_000, "the flood did land ({held})");
 
     // 7. Hello from an incompatible protocol version: refused with a reason.
-    let ch = dial(&aa, &ClientTls::Plaintext, Duration::from_secs(5)).await.unwrap();
+    let ch = dial(&aa, &ClientTls::Plaintext, Duration::from_secs(5))
+        .await
+        .unwrap();
     let mut g = tonic::client::Grpc::new(ch);
     g.ready().await.unwrap();
     let r = g
@@ -337,7 +368,10 @@ async fn garbage_and_hostile_batches_are_refused_and_the_port_keeps_serving() {
     let b = Node::start(config("b"), listener().await, vec![aa.clone()]).await;
     let p = prompt("still", 8);
     b.route(&p, 1);
-    eventually("a still applies a real peer's batches", || a.scores(&p)[1] == 1.0).await;
+    eventually("a still applies a real peer's batches", || {
+        a.scores(&p)[1] == 1.0
+    })
+    .await;
     b.stop().await;
     a.stop().await;
 }
@@ -351,7 +385,9 @@ async fn a_peer_answering_garbage_is_an_error_not_a_crash() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nthis is not grpc\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\n\r\nthis is not grpc\n")
+                    .await;
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 {
@@ -400,7 +436,12 @@ async fn tls_peers_with_a_pinned_certificate_and_strangers_refused() {
     let aa = la.local_addr().unwrap().to_string();
     let a = Node::start(with("a", &shared, pinned.clone()), la, vec![]).await;
     // Same certificate: syncs.
-    let b = Node::start(with("b", &shared, pinned.clone()), listener().await, vec![aa.clone()]).await;
+    let b = Node::start(
+        with("b", &shared, pinned.clone()),
+        listener().await,
+        vec![aa.clone()],
+    )
+    .await;
     let p = prompt("tls", 8);
     b.route(&p, 2);
     eventually("a learns over TLS", || a.scores(&p)[2] == 1.0).await;
@@ -413,7 +454,12 @@ async fn tls_peers_with_a_pinned_certificate_and_strangers_refused() {
         vec![],
     )
     .await;
-    let d = Node::start(with("d", &shared, pinned.clone()), listener().await, vec![ac.clone()]).await;
+    let d = Node::start(
+        with("d", &shared, pinned.clone()),
+        listener().await,
+        vec![ac.clone()],
+    )
+    .await;
     assert!(matches!(d.ha.bootstrap().await, Bootstrap::Cold { .. }));
     assert!(d.metric("llmsched_ha_peer_errors_total{reason=\"handshake\"}") >= 1.0);
     // Without a pin (self-signed certificates), the connection is encrypted and accepted.

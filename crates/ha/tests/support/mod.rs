@@ -50,13 +50,22 @@ pub async fn listener() -> TcpListener {
 }
 
 pub fn prefix_plugin(endpoints: &Arc<StaticEndpoints>) -> Arc<dyn Plugin> {
+    prefix_plugin_with(
+        endpoints,
+        serde_json::json!({"blockSize": 4, "autoTune": false}),
+    )
+}
+
+pub fn prefix_plugin_with(
+    endpoints: &Arc<StaticEndpoints>,
+    params: serde_json::Value,
+) -> Arc<dyn Plugin> {
     let handle = PluginHandle {
         endpoints: Some(endpoints.clone() as Arc<dyn EndpointSource>),
         ..PluginHandle::default()
     };
     let registry = llmsched_plugins::default_registry();
     let f = registry.factory("prefix-cache-scorer").expect("registered");
-    let params = serde_json::json!({"blockSize": 4, "autoTune": false});
     f(FactoryInput {
         name: "prefix-cache-scorer",
         parameters: Some(&params),
@@ -67,9 +76,25 @@ pub fn prefix_plugin(endpoints: &Arc<StaticEndpoints>) -> Arc<dyn Plugin> {
 
 impl Node {
     pub async fn start(cfg: HaConfig, listener: TcpListener, peers: Vec<String>) -> Node {
+        Self::start_with(
+            cfg,
+            listener,
+            peers,
+            serde_json::json!({"blockSize": 4, "autoTune": false}),
+        )
+        .await
+    }
+
+    /// [`Self::start`] with the prefix scorer's parameters.
+    pub async fn start_with(
+        cfg: HaConfig,
+        listener: TcpListener,
+        peers: Vec<String>,
+        params: serde_json::Value,
+    ) -> Node {
         let addrs: Vec<SocketAddr> = ENDPOINTS.iter().map(|a| a.parse().unwrap()).collect();
         let endpoints = Arc::new(StaticEndpoints::from_addrs(&addrs));
-        let plugin = prefix_plugin(&endpoints);
+        let plugin = prefix_plugin_with(&endpoints, params);
         let states: Arc<dyn StateSource> = Arc::new(FixedStates(vec![NamedState {
             name: "prefix-cache-scorer".into(),
             state: plugin.clone().as_replicated().expect("replicated"),
@@ -114,11 +139,16 @@ impl Node {
     /// Routes `prompt` to endpoint `ep` (0..4) as the director does: produce, pre-request,
     /// after-dispatch.
     pub fn route(&self, prompt: &str, ep: usize) {
+        self.route_with(&self.plugin, prompt, ep)
+    }
+
+    /// [`Self::route`] through another instance of the plugin (over the same endpoints).
+    pub fn route_with(&self, plugin: &Arc<dyn Plugin>, prompt: &str, ep: usize) {
         let req = Self::request(prompt);
         let eps = &self.endpoints.0.endpoints;
         let cands: Vec<_> = eps.iter().collect();
         let mut cycle = CycleState::new();
-        self.plugin
+        plugin
             .clone()
             .as_data_producer()
             .unwrap()
@@ -132,7 +162,7 @@ impl Node {
                 },
             )],
         };
-        let hook = self.plugin.clone().as_pre_request().unwrap();
+        let hook = plugin.clone().as_pre_request().unwrap();
         hook.pre_request(&req, &cycle, &result, &mut Vec::new());
         hook.after_dispatch(&req, &cycle, &result);
     }
