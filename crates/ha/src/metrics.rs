@@ -55,12 +55,9 @@ impl Default for HaMetrics {
             peers: Family::default(),
             messages: Family::default(),
             bytes: Family::default(),
-            lag: Histogram::new(
-                [
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-                ]
-                .into_iter(),
-            ),
+            lag: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
             bootstraps: Family::default(),
             resyncs: Counter::default(),
             snapshots_served: Counter::default(),

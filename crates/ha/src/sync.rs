@@ -223,11 +223,14 @@ pub(crate) struct Collector {
     dropped_seen: HashMap<(String, &'static str), u64>,
 }
 
+/// One state's gauges: (instance name, kind, values by endpoint name).
+type StateGauges = (String, &'static str, Vec<(String, u64)>);
+
 /// Gauge figures by endpoint name, comparable between ticks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct GaugeSet {
     loads: Vec<(String, u64, u64)>,
-    states: Vec<(String, &'static str, Vec<(String, u64)>)>,
+    states: Vec<StateGauges>,
 }
 
 impl Collector {

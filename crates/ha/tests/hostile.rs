@@ -2,6 +2,8 @@
 //! each gets a log line and a metric, never a stalled routing decision, never unbounded
 //! memory. Real sockets on loopback throughout.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 mod support;
 
 use std::sync::Arc;

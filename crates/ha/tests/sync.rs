@@ -1,6 +1,8 @@
 //! Replicas syncing over real loopback sockets: what one routes, the others learn; loads add
 //! up and vanish with their replica; a starting replica bootstraps from a peer's snapshot.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 mod support;
 
 use std::time::Duration;
