@@ -12,6 +12,7 @@
 //!   producers, admission, pre-request and response hooks, parsers);
 //! * [`scheduler`] — profiles (filters → weighted scorers → picker) and the scheduler;
 //! * [`registry`] — plugin factories keyed by the reference's type names;
+//! * [`replica`] — plugin state shared between EPP replicas (the hooks the HA sync uses);
 //! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
 //! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
 //! * [`metrics`] — scheduler-level Prometheus metrics with the reference's names;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod objectives;
 pub mod plugin;
 pub mod registry;
+pub mod replica;
 pub mod request;
 pub mod scheduler;
 pub mod units;

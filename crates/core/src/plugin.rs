@@ -27,6 +27,7 @@ use crate::cycle::CycleState;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::error::InferenceError;
 use crate::registry::PluginError;
+pub use crate::replica::ReplicatedState;
 use crate::request::{Headers, InferenceRequest, RequestBody, ResponseInfo};
 use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingResult};
 
@@ -95,6 +96,11 @@ pub trait Plugin: Send + Sync + 'static {
     /// declared later; an error fails the load and names this plugin.
     fn resolve_references(&self, _plugins: PluginLookup<'_>) -> Result<(), PluginError> {
         Ok(())
+    }
+
+    /// This plugin's state shared with the EPP's other replicas (see [`crate::replica`]).
+    fn as_replicated(self: Arc<Self>) -> Option<Arc<dyn ReplicatedState>> {
+        None
     }
 }
 

@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Args, ArgsError, Discovery};
+use crate::args::{Args, ArgsError, Discovery, HaMode};
 use crate::data_sources::DataLayerPlan;
 use crate::reload::{ConfigMetrics, Reloader};
 use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
@@ -86,6 +86,9 @@ pub enum EppError {
     /// Leader election cannot start (bad timings, no pool or POD_NAME to name the Lease).
     #[error(transparent)]
     LeaderElection(#[from] llmsched_kube::leader::LeaderElectionError),
+    /// `--ha-mode=active-active` cannot start (no peers source, bad TLS material).
+    #[error("--ha-mode=active-active: {0}")]
+    Ha(String),
     /// `--metrics-endpoint-auth=true` without a usable Kubernetes client.
     #[error("--metrics-endpoint-auth=true: {0}")]
     MetricsAuth(String),
@@ -112,6 +115,9 @@ pub struct EppHandle {
     pub proxy_addr: Option<SocketAddr>,
     /// PEM of the ext_proc server certificate, when serving TLS.
     pub tls_certificate_pem: Option<Vec<u8>>,
+    /// Replica state sync address (`--ha-mode=active-active`).
+    pub ha_addr: Option<SocketAddr>,
+    ha: Option<Arc<llmsched_ha::HaHandle>>,
     director: Arc<Director>,
     store: Arc<EndpointStore>,
     health: HealthHandle,
@@ -119,6 +125,8 @@ pub struct EppHandle {
     /// Stops the ext_proc and proxy listeners (they then finish what is in flight).
     drain: CancellationToken,
     drain_timeout: Duration,
+    /// Active-active: how long new streams are still taken after SIGTERM.
+    handover_delay: Duration,
     /// ext_proc and proxy: drained first.
     draining: Servers,
     /// health and metrics: up until the drain is over.
@@ -152,6 +160,11 @@ impl EppHandle {
     /// `llmsched_config_reloads_total`.
     pub fn reload_config(&self) {
         self.reload_trigger.notify_one();
+    }
+
+    /// The replica state sync (`--ha-mode=active-active`).
+    pub fn ha(&self) -> Option<&llmsched_ha::HaHandle> {
+        self.ha.as_deref()
     }
 
     /// Whether this replica holds the leader Lease (`None` without leader election).
@@ -213,6 +226,16 @@ impl EppHandle {
             "draining: readiness NOT_SERVING, no new connections or streams; requests in flight may finish"
         );
         self.health.set_draining();
+        // Active-active: the other replicas take the new requests once the gateway's health
+        // check sees NOT_SERVING; until then this one keeps taking them (closing the
+        // listener first would fail the requests the gateway still sends here).
+        if self.ha.is_some() && !self.handover_delay.is_zero() {
+            tracing::info!(handover_delay = ?self.handover_delay, "active-active handover: still accepting ext_proc streams while the gateway's health check moves new requests to the other replicas");
+            tokio::select! {
+                () = tokio::time::sleep(self.handover_delay) => {}
+                () = force.cancelled() => {}
+            }
+        }
         self.drain.cancel();
         // The leader gives its Lease back first (its election stops with the drain token), so
         // a follower takes over while this replica's requests in flight finish.
@@ -233,6 +256,12 @@ impl EppHandle {
         }
         self.draining.abort_all();
         while self.draining.join_next().await.is_some() {}
+        // Active-active: the sync ran through the drain (the peers kept seeing this
+        // replica's in-flight figures fall); closing its streams now makes them drop its
+        // figures at once.
+        if let Some(ha) = self.ha.take() {
+            ha.stop();
+        }
         self.cancel.cancel();
         // Health and metrics hold no long requests: a moment for their connections to close
         // gracefully, then they are cut.
@@ -440,6 +469,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     let kube_metrics = kube_client
         .as_ref()
         .map(|_| llmsched_kube::metrics::KubeMetrics::register(&mut registry));
+    let ha_kube_metrics = kube_metrics.clone();
     // --metrics-endpoint-auth and --ha-enable-leader-election (both need the client).
     let metrics_auth = metrics_authorizer(&args, kube_client.as_ref(), &mut registry).await?;
     let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
@@ -496,6 +526,12 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     let proxy_l = match args.proxy_port {
         Some(p) => Some(bind(&args, p, "proxy-port").await?),
         None => None,
+    };
+    let active_active = args.resolved_ha_mode() == Some(HaMode::ActiveActive);
+    let ha_l = if active_active {
+        Some(bind(&args, args.ha_port, "ha-port").await?)
+    } else {
+        None
     };
     let grpc_addr = local_addr(&grpc, "grpc-port")?;
     let health_addr = local_addr(&health_l, "grpc-health-port")?;
@@ -572,9 +608,33 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         (None, _) => {}
     }
 
+    // Active-active: the replica state sync (its sync port serves at once; readiness waits
+    // for its bootstrap).
+    let ha = match ha_l {
+        Some(listener) => Some(
+            crate::ha::start(
+                crate::ha::HaInputs {
+                    args: &args,
+                    director: &director,
+                    store: &store,
+                    tls: tls.as_ref(),
+                    kube_client: kube_client.as_ref(),
+                    kube_metrics: ha_kube_metrics,
+                    pool: args.pool_name.clone().unwrap_or_else(|| "llmsched".into()),
+                },
+                listener,
+                &mut registry,
+                cancel.child_token(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let ha_addr = ha.as_ref().map(|h| h.addr());
+
     // Servers.
     let registry = Arc::new(registry);
-    let health = HealthHandle::with_leader_election(args.ha_enable_leader_election);
+    let health = HealthHandle::with_leader_election(args.leader_election());
     // Cancelled first on shutdown: stops the ext_proc and proxy listeners and the election.
     let drain = CancellationToken::new();
     let leader = match election {
@@ -590,12 +650,19 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         }
         None => None,
     };
-    spawn_readiness_watch(
-        health.clone(),
-        store.clone() as Arc<dyn EndpointSource>,
-        Duration::from_millis(100),
-        cancel.clone(),
-    );
+    match &ha {
+        Some(ha) => {
+            crate::ha::spawn_readiness(health.clone(), store.clone(), ha.clone(), cancel.clone())
+        }
+        None => {
+            spawn_readiness_watch(
+                health.clone(),
+                store.clone() as Arc<dyn EndpointSource>,
+                Duration::from_millis(100),
+                cancel.clone(),
+            );
+        }
+    }
     let limits = listener_limits(&args);
     let listener = |tcp: TcpListener, name: &'static str| {
         Listener::new(tcp, name, limits, listener_metrics.clone())
@@ -650,6 +717,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         health = %health_addr,
         metrics = %metrics_addr,
         proxy = ?proxy_addr,
+        ha = ?ha_addr,
         secure_serving = args.secure_serving,
         endpoints = store.snapshot().len(),
         "llmsched EPP started"
@@ -660,12 +728,15 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         metrics_addr,
         proxy_addr,
         tls_certificate_pem,
+        ha_addr,
+        ha,
         director,
         store,
         health,
         cancel,
         drain,
         drain_timeout: args.drain_timeout,
+        handover_delay: args.ha_handover_delay,
         draining,
         servers,
         datalayer: Some(dl),
@@ -727,7 +798,7 @@ fn leader_election(
     registry: &mut Registry,
 ) -> Result<Option<Election>, EppError> {
     use llmsched_kube::leader::{LeaderElectionConfig, LeaderElectionError, LeaderMetrics};
-    if !args.ha_enable_leader_election {
+    if !args.leader_election() {
         return Ok(None);
     }
     let Some(client) = kube_client else {

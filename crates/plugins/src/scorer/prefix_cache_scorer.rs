@@ -131,7 +131,10 @@ impl_plugin!(
     as_pre_request => PreRequest,
     as_response_hooks => ResponseHooks,
     as_endpoint_listener => EndpointListener,
+    as_replicated => ReplicatedState,
 );
+
+crate::prefix::replicated_via_cache!(PrefixCacheScorer);
 
 impl Scorer for PrefixCacheScorer {
     fn category(&self) -> ScorerCategory {
@@ -492,6 +495,69 @@ mod tests {
             .unwrap()
             .endpoint_removed(EndpointId(1));
         assert_close(&run_cycle(&p, &req, &eps).1, &[0.0]);
+    }
+
+    #[test]
+    fn replicas_share_routed_blocks_through_deltas_and_snapshots() {
+        use llmsched_core::replica::RemoteDelta;
+        let params = serde_json::json!({"blockSize": 4});
+        let a = scorer(Some(params.clone()));
+        let b = scorer(Some(params.clone()));
+        let eps = [ep(1), ep(2)];
+        let ra = a.clone().as_replicated().unwrap();
+        let rb = b.clone().as_replicated().unwrap();
+        assert_eq!(ra.replica_kind(), "approx-prefix");
+        // Nothing is recorded before recording starts.
+        let req = chat_request("aaaabbbbcccc");
+        let (cycle, _) = run_cycle(&a, &req, &eps);
+        dispatch(&a, &req, &cycle, &result_for(&eps[1]));
+        let mut out = Vec::new();
+        assert_eq!(ra.drain_local(&mut out, 100), 0);
+        // Recording: the next decision is a delta naming endpoint 2 and the prompt's blocks.
+        ra.start_recording(2);
+        let req2 = chat_request("xxxxyyyy");
+        let (cycle, _) = run_cycle(&a, &req2, &eps);
+        dispatch(&a, &req2, &cycle, &result_for(&eps[1]));
+        assert_eq!(ra.drain_local(&mut out, 100), 1);
+        assert_eq!(out[0].endpoint, EndpointId(2));
+        assert_eq!(out[0].keys.len(), 2);
+        // Replica b applies it (endpoint resolved by the sync layer) and scores as a would.
+        let remote: Vec<RemoteDelta<'_>> = out
+            .iter()
+            .map(|d| RemoteDelta {
+                op: d.op,
+                endpoint: &eps[1],
+                keys: &d.keys,
+                ttl: d.ttl,
+            })
+            .collect();
+        assert_eq!(rb.apply_remote(&remote), 2);
+        assert_close(&run_cycle(&b, &req2, &eps).1, &[0.0, 1.0]);
+        // Applying twice changes nothing (idempotent).
+        rb.apply_remote(&remote);
+        assert_close(&run_cycle(&b, &req2, &eps).1, &[0.0, 1.0]);
+        // The earlier, unrecorded decision reaches b through a's snapshot.
+        assert_close(&run_cycle(&b, &req, &eps).1, &[0.0, 0.0]);
+        let mut snap = Vec::new();
+        ra.snapshot(&mut snap, 1000);
+        assert_eq!(snap.iter().map(|d| d.keys.len()).sum::<usize>(), 5);
+        let remote: Vec<RemoteDelta<'_>> = snap
+            .iter()
+            .map(|d| RemoteDelta {
+                op: d.op,
+                endpoint: eps.iter().find(|e| e.id() == d.endpoint).unwrap(),
+                keys: &d.keys,
+                ttl: d.ttl,
+            })
+            .collect();
+        rb.apply_remote(&remote);
+        assert_close(&run_cycle(&b, &req, &eps).1, &[0.0, 1.0]);
+        // A full buffer drops and counts.
+        for _ in 0..3 {
+            let (cycle, _) = run_cycle(&a, &req2, &eps);
+            dispatch(&a, &req2, &cycle, &result_for(&eps[0]));
+        }
+        assert_eq!(ra.dropped_local(), 1);
     }
 
     #[test]
