@@ -13,6 +13,8 @@
 //! * the parser is `requestHandler.parsers[0]`, else the older top-level `parser`, else
 //!   `openai-parser`;
 //! * the saturation detector is `saturationDetector.pluginRef`, else `utilization-detector`;
+//! * a plugin that names other plugins in its parameters (a P/D handler's decider) resolves
+//!   them once every entry is built, so the named entry may come later in `plugins[]`;
 //! * every plugin implementing a request-control hook (data producer, admitter, pre-request,
 //!   response hooks, endpoint listener) is wired in, whether or not a profile names it;
 //! * with the `flowControl` gate, a priority band's `fairnessPolicyRef` / `orderingPolicyRef`
@@ -144,6 +146,10 @@ pub struct EndpointPickerConfig {
     /// Newer parser selection.
     #[serde(default)]
     pub request_handler: Option<RequestHandlerSpec>,
+    /// A profile handler declared outside `plugins` (the form of the reference's SLO-aware P/D
+    /// sample); loaded as one more `plugins[]` entry.
+    #[serde(default)]
+    pub profile_handler: Option<PluginSpec>,
 }
 
 /// One `plugins[]` entry.
@@ -518,8 +524,58 @@ pub fn load(
         source,
         registry,
         handle,
+        previous: None,
     }
     .build(doc)
+}
+
+/// [`load`], reusing the plugin instances of `previous` whose name, type and parameters are
+/// unchanged (a reload): the instance is carried over as it is, with its state (the prefix
+/// indexes, KV-event subscriptions, counters), instead of being built anew. Defaults added
+/// by the loader (a `max-score-picker`, the `openai-parser`...) are reused the same way.
+pub fn load_reusing(
+    text: &str,
+    source: ConfigSource,
+    registry: &Registry,
+    handle: &PluginHandle,
+    previous: &LoadedConfig,
+) -> Result<LoadedConfig, ConfigError> {
+    let doc = parse_document(text, &source)?;
+    Loader {
+        source,
+        registry,
+        handle,
+        previous: Some(previous),
+    }
+    .build(doc)
+}
+
+impl LoadedConfig {
+    /// The instance named `name` if it was built from `type_name` with `parameters` (a
+    /// declared plugin), or is a default the loader added under its type's name.
+    fn reusable(
+        &self,
+        name: &str,
+        type_name: &str,
+        parameters: Option<&serde_json::Value>,
+    ) -> Option<Arc<dyn Plugin>> {
+        let (_, plugin) = self.plugins.iter().find(|(n, _)| n == name)?;
+        let same = match self
+            .document
+            .plugins
+            .iter()
+            .find(|s| s.name.as_deref() == Some(name))
+        {
+            Some(spec) => {
+                spec.type_name == type_name
+                    && spec.parameters.as_ref().filter(|v| !v.is_null())
+                        == parameters.filter(|v| !v.is_null())
+            }
+            // Added by the loader: named after its type, without parameters.
+            None => name == type_name && plugin.type_name() == type_name && parameters.is_none(),
+        };
+        same.then(|| plugin.clone())
+    }
 }
 
 /// Loads [`DEFAULT_CONFIG_YAML`].
@@ -534,6 +590,8 @@ struct Loader<'a> {
     source: ConfigSource,
     registry: &'a Registry,
     handle: &'a PluginHandle,
+    /// On a reload, the configuration whose unchanged plugin instances are reused.
+    previous: Option<&'a LoadedConfig>,
 }
 
 /// Plugin instances by name, in declaration order; defaults are appended as they are added.
@@ -631,6 +689,10 @@ impl Loader<'_> {
         &self,
         doc: &mut EndpointPickerConfig,
     ) -> Result<Instances, ConfigError> {
+        // A separately declared profile handler is one more entry.
+        if let Some(spec) = doc.profile_handler.take() {
+            doc.plugins.push(spec);
+        }
         let mut plugins = Instances::default();
         for (i, spec) in doc.plugins.iter_mut().enumerate() {
             if spec.type_name.is_empty() {
@@ -657,6 +719,12 @@ impl Loader<'_> {
             }
             plugins.insert(name, p);
         }
+        // References between plugins (by instance name), once every entry exists.
+        let lookup = |n: &str| plugins.get(n).cloned();
+        for (name, p) in &plugins.list {
+            p.resolve_references(&lookup)
+                .map_err(|e| self.err(format!("plugin '{name}' (type {}): {e}", p.type_name())))?;
+        }
         Ok(plugins)
     }
 
@@ -666,6 +734,12 @@ impl Loader<'_> {
         type_name: &str,
         parameters: Option<&serde_json::Value>,
     ) -> Result<Arc<dyn Plugin>, ConfigError> {
+        if let Some(p) = self
+            .previous
+            .and_then(|prev| prev.reusable(name, type_name, parameters))
+        {
+            return Ok(p);
+        }
         let factory = self
             .registry
             .factory(type_name)
@@ -784,7 +858,7 @@ impl Loader<'_> {
             .filter_map(|(n, p)| p.clone().as_profile_handler().map(|h| (n.clone(), h)))
             .collect();
         let profiles = doc.scheduling_profiles.len();
-        match handlers.as_slice() {
+        let handler = match handlers.as_slice() {
             [] if profiles == 1 => self
                 .add_default(plugins, "single-profile-handler")?
                 .as_profile_handler()
@@ -803,7 +877,21 @@ impl Loader<'_> {
             [(a, _), (b, _), ..] => Err(self.err(format!(
                 "multiple profile handlers found ('{a}', '{b}'); only one is allowed"
             ))),
-        }
+        }?;
+        // The profiles the handler needs exist.
+        let names: Vec<&str> = doc
+            .scheduling_profiles
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        handler.check_profiles(&names).map_err(|e| {
+            self.err(format!(
+                "profile handler '{}' (type {}): {e}",
+                handler.name(),
+                handler.type_name()
+            ))
+        })?;
+        Ok(handler)
     }
 
     /// Each profile's filters, weighted scorers (weight defaults to 1) and picker (the

@@ -80,6 +80,13 @@ pub struct PrefixCacheMatch {
     /// Matched prefix length per endpoint, in blocks (tier-weighted for the precise scorer,
     /// hence a float). Endpoints absent from the map matched nothing.
     pub matched_blocks: HashMap<EndpointId, f64>,
+    /// Prompt length in tokens as the producer counted it: the precise scorer's tokenizer,
+    /// or the approximate producer's estimate (prompt bytes / 4, the reference's `estimate`
+    /// tokenizer). 0 when unknown. Read by P/D deciders.
+    pub prompt_tokens: u64,
+    /// One block in tokens (the approximate producer: `block_size` characters / 4); 0 when
+    /// unknown. Read by P/D deciders.
+    pub block_tokens: f64,
 }
 
 impl PrefixCacheMatch {
@@ -99,6 +106,11 @@ impl PrefixCacheMatch {
     /// True when no candidate holds any of the prompt.
     pub fn is_cold(&self) -> bool {
         self.matched_blocks.values().all(|&m| m <= 0.0)
+    }
+
+    /// Tokens of the prompt `id` holds: matched blocks × [`Self::block_tokens`].
+    pub fn cached_tokens(&self, id: EndpointId) -> f64 {
+        self.matched(id) * self.block_tokens
     }
 }
 

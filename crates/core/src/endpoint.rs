@@ -128,6 +128,8 @@ pub struct Endpoint {
     meta: EndpointMeta,
     hostport: String,
     metrics: ArcSwap<EndpointMetrics>,
+    /// In-flight counts of the EPP's other replicas (HA sync), absolute.
+    peer_load: PeerLoad,
     inflight_requests: AtomicI64,
     inflight_tokens: AtomicI64,
     dispatched_total: AtomicU64,
@@ -143,6 +145,7 @@ impl Endpoint {
             meta,
             hostport,
             metrics: ArcSwap::from_pointee(EndpointMetrics::default()),
+            peer_load: PeerLoad::default(),
             inflight_requests: AtomicI64::new(0),
             inflight_tokens: AtomicI64::new(0),
             dispatched_total: AtomicU64::new(0),
@@ -287,6 +290,45 @@ impl Endpoint {
         self.inflight_tokens
             .fetch_sub(i64::try_from(tokens).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
+
+    /// Sets the requests and tokens the EPP's other replicas have in flight here (the HA
+    /// sync's sum of their latest reports; absolute values, not increments).
+    pub fn set_peer_inflight(&self, requests: u64, tokens: u64) {
+        self.peer_load.requests.store(requests, Ordering::Relaxed);
+        self.peer_load.tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// Requests the EPP's other replicas have in flight here (0 without HA sync).
+    pub fn peer_inflight_requests(&self) -> u64 {
+        self.peer_load.requests.load(Ordering::Relaxed)
+    }
+
+    /// Tokens the EPP's other replicas have in flight here (0 without HA sync).
+    pub fn peer_inflight_tokens(&self) -> u64 {
+        self.peer_load.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight here from this EPP and its synced replicas: what the load scorers
+    /// read, so that replicas behind one gateway balance as one EPP would.
+    #[inline]
+    pub fn fleet_inflight_requests(&self) -> u64 {
+        self.inflight_requests()
+            .saturating_add(self.peer_inflight_requests())
+    }
+
+    /// Tokens in flight here from this EPP and its synced replicas.
+    #[inline]
+    pub fn fleet_inflight_tokens(&self) -> u64 {
+        self.inflight_tokens()
+            .saturating_add(self.peer_inflight_tokens())
+    }
+}
+
+/// The other replicas' in-flight figures for one endpoint.
+#[derive(Debug, Default)]
+struct PeerLoad {
+    requests: AtomicU64,
+    tokens: AtomicU64,
 }
 
 /// An immutable snapshot of the pool's endpoints.
@@ -381,6 +423,32 @@ mod tests {
         e.complete(50);
         assert_eq!(e.inflight_requests(), 0);
         assert_eq!(e.dispatched_total(), 2);
+    }
+
+    #[test]
+    fn fleet_counts_add_the_peers_absolute_figures() {
+        let e = Endpoint::new(
+            EndpointId(0),
+            EndpointMeta::from_addr("127.0.0.2:8000".parse().unwrap()),
+        );
+        e.dispatch(100);
+        assert_eq!(
+            (e.fleet_inflight_requests(), e.fleet_inflight_tokens()),
+            (1, 100)
+        );
+        e.set_peer_inflight(3, 900);
+        assert_eq!(
+            (e.fleet_inflight_requests(), e.fleet_inflight_tokens()),
+            (4, 1000)
+        );
+        // Absolute: a later report replaces the earlier one.
+        e.set_peer_inflight(1, 10);
+        assert_eq!(
+            (e.fleet_inflight_requests(), e.fleet_inflight_tokens()),
+            (2, 110)
+        );
+        assert_eq!(e.inflight_requests(), 1);
+        assert_eq!(e.peer_inflight_requests(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! * [`flowcontrol`] — flow-control policy traits (fairness between flows, ordering within
 //!   a flow) and the band queues they act on;
 //! * [`registry`] — plugin factories keyed by the reference's type names;
+//! * [`replica`] — plugin state shared between EPP replicas (the hooks the HA sync uses);
 //! * [`config`] — the `EndpointPickerConfig` loader and its defaults;
 //! * [`objectives`] — `InferenceObjective` / `InferenceModelRewrite` manifests;
 //! * [`metrics`] — scheduler-level Prometheus metrics with the reference's names;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod objectives;
 pub mod plugin;
 pub mod registry;
+pub mod replica;
 pub mod request;
 pub mod scheduler;
 pub mod units;

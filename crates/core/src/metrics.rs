@@ -6,6 +6,10 @@
 //! * `inference_extension_plugin_duration_seconds{extension_point, plugin_type, plugin_name}`.
 //! * `inference_extension_prefix_indexer_size`, `..._hit_ratio`, `..._hit_bytes` — recorded
 //!   by the prefix-cache plugins through [`PrefixIndexerMetrics`].
+//! * `llm_d_epp_pd_decision_total` / `llm_d_epp_disagg_decision_total{plugin_name,
+//!   plugin_type, model_name, decision_type}` and their deprecated twins
+//!   `llm_d_inference_scheduler_{pd,disagg}_decision_total{model_name, decision_type}` —
+//!   P/D decisions, recorded by the P/D profile handlers through [`DisaggMetrics`].
 //!
 //! Per-plugin histograms are resolved once when a profile is built, so the request path
 //! records a duration without hashing label sets.
@@ -97,6 +101,8 @@ pub struct SchedulerMetrics {
     /// Which model names may be label values (`target_model_name` of the attempts); the
     /// director shares its own with these so both agree (see [`crate::labels`]).
     pub known: KnownNames,
+    /// P/D disaggregation decisions.
+    pub disagg: DisaggMetrics,
 }
 
 impl std::fmt::Debug for SchedulerMetrics {
@@ -113,6 +119,7 @@ impl Default for SchedulerMetrics {
             plugin_duration: Family::new_with_constructor(scheduler_histogram),
             prefix: PrefixIndexerMetrics::default(),
             known: KnownNames::default(),
+            disagg: DisaggMetrics::default(),
         }
     }
 }
@@ -137,6 +144,7 @@ impl SchedulerMetrics {
             m.plugin_duration.clone(),
         );
         m.prefix.register(registry);
+        m.disagg.register(registry);
         m
     }
 
@@ -236,6 +244,107 @@ impl PrefixIndexerMetrics {
     }
 }
 
+/// Labels of the P/D decision counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Profile handler instance name.
+    pub plugin_name: String,
+    /// Profile handler type.
+    pub plugin_type: String,
+    /// Target model (`unknown` when empty).
+    pub model_name: String,
+    /// `decode-only` or `prefill-decode`.
+    pub decision_type: String,
+}
+
+/// Labels of the deprecated P/D decision counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegacyDecisionLabels {
+    /// Target model (`unknown` when empty).
+    pub model_name: String,
+    /// `decode-only` or `prefill-decode`.
+    pub decision_type: String,
+}
+
+/// P/D decision counters, named as the reference names them: `pd-profile-handler` counts
+/// into the `pd_decision` pair, `disagg-profile-handler` into the `disagg_decision` pair.
+#[derive(Clone, Default)]
+pub struct DisaggMetrics {
+    /// `llm_d_epp_pd_decision_total`.
+    pub pd: Family<DecisionLabels, Counter>,
+    /// `llm_d_inference_scheduler_pd_decision_total` (deprecated by the reference).
+    pub pd_legacy: Family<LegacyDecisionLabels, Counter>,
+    /// `llm_d_epp_disagg_decision_total`.
+    pub disagg: Family<DecisionLabels, Counter>,
+    /// `llm_d_inference_scheduler_disagg_decision_total` (deprecated by the reference).
+    pub disagg_legacy: Family<LegacyDecisionLabels, Counter>,
+}
+
+impl std::fmt::Debug for DisaggMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DisaggMetrics")
+    }
+}
+
+impl DisaggMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "llm_d_epp_pd_decision",
+            "Total number of P/D disaggregation decisions made",
+            self.pd.clone(),
+        );
+        registry.register(
+            "llm_d_inference_scheduler_pd_decision",
+            "[Deprecated: Use llm_d_epp_pd_decision_total] Total number of P/D disaggregation decisions made",
+            self.pd_legacy.clone(),
+        );
+        registry.register(
+            "llm_d_epp_disagg_decision",
+            "Total number of disaggregation routing decisions made",
+            self.disagg.clone(),
+        );
+        registry.register(
+            "llm_d_inference_scheduler_disagg_decision",
+            "[Deprecated: Use llm_d_epp_disagg_decision_total] Total number of disaggregation routing decisions made",
+            self.disagg_legacy.clone(),
+        );
+    }
+
+    /// Counts one decision. `legacy_pd` selects the `pd_decision` pair (`pd-profile-handler`)
+    /// instead of the `disagg_decision` pair.
+    pub fn record(
+        &self,
+        legacy_pd: bool,
+        plugin_name: &str,
+        plugin_type: &str,
+        model_name: &str,
+        decision_type: &str,
+    ) {
+        let model_name = if model_name.is_empty() {
+            "unknown"
+        } else {
+            model_name
+        };
+        let labels = DecisionLabels {
+            plugin_name: plugin_name.to_string(),
+            plugin_type: plugin_type.to_string(),
+            model_name: model_name.to_string(),
+            decision_type: decision_type.to_string(),
+        };
+        let legacy = LegacyDecisionLabels {
+            model_name: model_name.to_string(),
+            decision_type: decision_type.to_string(),
+        };
+        if legacy_pd {
+            self.pd.get_or_create(&labels).inc();
+            self.pd_legacy.get_or_create(&legacy).inc();
+        } else {
+            self.disagg.get_or_create(&labels).inc();
+            self.disagg_legacy.get_or_create(&legacy).inc();
+        }
+    }
+}
+
 /// Shared handle type for the scheduler metrics.
 pub type SharedSchedulerMetrics = Arc<SchedulerMetrics>;
 
@@ -260,9 +369,17 @@ mod tests {
                 port: "8000".into(),
             })
             .inc();
+        m.disagg
+            .record(false, "h", "disagg-profile-handler", "", "prefill-decode");
+        m.disagg
+            .record(true, "p", "pd-profile-handler", "m", "decode-only");
         let mut out = String::new();
         encode(&mut out, &reg).unwrap();
         for name in [
+            "llm_d_epp_disagg_decision_total{plugin_name=\"h\",plugin_type=\"disagg-profile-handler\",model_name=\"unknown\",decision_type=\"prefill-decode\"} 1",
+            "llm_d_inference_scheduler_disagg_decision_total{model_name=\"unknown\",decision_type=\"prefill-decode\"} 1",
+            "llm_d_epp_pd_decision_total{plugin_name=\"p\",plugin_type=\"pd-profile-handler\",model_name=\"m\",decision_type=\"decode-only\"} 1",
+            "llm_d_inference_scheduler_pd_decision_total{model_name=\"m\",decision_type=\"decode-only\"} 1",
             "inference_extension_scheduler_e2e_duration_seconds_bucket{le=\"0.0002\"} 1",
             "inference_extension_scheduler_attempts_total{status=\"success\"",
             "inference_extension_plugin_duration_seconds_count{extension_point=\"Scorer\",plugin_type=\"queue-scorer\",plugin_name=\"queue-scorer\"} 1",

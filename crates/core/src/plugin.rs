@@ -31,6 +31,8 @@ use crate::cycle::CycleState;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::error::InferenceError;
 pub use crate::flowcontrol::{FairnessPolicy, OrderingPolicy};
+use crate::registry::PluginError;
+pub use crate::replica::ReplicatedState;
 use crate::request::{Headers, InferenceRequest, RequestBody, ResponseInfo};
 use crate::scheduler::{ProfileResults, SchedulerProfile, SchedulingError, SchedulingResult};
 
@@ -96,7 +98,27 @@ pub trait Plugin: Send + Sync + 'static {
     fn as_ordering_policy(self: Arc<Self>) -> Option<Arc<dyn OrderingPolicy>> {
         None
     }
+    /// This plugin as a disaggregation decider (P/D: run the prefill stage or not).
+    fn as_disagg_decider(self: Arc<Self>) -> Option<Arc<dyn DisaggDecider>> {
+        None
+    }
+
+    /// Resolves the plugins this one names in its parameters (the reference's `pluginRef`
+    /// parameters, e.g. a profile handler's decider). Called once by the configuration
+    /// loader after every `plugins[]` entry is built, so a reference may point to an entry
+    /// declared later; an error fails the load and names this plugin.
+    fn resolve_references(&self, _plugins: PluginLookup<'_>) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// This plugin's state shared with the EPP's other replicas (see [`crate::replica`]).
+    fn as_replicated(self: Arc<Self>) -> Option<Arc<dyn ReplicatedState>> {
+        None
+    }
 }
+
+/// Looks a configured plugin up by instance name (see [`Plugin::resolve_references`]).
+pub type PluginLookup<'a> = &'a dyn Fn(&str) -> Option<Arc<dyn Plugin>>;
 
 /// What filters, scorers and pickers see of the current cycle.
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +195,12 @@ pub trait ProfileHandler: Plugin {
         cx: &SchedulingContext<'_>,
         results: ProfileResults,
     ) -> Result<SchedulingResult, SchedulingError>;
+
+    /// Checks, when the configuration is loaded, that the profiles this handler needs exist
+    /// (`profiles` = the names in `schedulingProfiles`, in order).
+    fn check_profiles(&self, _profiles: &[&str]) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
 
 /// Computes per-request data before scheduling (e.g. prompt hashes and prefix matches).
@@ -275,6 +303,14 @@ pub trait Parser: Plugin {
     /// Parses the complete body. Errors are client errors (400).
     fn parse_request(&self, body: Bytes, headers: &Headers)
     -> Result<ParseOutcome, InferenceError>;
+}
+
+/// Decides, per request, whether a disaggregated stage runs (the reference's decider
+/// plugins: `prefix-based-pd-decider`, `always-disagg-pd-decider`). Consulted by the P/D
+/// profile handlers after the decode profile picked `endpoint`.
+pub trait DisaggDecider: Plugin {
+    /// True to run the stage (e.g. prefill on a separate endpoint) for this request.
+    fn disaggregate(&self, cx: &SchedulingContext<'_>, endpoint: &Endpoint) -> bool;
 }
 
 /// Notified when endpoints join or leave the pool.

@@ -650,3 +650,99 @@ fn nan_and_out_of_range_scores_are_clamped() {
     assert_eq!(crate::scheduler::clamp_score(7.0), 1.0);
     assert_eq!(crate::scheduler::clamp_score(0.25), 0.25);
 }
+
+fn named(c: &LoadedConfig, name: &str) -> Arc<dyn Plugin> {
+    c.plugins
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| panic!("no plugin {name}"))
+}
+
+/// A reload (`load_reusing`) carries unchanged instances over (same `Arc`, so their state,
+/// e.g. a prefix index, survives) and builds changed or new ones.
+#[test]
+fn reload_carries_over_unchanged_plugin_instances() {
+    let doc = |plugins: &str, refs: &str| {
+        format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n{plugins}schedulingProfiles:\n- name: default\n  plugins:\n{refs}"
+        )
+    };
+    let first = load_text(&doc(
+        "- name: keep\n  type: prefix-cache-scorer\n  parameters: {blockSize: 64}\n- name: tweak\n  type: queue-scorer\n  parameters: {constant: 0.5}\n- name: retype\n  type: queue-scorer\n",
+        "  - {pluginRef: keep, weight: 1}\n  - {pluginRef: tweak}\n  - {pluginRef: retype}\n",
+    ))
+    .unwrap();
+    let second = crate::config::load_reusing(
+        &doc(
+            "- name: keep\n  type: prefix-cache-scorer\n  parameters: {blockSize: 64}\n- name: tweak\n  type: queue-scorer\n  parameters: {constant: 0.25}\n- name: retype\n  type: kv-cache-utilization-scorer\n- name: added\n  type: queue-scorer\n",
+            "  - {pluginRef: keep, weight: 5}\n  - {pluginRef: tweak}\n  - {pluginRef: retype}\n  - {pluginRef: added}\n",
+        ),
+        ConfigSource::File("test.yaml".into()),
+        &registry(),
+        &PluginHandle::default(),
+        &first,
+    )
+    .unwrap();
+    assert!(Arc::ptr_eq(&named(&first, "keep"), &named(&second, "keep")));
+    assert!(!Arc::ptr_eq(
+        &named(&first, "tweak"),
+        &named(&second, "tweak")
+    ));
+    assert!(!Arc::ptr_eq(
+        &named(&first, "retype"),
+        &named(&second, "retype")
+    ));
+    assert_eq!(
+        named(&second, "retype").type_name(),
+        "kv-cache-utilization-scorer"
+    );
+    // Defaults the loader added are carried over too.
+    for name in [
+        "max-score-picker",
+        "single-profile-handler",
+        "openai-parser",
+    ] {
+        assert!(
+            Arc::ptr_eq(&named(&first, name), &named(&second, name)),
+            "{name}"
+        );
+    }
+    // The new weights are in effect.
+    let weights: Vec<(String, f64)> = second.scheduler.profiles()[0]
+        .scorers()
+        .iter()
+        .map(|w| (w.scorer.name().to_string(), w.weight))
+        .collect();
+    assert!(weights.contains(&("keep".to_string(), 5.0)), "{weights:?}");
+    assert_eq!(weights.len(), 4, "{weights:?}");
+}
+
+/// A broken reload fails with the error a first load gives.
+#[test]
+fn a_broken_reload_fails_like_a_first_load() {
+    let good = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n";
+    let first = load_text(good).unwrap();
+    for broken in [
+        format!("{good}schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: missing\n"),
+        good.replace("queue-scorer", "no-such-scorer"),
+        format!("{good}  parameters: {{constant: 'x'}}\n"),
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins: [".to_string(),
+        String::new(),
+    ] {
+        let at_start = load_text(&broken).unwrap_err();
+        let on_reload = crate::config::load_reusing(
+            &broken,
+            ConfigSource::File("test.yaml".into()),
+            &registry(),
+            &PluginHandle::default(),
+            &first,
+        )
+        .unwrap_err();
+        assert_eq!(at_start, on_reload, "{broken}");
+        assert!(
+            on_reload.to_string().starts_with("config file test.yaml: "),
+            "{on_reload}"
+        );
+    }
+}

@@ -25,9 +25,15 @@
 //! | `--endpoints-file` | [`DataLayerConfig::endpoints_file`] |
 //! | `--endpoint-target-ports` | [`DataLayerConfig::target_ports`] |
 //! | `--objectives-file` | [`DataLayerConfig::objectives_file`] |
+//! | `--model-server-metrics-scheme` | [`DataLayerConfig::metrics_scheme`] |
+//! | `--model-server-metrics-https-insecure-skip-verify` | [`DataLayerConfig::tls`] |
 //! | `--model-server-metrics-path` | [`DataLayerConfig::metrics_path`] |
 //! | `--model-server-metrics-port` | [`DataLayerConfig::metrics_port`] |
 //! | `--total-queued-requests-metric`, `--total-running-requests-metric`, `--kv-cache-usage-percentage-metric`, `--lora-info-metric`, `--cache-info-metric` | [`DataLayerConfig::metric_overrides`] |
+//!
+//! The configuration file's `metrics-data-source` and `core-metrics-extractor` parameters
+//! land in the same fields (the EPP resolves them; see `llmsched-epp`), plus
+//! [`DataLayerConfig::engine_configs`] for `engineConfigs`.
 
 pub mod discovery;
 pub mod health;
@@ -37,6 +43,7 @@ pub mod objectives;
 pub mod prom;
 pub mod scraper;
 pub mod store;
+pub mod tls;
 mod watch;
 
 #[cfg(test)]
@@ -58,6 +65,7 @@ pub use metrics::{DataLayerMetrics, PoolStats, pool_stats, register_metrics};
 pub use objectives::ObjectivesStore;
 pub use scraper::{MetricsPort, ScrapeSettings};
 pub use store::{EndpointStore, MembershipChange, StoreError};
+pub use tls::{MetricsScheme, ScrapeTls, ScrapeTlsError};
 
 /// Everything the data layer needs; [`Default`] gives the reference's defaults.
 #[derive(Debug, Clone)]
@@ -73,6 +81,11 @@ pub struct DataLayerConfig {
     pub max_backoff: Duration,
     /// Largest accepted `/metrics` body (8 MiB; a vLLM page is 50-300 KiB).
     pub max_body_bytes: usize,
+    /// `http` or `https` (`--model-server-metrics-scheme`, `http`).
+    pub metrics_scheme: MetricsScheme,
+    /// How `https` servers are verified, and the client certificate
+    /// (`--model-server-metrics-https-insecure-skip-verify`, true).
+    pub tls: ScrapeTls,
     /// Path scraped on each endpoint (`--model-server-metrics-path`, `/metrics`).
     pub metrics_path: String,
     /// Port scraped instead of each endpoint's own (`--model-server-metrics-port`); only
@@ -80,6 +93,9 @@ pub struct DataLayerConfig {
     pub metrics_port: Option<u16>,
     /// The deprecated metric-name flags (applied to the vLLM mapping).
     pub metric_overrides: MetricOverrides,
+    /// Engine mappings added or replaced by name (`engineConfigs` of
+    /// `core-metrics-extractor`), applied after [`Self::metric_overrides`].
+    pub engine_configs: Vec<(String, EngineMapping)>,
     /// Engine for endpoints without an engine label (`vllm`).
     pub default_engine: String,
     /// Label naming an endpoint's engine (`llm-d.ai/engine-type`).
@@ -106,9 +122,12 @@ impl Default for DataLayerConfig {
             scrape_timeout: Duration::from_secs(1),
             max_backoff: Duration::from_secs(1),
             max_body_bytes: 8 << 20,
+            metrics_scheme: MetricsScheme::Http,
+            tls: ScrapeTls::default(),
             metrics_path: "/metrics".into(),
             metrics_port: None,
             metric_overrides: MetricOverrides::default(),
+            engine_configs: Vec::new(),
             default_engine: mapping::engine::VLLM.into(),
             engine_label_key: label::ENGINE_TYPE.into(),
             static_endpoints: Vec::new(),
@@ -130,6 +149,9 @@ pub enum DataLayerError {
     /// A metric specification or engine name is invalid.
     #[error(transparent)]
     Spec(#[from] mapping::SpecError),
+    /// The `https` settings are unusable (a certificate file, the system roots).
+    #[error("model-server metrics over https: {0}")]
+    Tls(#[from] ScrapeTlsError),
     /// The endpoints are unusable.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -182,12 +204,38 @@ impl DataLayerConfig {
         Ok(())
     }
 
-    fn scrape_settings(&self, metrics_port: MetricsPort) -> ScrapeSettings {
+    /// The metric mappings: built-ins, the deprecated flags on vLLM, then
+    /// [`Self::engine_configs`]; fails on a bad specification or an unknown default engine.
+    pub fn metric_mappings(&self) -> Result<MetricMappings, DataLayerError> {
+        Ok(MetricMappings::with_engines(
+            &self.default_engine,
+            &self.engine_label_key,
+            &self.metric_overrides,
+            &self.engine_configs,
+        )?)
+    }
+
+    /// The TLS client settings of `https` scraping (`None` for `http`); reads the
+    /// certificate files.
+    pub fn tls_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, DataLayerError> {
+        match self.metrics_scheme {
+            MetricsScheme::Http => Ok(None),
+            MetricsScheme::Https => Ok(Some(Arc::new(tls::client_config(&self.tls)?))),
+        }
+    }
+
+    fn scrape_settings(
+        &self,
+        metrics_port: MetricsPort,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> ScrapeSettings {
         ScrapeSettings {
             interval: self.refresh_interval,
             timeout: self.scrape_timeout,
             max_backoff: self.max_backoff,
             max_body_bytes: self.max_body_bytes,
+            scheme: self.metrics_scheme,
+            tls,
             path: self.metrics_path.clone(),
             metrics_port,
             health: self.health.clone(),
@@ -268,11 +316,8 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<DataLayerHandle, DataLayerError> {
     config.validate()?;
-    let mappings = Arc::new(MetricMappings::new(
-        &config.default_engine,
-        &config.engine_label_key,
-        &config.metric_overrides,
-    )?);
+    let mappings = Arc::new(config.metric_mappings()?);
+    let tls = config.tls_client_config()?;
     let cancel = cancel.child_token();
     let tasks = TaskTracker::new();
 
@@ -362,13 +407,15 @@ pub async fn start(
     tasks.spawn(scraper::run_scraper(
         store.clone(),
         mappings,
-        config.scrape_settings(metrics_port.clone()),
+        config.scrape_settings(metrics_port.clone(), tls),
         metrics,
         cancel.clone(),
     ));
     tracing::info!(
         endpoints = store.snapshot().len(),
         interval = ?config.refresh_interval,
+        scheme = %config.metrics_scheme,
+        path = %config.metrics_path,
         "data layer started"
     );
     Ok(DataLayerHandle {

@@ -788,6 +788,40 @@ impl MetricMappings {
         Ok(out)
     }
 
+    /// [`Self::new`], then `engines` added or replacing the built-in mapping of the same name
+    /// (the reference's `engineConfigs`); `default_engine` may name one of them.
+    pub fn with_engines(
+        default_engine: &str,
+        engine_label_key: &str,
+        overrides: &MetricOverrides,
+        engines: &[(String, EngineMapping)],
+    ) -> Result<Self, SpecError> {
+        if engines.is_empty() {
+            return Self::new(default_engine, engine_label_key, overrides);
+        }
+        let mut out = Self::new(engine::VLLM, engine_label_key, overrides)?;
+        for (name, m) in engines {
+            out.insert(name, m);
+        }
+        let default_engine = canonical_engine(if default_engine.is_empty() {
+            engine::VLLM
+        } else {
+            default_engine
+        });
+        out.default = out
+            .engines
+            .get(default_engine)
+            .cloned()
+            .ok_or_else(|| SpecError {
+                spec: default_engine.to_string(),
+                reason: format!(
+                    "unknown default engine; known engines: {}",
+                    out.engine_names().join(", ")
+                ),
+            })?;
+        Ok(out)
+    }
+
     /// Adds or replaces the mapping of an engine (custom engines).
     pub fn insert(&mut self, engine: &str, mapping: &EngineMapping) {
         let engine = canonical_engine(engine);

@@ -4,7 +4,7 @@
 //!
 //! * `llmsched_datalayer_scrapes_total{endpoint}` — successful scrapes;
 //! * `llmsched_datalayer_scrape_errors_total{endpoint, reason}` — failed scrapes, `reason`
-//!   one of `connect`, `timeout`, `http_status`, `body_too_large`, `body`, `parse`,
+//!   one of `connect`, `tls`, `timeout`, `http_status`, `body_too_large`, `body`, `parse`,
 //!   `missing_metric`, `invalid_value`;
 //! * `llmsched_datalayer_scrape_duration_seconds` — time per scrape attempt;
 //! * `llmsched_datalayer_file_reloads_total{file, outcome}` — reloads of the endpoints and
@@ -26,8 +26,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Every `reason` label value of the scrape error counter.
-pub const SCRAPE_ERROR_REASONS: [&str; 8] = [
+pub const SCRAPE_ERROR_REASONS: [&str; 9] = [
     "connect",
+    "tls",
     "timeout",
     "http_status",
     "body_too_large",

@@ -1,4 +1,5 @@
-//! The metrics scraper: one task per endpoint, each polling `http://ip:port/metrics`.
+//! The metrics scraper: one task per endpoint, each polling `http://ip:port/metrics` (or
+//! `https://`, see [`crate::tls`]).
 //!
 //! A supervisor task follows the [`EndpointStore`] (its `watch` of the generation) and starts
 //! a task for every new endpoint and cancels the task of every departed one. Tasks share one
@@ -32,6 +33,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -43,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::mapping::{ExtractError, Extracted, Extractor, MetricMappings};
 use crate::metrics::{DataLayerMetrics, EndpointLabels, ScrapeErrorLabels};
 use crate::store::EndpointStore;
+use crate::tls::{MetricsScheme, is_tls_error};
 
 const ACCEPT_VALUE: &str = "text/plain;version=0.0.4;q=1,*/*;q=0.1";
 
@@ -57,6 +60,11 @@ pub struct ScrapeSettings {
     pub max_backoff: Duration,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// `http` or `https`.
+    pub scheme: MetricsScheme,
+    /// TLS client settings for `https` (`None`: accept any server certificate, as the
+    /// reference's default `insecureSkipVerify: true`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// URL path (`/metrics`).
     pub path: String,
     /// Scrape this port instead of the endpoint's own (changeable while running).
@@ -114,6 +122,10 @@ pub enum ScrapeError {
         /// The error chain.
         detail: String,
     },
+    /// The TLS handshake failed (certificate not trusted, wrong name, no client
+    /// certificate...): not counted against the endpoint's health, its metrics go stale.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The scrape took longer than the timeout.
     #[error("no complete response within {0:?}")]
     Timeout(Duration),
@@ -139,6 +151,7 @@ impl ScrapeError {
     pub fn reason(&self) -> &'static str {
         match self {
             ScrapeError::Request(_) | ScrapeError::Connection { .. } => "connect",
+            ScrapeError::Tls(_) => "tls",
             ScrapeError::Timeout(_) => "timeout",
             ScrapeError::Status(_) => "http_status",
             ScrapeError::TooLarge(_) => "body_too_large",
@@ -163,7 +176,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 struct Shared {
     client: HttpClient,
@@ -172,30 +185,41 @@ struct Shared {
     mappings: Arc<MetricMappings>,
 }
 
-fn build_client(settings: &ScrapeSettings) -> HttpClient {
+fn build_client(settings: &ScrapeSettings) -> Result<HttpClient, crate::tls::ScrapeTlsError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(settings.timeout));
-    Client::builder(TokioExecutor::new())
+    // https URIs pass through the TLS layer; the plain connector must accept them.
+    connector.enforce_http(false);
+    let tls = match &settings.tls {
+        Some(c) => c.as_ref().clone(),
+        None => crate::tls::client_config(&crate::tls::ScrapeTls::default())?,
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(2)
-        .build(connector)
+        .build(connector))
 }
 
 /// Builds the scrape URI of `endpoint`.
 pub fn scrape_uri(endpoint: &Endpoint, settings: &ScrapeSettings) -> Result<Uri, String> {
-    scrape_uri_with(endpoint, settings.metrics_port.get(), &settings.path)
+    scrape_uri_with(endpoint, settings.metrics_port.get(), settings)
 }
 
 fn scrape_uri_with(
     endpoint: &Endpoint,
     metrics_port: Option<u16>,
-    path: &str,
+    settings: &ScrapeSettings,
 ) -> Result<Uri, String> {
     let port = metrics_port.unwrap_or(endpoint.meta().port);
     let addr = SocketAddr::new(endpoint.meta().address, port);
-    format!("http://{addr}{path}")
+    format!("{}://{addr}{}", settings.scheme, settings.path)
         .parse::<Uri>()
         .map_err(|e| format!("invalid scrape URL for {}: {e}", endpoint.name()))
 }
@@ -212,6 +236,10 @@ async fn fetch(shared: &Shared, uri: &Uri) -> Result<Bytes, ScrapeError> {
         if llmsched_core::health::is_local_resource_error(&e) {
             // Out of descriptors or ports here: not the endpoint's fault.
             ScrapeError::Request(error_chain(&e))
+        } else if is_tls_error(&e) {
+            // A certificate we do not trust (or a server that wants a client certificate):
+            // the endpoint may serve requests fine; its metrics go stale.
+            ScrapeError::Tls(error_chain(&e))
         } else if e.is_connect() {
             ScrapeError::Connection {
                 kind: FailureKind::Connect,
@@ -275,7 +303,7 @@ fn backoff(settings: &ScrapeSettings, failures: u32) -> Duration {
 async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: CancellationToken) {
     let extractor = shared.mappings.for_labels(&endpoint.meta().labels).clone();
     let mut port = shared.settings.metrics_port.get();
-    let mut uri = match scrape_uri_with(&endpoint, port, &shared.settings.path) {
+    let mut uri = match scrape_uri_with(&endpoint, port, &shared.settings) {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(endpoint = %endpoint.name(), error = %e, "not scraping endpoint");
@@ -295,7 +323,7 @@ async fn run_endpoint(endpoint: Arc<Endpoint>, shared: Arc<Shared>, cancel: Canc
     loop {
         let now_port = shared.settings.metrics_port.get();
         if now_port != port {
-            match scrape_uri_with(&endpoint, now_port, &shared.settings.path) {
+            match scrape_uri_with(&endpoint, now_port, &shared.settings) {
                 Ok(u) => {
                     tracing::info!(endpoint = %name, url = %u, "metrics port changed");
                     uri = u;
@@ -383,8 +411,16 @@ pub async fn run_scraper(
     metrics: DataLayerMetrics,
     cancel: CancellationToken,
 ) {
+    let client = match build_client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            // start() builds the same TLS settings first and fails there; not reached.
+            tracing::error!(error = %e, "metrics scraper cannot start");
+            return;
+        }
+    };
     let shared = Arc::new(Shared {
-        client: build_client(&settings),
+        client,
         settings,
         metrics,
         mappings,
@@ -451,6 +487,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_backoff: Duration::from_secs(1),
             max_body_bytes: 1,
+            scheme: MetricsScheme::Http,
+            tls: None,
             path: "/metrics".into(),
             metrics_port: MetricsPort::default(),
             health: HealthPolicy::default(),

@@ -175,6 +175,24 @@ impl EndpointStore {
         self.deliver();
     }
 
+    /// Unregisters `listener` (the same `Arc`, compared by address): it is told about no
+    /// later change (events already queued for it may still arrive). Returns whether it was
+    /// registered. A configuration reload removes the listeners of plugins it dropped.
+    pub fn remove_listener(&self, listener: &Arc<dyn EndpointListener>) -> bool {
+        let mut state = self.state.lock();
+        let target = Arc::as_ptr(listener).cast::<()>();
+        let before = state.listeners.len();
+        let kept: Vec<_> = state
+            .listeners
+            .iter()
+            .filter(|l| Arc::as_ptr(l).cast::<()>() != target)
+            .cloned()
+            .collect();
+        let removed = kept.len() != before;
+        state.listeners = Arc::from(kept);
+        removed
+    }
+
     /// Marks the store synced: discovery has produced its first complete list.
     pub fn set_synced(&self) {
         {
@@ -392,6 +410,22 @@ mod tests {
         fn endpoint_removed(&self, id: EndpointId) {
             self.events.lock().push(format!("-{id}"));
         }
+    }
+
+    #[test]
+    fn removed_listeners_hear_of_no_later_change() {
+        let store = EndpointStore::new();
+        let kept = Arc::new(Recorder::default());
+        let gone = Arc::new(Recorder::default());
+        store.add_listener(kept.clone());
+        let gone_dyn: Arc<dyn EndpointListener> = gone.clone();
+        store.add_listener(gone_dyn.clone());
+        store.update(vec![meta("a", "10.0.0.1:8000")]).unwrap();
+        assert!(store.remove_listener(&gone_dyn));
+        assert!(!store.remove_listener(&gone_dyn), "already removed");
+        store.update(vec![meta("b", "10.0.0.2:8000")]).unwrap();
+        assert_eq!(*kept.events.lock(), ["+a#0", "-#0", "+b#1"]);
+        assert_eq!(*gone.events.lock(), ["+a#0"]);
     }
 
     #[test]

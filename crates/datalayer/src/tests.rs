@@ -23,6 +23,8 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod https;
+
 use crate::metrics::ReloadLabels;
 use crate::{
     DataLayerConfig, DataLayerHandle, DataLayerMetrics, EndpointStore, MetricOverrides,
@@ -940,6 +942,8 @@ fn scrape_uri_brackets_ipv6_and_uses_metrics_port() {
         timeout: Duration::from_secs(1),
         max_backoff: Duration::from_secs(1),
         max_body_bytes: 1,
+        scheme: crate::MetricsScheme::Http,
+        tls: None,
         path: "/metrics".into(),
         metrics_port: crate::MetricsPort::default(),
         health: Default::default(),

@@ -43,7 +43,8 @@ use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, FlowTicket, Saturat
 use crate::headers::{ensure_request_id, parse_ms};
 use crate::health::{CandidateFilter, HealthMetrics, now_ms};
 use crate::metrics::{
-    EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, RewriteLabels,
+    EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, ProfilePickLabels,
+    RewriteLabels,
 };
 use crate::routed::{RouteKind, Routed, RoutedParts};
 
@@ -63,6 +64,8 @@ const MODEL_OPTIONAL_PARSERS: [&str; 2] = ["passthrough-parser", "vllmgrpc-parse
 struct Decision {
     cycle: CycleState,
     result: SchedulingResult,
+    /// `ip:port[,...]` of the targets, or where a pre-request hook redirected the request.
+    destination: String,
     headers_to_set: Vec<(String, String)>,
 }
 
@@ -151,8 +154,9 @@ pub(crate) struct Shared {
 
 /// The request lifecycle, shared by every transport. Cheap to share (`Arc<Director>`).
 pub struct Director {
-    active: ArcSwap<ActiveConfig>,
-    config_cell: Arc<ArcSwap<LoadedConfig>>,
+    /// The one configuration cell: the loaded configuration with what is derived from it.
+    /// The flow controller's saturation probe reads it through a weak reference.
+    active: Arc<ArcSwap<ActiveConfig>>,
     endpoints: Arc<dyn EndpointSource>,
     objectives: Arc<ArcSwap<Objectives>>,
     scheduler_metrics: Option<Arc<SchedulerMetrics>>,
@@ -224,14 +228,12 @@ impl DirectorBuilder {
             health_metrics: self.health_metrics.unwrap_or_default(),
             last_fail_open_log: AtomicU64::new(0),
         });
-        let config_cell = Arc::new(ArcSwap::new(self.config.clone()));
-        let mut d = Director {
-            active: ArcSwap::from_pointee(ActiveConfig {
+        let d = Director {
+            active: Arc::new(ArcSwap::from_pointee(ActiveConfig {
                 config: self.config.clone(),
                 hooks: Arc::new(HookSet { hooks: Vec::new() }),
                 flow: None,
-            }),
-            config_cell,
+            })),
             endpoints: self.endpoints,
             objectives: self
                 .objectives
@@ -241,18 +243,23 @@ impl DirectorBuilder {
             options: self.options,
         };
         let active = d.activate(self.config, None);
-        d.active = ArcSwap::from_pointee(active);
+        d.active.store(Arc::new(active));
         d
     }
 }
 
+/// Saturation as the configuration in effect sees it (weak: the cell owns the controller
+/// that owns this probe).
 fn saturation_probe(
-    config: Arc<ArcSwap<LoadedConfig>>,
+    active: std::sync::Weak<ArcSwap<ActiveConfig>>,
     endpoints: Arc<dyn EndpointSource>,
 ) -> SaturationProbe {
     Arc::new(move || {
-        let cfg = config.load();
-        let Some(det) = &cfg.saturation_detector else {
+        let Some(active) = active.upgrade() else {
+            return 0.0;
+        };
+        let active = active.load();
+        let Some(det) = &active.config.saturation_detector else {
             return 0.0;
         };
         let snap = endpoints.snapshot();
@@ -299,13 +306,12 @@ impl Director {
                 )
             })
             .collect();
-        self.config_cell.store(config.clone());
         let flow = match (&config.flow_control, previous.and_then(|p| p.flow.as_ref())) {
             (None, _) => None,
             (Some(s), Some(prev)) if prev.settings() == s => Some(prev.clone()),
             (Some(s), _) => Some(FlowController::new(
                 s.clone(),
-                saturation_probe(self.config_cell.clone(), self.endpoints.clone()),
+                saturation_probe(Arc::downgrade(&self.active), self.endpoints.clone()),
                 self.shared.metrics.clone(),
                 self.options.pool_name.clone(),
                 self.options.flow_control_tick,
@@ -327,8 +333,10 @@ impl Director {
         }
     }
 
-    /// Replaces the configuration (plugins, scheduler, flow control). Requests in flight
-    /// finish with the configuration they were routed with.
+    /// Replaces the configuration (plugins, scheduler, flow control) with one atomic swap:
+    /// requests routed from now on use it, requests in flight finish with the configuration
+    /// they were routed with. A flow controller with unchanged settings carries over (its
+    /// queues with it). Callers serialize their calls (`llmsched epp`'s reloader is one task).
     pub fn set_config(&self, config: Arc<LoadedConfig>) {
         let prev = self.active.load_full();
         let next = self.activate(config, Some(&prev));
@@ -484,13 +492,14 @@ impl Director {
         let Decision {
             cycle,
             result,
+            destination,
             headers_to_set,
         } = decided.map_err(fail)?;
         drop(candidates);
 
         let routed = self.dispatch(RoutedParts {
             kind: RouteKind::Scheduled,
-            destination: join_hostports(result.targets()),
+            destination,
             targets: result.targets().to_vec(),
             forward_body: request.forward_body(),
             tokens: estimate_tokens(&request),
@@ -658,9 +667,25 @@ impl Director {
             h.pre_request(request, &cycle, &result, &mut headers_to_set);
             timer.record(t0.elapsed());
         }
+        // A pre-request hook may redirect the request (P/D's sidecar port).
+        let destination = take_destination_override(&mut headers_to_set)
+            .unwrap_or_else(|| join_hostports(result.targets()));
+        let metrics = &self.shared.metrics;
+        for (profile, r) in &result.profiles {
+            if let Some(first) = r.targets.first() {
+                metrics
+                    .profile_picks
+                    .get_or_create(&ProfilePickLabels {
+                        profile: profile.clone(),
+                        pod_name: first.name().to_string(),
+                    })
+                    .inc();
+            }
+        }
         Ok(Decision {
             cycle,
             result,
+            destination,
             headers_to_set,
         })
     }
@@ -828,6 +853,26 @@ fn hint_ip(entry: &str) -> Option<std::net::IpAddr> {
         .ok()
 }
 
+/// A pre-request hook may redirect the request by setting the destination header (P/D's
+/// `primaryPort`: the decode pick's address on its routing sidecar's port). The value is
+/// taken out of the hook headers (the transport writes the destination itself); in-flight
+/// accounting and the prefix index stay with the endpoints the scheduler chose. The last
+/// non-empty value wins.
+fn take_destination_override(headers_to_set: &mut Vec<(String, String)>) -> Option<String> {
+    let mut found = None;
+    headers_to_set.retain(|(k, v)| {
+        if k.eq_ignore_ascii_case(header::DESTINATION_ENDPOINT) {
+            if !v.trim().is_empty() {
+                found = Some(v.trim().to_string());
+            }
+            false
+        } else {
+            true
+        }
+    });
+    found
+}
+
 /// `ip:port[,ip:port...]`.
 pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
     let mut out = String::with_capacity(targets.len() * 22);
@@ -840,8 +885,7 @@ pub(crate) fn join_hostports(targets: &[Arc<Endpoint>]) -> String {
     out
 }
 
-/// The prompt's size in tokens before any model server counted it: token ids exactly, text
-/// as characters / 4.
+/// The prompt part of [`estimate_tokens`]: characters / 4, token ids counted exactly.
 pub fn estimate_prompt_tokens(request: &InferenceRequest) -> u64 {
     match request.prompt() {
         Prompt::TokenIds(ids) => ids.len() as u64,
@@ -864,6 +908,33 @@ pub fn estimate_tokens(request: &InferenceRequest) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hooks_may_redirect_the_destination() {
+        let mut h = vec![
+            (
+                "x-prefiller-host-port".to_string(),
+                "10.0.0.1:8000".to_string(),
+            ),
+            (
+                "X-Gateway-Destination-Endpoint".to_string(),
+                "10.0.0.2:8200".to_string(),
+            ),
+            (
+                "x-data-parallel-host-port".to_string(),
+                "10.0.0.2:8001".to_string(),
+            ),
+        ];
+        assert_eq!(
+            take_destination_override(&mut h).as_deref(),
+            Some("10.0.0.2:8200")
+        );
+        assert_eq!(h.len(), 2);
+        assert!(h.iter().all(|(k, _)| !k.contains("destination")));
+        let mut none = vec![(header::DESTINATION_ENDPOINT.to_string(), " ".to_string())];
+        assert_eq!(take_destination_override(&mut none), None);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn subset_hint_entries() {

@@ -25,6 +25,9 @@
 //!   headers to the body's end of stream), `parse`, `admission` (incl. any flow-control
 //!   wait), `scheduling` (candidates, data producers, admitters, scheduler, pre-request
 //!   hooks) and `route` (the director's whole `route` call).
+//! * `llmsched_profile_picks_total{profile,pod_name}`: per scheduled request, the first
+//!   target of every profile that ran and chose one (with P/D: the decode pick under
+//!   `decode`, the prefill pick under `prefill`), so each stage's load spread is visible.
 //!
 //! Per-phase histograms are resolved once, so recording a phase does not hash a label set.
 //!
@@ -206,6 +209,15 @@ pub struct PoolLabel {
     pub inference_pool: String,
 }
 
+/// `{profile, pod_name}` of the per-profile pick counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfilePickLabels {
+    /// Scheduling profile name.
+    pub profile: String,
+    /// The profile's first target.
+    pub pod_name: String,
+}
+
 /// `{phase}` of the overhead histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
@@ -296,6 +308,8 @@ pub struct EppMetrics {
     /// Which client-chosen names may be label values (shared with the scheduler metrics).
     pub known: KnownNames,
     phases: Arc<[Histogram; 5]>,
+    /// `llmsched_profile_picks_total`.
+    pub profile_picks: Family<ProfilePickLabels, Counter>,
 }
 
 impl std::fmt::Debug for EppMetrics {
@@ -332,6 +346,7 @@ impl Default for EppMetrics {
             processing,
             known: KnownNames::default(),
             phases,
+            profile_picks: Family::default(),
         }
     }
 }
@@ -426,6 +441,11 @@ impl EppMetrics {
             "llmsched_request_processing_seconds",
             "Time the EPP spends on each phase of a request before it is forwarded, in seconds",
             m.processing.clone(),
+        );
+        r.register(
+            "llmsched_profile_picks",
+            "Scheduled requests by scheduling profile and the profile's first target",
+            m.profile_picks.clone(),
         );
         m.info
             .get_or_create(&InfoLabels {

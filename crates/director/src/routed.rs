@@ -28,6 +28,12 @@
 //! `503 upstream connect error or disconnect/reset before headers …`, `504 upstream request
 //! timeout`, seen in the ext_proc response phase) is reported as a failure, which takes the
 //! endpoint out of the candidates at once.
+//!
+//! With several profiles (P/D disaggregation), the first target of every profile other than
+//! the primary one (the prefill endpoint) is charged too, with the prompt's estimated tokens,
+//! from the routing decision until the response headers arrive: the decode endpoint's
+//! routing sidecar answers only once the prefill hop is over, so that is when the prefill
+//! endpoint's work for this request ends.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -163,6 +169,8 @@ pub struct Routed {
     tokens: u64,
     // Flow control's ticket: completed with the response's usage.
     flow_ticket: Option<FlowTicket>,
+    // Other stages' endpoints (P/D prefill) and their tokens, until the response headers.
+    stage_charges: Vec<(Arc<Endpoint>, u64)>,
     // Response state.
     response: ResponseInfo,
     headers_seen: bool,
@@ -200,6 +208,25 @@ impl Routed {
         if let Some(e) = &charged {
             e.dispatch(p.tokens);
         }
+        let mut stage_charges = Vec::new();
+        if let (RouteKind::Scheduled, Some(result)) = (p.kind, &p.result) {
+            let prompt_tokens = crate::director::estimate_prompt_tokens(&p.request);
+            for (name, r) in &result.profiles {
+                let Some(first) = r.targets.first() else {
+                    continue;
+                };
+                if *name == result.primary_profile
+                    || charged.as_ref().is_some_and(|c| c.id() == first.id())
+                    || stage_charges
+                        .iter()
+                        .any(|(e, _): &(Arc<Endpoint>, u64)| e.id() == first.id())
+                {
+                    continue;
+                }
+                first.dispatch(prompt_tokens);
+                stage_charges.push((first.clone(), prompt_tokens));
+            }
+        }
         let rewriter = ModelNameRewriter::new(&p.request.target_model, &p.request.incoming_model);
         let streaming = p.request.is_streaming();
         // Without a scheduling result (fallbacks) there is no hook work to defer.
@@ -221,6 +248,7 @@ impl Routed {
             charged,
             tokens: p.tokens,
             flow_ticket: p.flow_ticket,
+            stage_charges,
             response: ResponseInfo::default(),
             headers_seen: false,
             streaming,
@@ -399,6 +427,7 @@ impl Routed {
     /// [`Self::on_response_chunk`]).
     pub fn on_response_headers(&mut self, status: u16, headers: &Headers) -> Vec<(String, String)> {
         self.run_after_dispatch();
+        self.release_stage_charges();
         self.gateway_check = matches!(status, 502..=504);
         if !self.gateway_check
             && let Some(e) = self.answering_endpoint()
@@ -658,6 +687,18 @@ impl Routed {
         self.charged = Some(next);
     }
 
+    /// Endpoints of the other stages (P/D prefill) charged for this request, until the
+    /// response headers arrive.
+    pub fn stage_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.stage_charges.iter().map(|(e, _)| e)
+    }
+
+    fn release_stage_charges(&mut self) {
+        for (e, tokens) in self.stage_charges.drain(..) {
+            e.complete(tokens);
+        }
+    }
+
     /// The response completed: response-complete hooks, request metrics (duration, sizes,
     /// tokens, NTPOT), in-flight release.
     pub fn finish(mut self) {
@@ -669,6 +710,7 @@ impl Routed {
             return;
         }
         self.run_after_dispatch();
+        self.release_stage_charges();
         self.finalized = true;
         if self.kind == RouteKind::Fallback {
             return;

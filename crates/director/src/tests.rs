@@ -859,3 +859,160 @@ async fn after_dispatch_yields_once_then_runs_the_deferred_work_once() {
     r.finish();
     assert_eq!(after_dispatch_runs("dispatch-yield"), 1);
 }
+
+/// Endpoints `10.0.0.1`/`.2` labelled prefill, `.3`/`.4` labelled decode.
+fn pd_endpoints() -> Arc<StaticEndpoints> {
+    use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointMeta, EndpointSet};
+    let endpoints = (1..=4u8)
+        .map(|i| {
+            let mut meta =
+                EndpointMeta::from_addr(std::net::SocketAddr::from(([10, 0, 0, i], 8000)));
+            meta.labels.insert(
+                "llm-d.ai/role".into(),
+                if i <= 2 { "prefill" } else { "decode" }.into(),
+            );
+            let e = Endpoint::new(EndpointId(u32::from(i)), meta);
+            e.set_metrics(EndpointMetrics {
+                updated_at: Some(std::time::Instant::now()),
+                ..Default::default()
+            });
+            Arc::new(e)
+        })
+        .collect();
+    Arc::new(StaticEndpoints(Arc::new(EndpointSet {
+        endpoints,
+        generation: 1,
+        synced: true,
+    })))
+}
+
+fn pd_config(handler_params: &str) -> Arc<llmsched_core::config::LoadedConfig> {
+    let yaml = format!(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-filter\n- type: decode-filter\n- type: prefix-cache-scorer\n- type: always-disagg-pd-decider\n- type: disagg-profile-handler\n  parameters: {handler_params}\nschedulingProfiles:\n- name: prefill\n  plugins:\n  - pluginRef: prefill-filter\n  - pluginRef: prefix-cache-scorer\n- name: decode\n  plugins:\n  - pluginRef: decode-filter\n  - pluginRef: prefix-cache-scorer\n"
+    );
+    load_config(&yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// P/D through the director: the decode pick is the destination, the prefill pick travels in
+/// `x-prefiller-host-port` and is charged (in flight) until the response headers arrive (the
+/// sidecar answers after the prefill hop); each profile's pick is counted.
+#[tokio::test]
+async fn pd_decode_is_the_destination_and_prefill_is_charged_until_the_response_headers() {
+    let eps = pd_endpoints();
+    let mut reg = Registry::default();
+    let metrics = EppMetrics::register(&mut reg, "c", "r");
+    let d = Director::builder(
+        pd_config("{deciders: {prefill: always-disagg-pd-decider}}"),
+        eps.clone(),
+    )
+    .metrics(metrics)
+    .build();
+    let mut routed = d
+        .route(req(completion_body("m", &"long prompt ".repeat(100), true)))
+        .await
+        .unwrap();
+    let decode = routed.targets()[0].clone();
+    assert_eq!(decode.label("llm-d.ai/role"), Some("decode"));
+    assert_eq!(routed.destination(), decode.hostport());
+    let prefill: Vec<_> = routed.stage_endpoints().cloned().collect();
+    assert_eq!(prefill.len(), 1);
+    assert_eq!(prefill[0].label("llm-d.ai/role"), Some("prefill"));
+    assert_eq!(
+        routed.headers_to_set(),
+        &[(
+            "x-prefiller-host-port".to_string(),
+            prefill[0].hostport().to_string()
+        )]
+    );
+    assert_eq!(prefill[0].inflight_requests(), 1);
+    assert_eq!(prefill[0].dispatched_total(), 1);
+    assert!(prefill[0].inflight_tokens() > 0);
+    assert_eq!(decode.inflight_requests(), 1);
+    let mut h = Headers::new();
+    h.insert("content-type", "text/event-stream");
+    routed.on_response_headers(200, &h);
+    assert_eq!(
+        prefill[0].inflight_requests(),
+        0,
+        "prefill done once decode answers"
+    );
+    assert_eq!(prefill[0].inflight_tokens(), 0);
+    assert_eq!(decode.inflight_requests(), 1);
+    routed.finish();
+    assert_eq!(decode.inflight_requests(), 0);
+
+    // A request dropped before any response releases both.
+    let dropped = d
+        .route(req(completion_body("m", "another one", false)))
+        .await
+        .unwrap();
+    let p2: Vec<_> = dropped.stage_endpoints().cloned().collect();
+    drop(dropped);
+    assert_eq!(p2[0].inflight_requests(), 0);
+    assert!(eps.0.endpoints.iter().all(|e| e.inflight_requests() == 0));
+
+    let mut out = String::new();
+    encode(&mut out, &reg).unwrap();
+    // Two requests scheduled: two picks per profile, each on an endpoint of its role (which
+    // endpoint the second request got is the scorers' business).
+    let picks = |profile: &str| -> (u64, Vec<String>) {
+        let prefix = format!("llmsched_profile_picks_total{{profile=\"{profile}\",pod_name=\"");
+        let mut n = 0;
+        let mut pods = Vec::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let (pod, v) = rest.split_once("\"} ").unwrap();
+                n += v.parse::<u64>().unwrap();
+                pods.push(pod.to_string());
+            }
+        }
+        (n, pods)
+    };
+    let role = |pod: &str| {
+        eps.0
+            .endpoints
+            .iter()
+            .find(|e| e.name() == pod)
+            .and_then(|e| e.label("llm-d.ai/role").map(str::to_string))
+    };
+    let (n, pods) = picks("prefill");
+    assert_eq!(n, 2, "{out}");
+    assert!(pods.contains(&prefill[0].name().to_string()), "{out}");
+    assert!(pods.iter().all(|p| role(p).as_deref() == Some("prefill")));
+    let (n, pods) = picks("decode");
+    assert_eq!(n, 2, "{out}");
+    assert!(pods.contains(&decode.name().to_string()), "{out}");
+    assert!(pods.iter().all(|p| role(p).as_deref() == Some("decode")));
+}
+
+/// `primaryPort`: Envoy (and the proxy) go to the decode pick's address on the sidecar's
+/// port; the accounting stays with the pick.
+#[tokio::test]
+async fn pd_primary_port_redirects_the_destination() {
+    let eps = pd_endpoints();
+    let d = director(pd_config("{primaryPort: 8200}"), eps.clone());
+    let routed = d
+        .route(req(completion_body("m", "hello", false)))
+        .await
+        .unwrap();
+    let pick = routed.targets()[0].clone();
+    assert_eq!(
+        routed.destination(),
+        format!("{}:8200", pick.meta().address)
+    );
+    assert_eq!(
+        routed.headers_to_set(),
+        &[(
+            "x-data-parallel-host-port".to_string(),
+            pick.hostport().to_string()
+        )]
+    );
+    assert_eq!(pick.inflight_requests(), 1);
+    assert_eq!(
+        routed.stage_endpoints().count(),
+        0,
+        "no decider: no prefill"
+    );
+    routed.finish();
+    assert_eq!(pick.inflight_requests(), 0);
+}

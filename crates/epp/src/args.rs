@@ -196,6 +196,25 @@ fn level_for_verbosity(v: u8) -> &'static str {
     }
 }
 
+/// `--ha-mode`: how the EPP's replicas share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaMode {
+    /// Leader election: one ready replica, the others wait for its Lease.
+    ActivePassive,
+    /// Every replica ready; replica state shared with the peers.
+    ActiveActive,
+}
+
+fn ha_mode(s: &str) -> Result<HaMode, String> {
+    match unquote(s) {
+        "active-passive" => Ok(HaMode::ActivePassive),
+        "active-active" => Ok(HaMode::ActiveActive),
+        other => Err(format!(
+            "'{other}' is not an HA mode (expected active-passive or active-active)"
+        )),
+    }
+}
+
 /// API groups `--pool-group` accepts.
 pub const POOL_GROUPS: [&str; 2] = [
     "inference.networking.k8s.io",
@@ -265,6 +284,20 @@ pub struct Args {
     #[arg(long, value_parser = unquoted)]
     pub config_text: Option<String>,
 
+    /// Reload --config-file when it changes (checked every --config-reload-interval; a
+    /// Kubernetes ConfigMap update is seen too) and on SIGHUP: the new configuration is
+    /// built and validated off the request path, then swapped in atomically (requests in
+    /// flight finish on the one they started with); a broken file is logged and counted and
+    /// the running configuration stays. Unchanged plugin instances, with their state (prefix
+    /// indexes), are carried over. false: the file is read once, at start.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub config_reload: bool,
+
+    /// How often --config-file is checked for changes (a change is applied once it has been
+    /// read the same twice in a row, so a half-written file is never loaded).
+    #[arg(long, default_value = "1s", value_parser = go_duration)]
+    pub config_reload_interval: Duration,
+
     // --- Endpoints without Kubernetes ----------------------------------------------------
     /// Static endpoints: ip:port[,ip:port...].
     #[arg(long, value_name = "IP:PORT,...", value_parser = unquoted)]
@@ -316,6 +349,41 @@ pub struct Args {
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub ha_enable_leader_election: bool,
 
+    /// How several replicas of this EPP run together: `active-passive` (leader election over
+    /// a Lease, as --ha-enable-leader-election: only the leader is ready) or `active-active`
+    /// (every replica ready and routing; replicas share their prefix and load state with
+    /// their peers over --ha-port). Unset: one replica (or --ha-enable-leader-election).
+    #[arg(long, value_parser = ha_mode, value_name = "MODE")]
+    pub ha_mode: Option<HaMode>,
+
+    /// Active-active: the port of the replica state sync (gRPC; TLS like ext_proc).
+    #[arg(long, default_value_t = 9004, value_parser = port)]
+    pub ha_port: u16,
+
+    /// Active-active: the peers' sync addresses (`host:port,...`; this replica's own address
+    /// may be listed and is skipped). Unset: the other pods of this EPP's Deployment, found
+    /// through the Kubernetes API (pods with this pod's labels, read via env POD_NAME and
+    /// NAMESPACE), each at its pod IP and --ha-port.
+    #[arg(long, value_name = "HOST:PORT,...", value_parser = unquoted)]
+    pub ha_peers: Option<String>,
+
+    /// Active-active: a starting replica waits this long at most for a peer's snapshot
+    /// before it reports ready (cold) anyway.
+    #[arg(long, default_value = "10s", value_parser = go_duration)]
+    pub ha_bootstrap_timeout: Duration,
+
+    /// Active-active: on SIGTERM, readiness turns NOT_SERVING at once but ext_proc keeps
+    /// accepting new streams this long, so that the gateway's health check moves new
+    /// requests to the other replicas before this one's listener closes (keep it above the
+    /// gateway's health-check interval); then the drain goes on as --drain-timeout says.
+    #[arg(long, default_value = "2s", value_parser = go_duration)]
+    pub ha_handover_delay: Duration,
+
+    /// Active-active: how often local changes are batched and sent to the peers. Hidden: for
+    /// experiments.
+    #[arg(long, default_value = "10ms", value_parser = go_duration, hide = true)]
+    pub ha_sync_interval: Duration,
+
     /// Leader election: how long a Lease stays valid after its last renewal (whole
     /// seconds). Hidden: for tests; controller-runtime's default.
     #[arg(long, default_value = "15s", value_parser = go_duration, hide = true)]
@@ -337,7 +405,8 @@ pub struct Args {
     pub disable_endpoint_subset_filter: bool,
 
     // --- Data layer ---------------------------------------------------------------------
-    /// Scheme used to scrape model-server metrics (only http is supported).
+    /// Scheme used to scrape model-server metrics: http or https (a `metrics-data-source`
+    /// `scheme` parameter in the configuration wins).
     #[arg(long, default_value = "http", value_parser = unquoted)]
     pub model_server_metrics_scheme: String,
 
@@ -351,7 +420,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_parser = port)]
     pub model_server_metrics_port: u16,
 
-    /// Deprecated; accepted for compatibility (https scraping is not supported).
+    /// With --model-server-metrics-scheme=https: accept any model-server certificate
+    /// (default true, as the reference); false verifies it against the system roots, or the
+    /// `caCertPath` of the configuration's `metrics-data-source`.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub model_server_metrics_https_insecure_skip_verify: bool,
 
@@ -485,6 +556,13 @@ pub struct Args {
     /// Route proxy requests with a naive baseline instead of the scheduler (for comparisons).
     #[arg(long, value_parser = ["round-robin", "random"], requires = "proxy_port")]
     pub baseline: Option<String>,
+
+    /// Prefill/decode disaggregation through the proxy: `in-process` runs the pd-sidecar's
+    /// prefill and decode hops inside the proxy when the P/D plugins name a prefill endpoint;
+    /// `sidecar` forwards `x-prefiller-host-port` to the decode endpoint, whose own
+    /// `llmsched pd-sidecar` acts on it (as behind Envoy).
+    #[arg(long, value_parser = ["in-process", "sidecar"], default_value = "in-process", requires = "proxy_port")]
+    pub proxy_pd_routing: String,
 }
 
 /// A flag combination llmsched cannot run with.
@@ -598,6 +676,31 @@ impl Args {
         out
     }
 
+    /// The HA mode: `--ha-mode`, else active-passive with `--ha-enable-leader-election`.
+    pub fn resolved_ha_mode(&self) -> Option<HaMode> {
+        self.ha_mode.or(self
+            .ha_enable_leader_election
+            .then_some(HaMode::ActivePassive))
+    }
+
+    /// True with leader election (`--ha-mode=active-passive` or
+    /// `--ha-enable-leader-election`).
+    pub fn leader_election(&self) -> bool {
+        self.resolved_ha_mode() == Some(HaMode::ActivePassive)
+    }
+
+    /// `--ha-peers` as a list (empty entries dropped; `--ha-peers=` is an empty list);
+    /// `None` when unset.
+    pub fn ha_peer_list(&self) -> Option<Vec<String>> {
+        // `--ha-peers=` (empty) is an empty list: a first replica with no peers yet.
+        self.ha_peers.as_deref().map(|s| {
+            s.split(',')
+                .map(|p| unquote(p.trim()).to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+    }
+
     /// True when endpoints come from Kubernetes (`--pool-name` or `--endpoint-selector`).
     pub fn kubernetes(&self) -> bool {
         non_empty(&self.pool_name).is_some() || non_empty(&self.endpoint_selector).is_some()
@@ -691,18 +794,41 @@ impl Args {
                 ));
             }
         }
-        if self.ha_enable_leader_election && !pool && !selector {
+        if self.ha_enable_leader_election && self.ha_mode == Some(HaMode::ActiveActive) {
             return Err(ArgsError(
-                "--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)".into(),
+                "--ha-enable-leader-election is active-passive; it cannot be combined with --ha-mode=active-active (drop one)".into(),
             ));
         }
-        if self.model_server_metrics_scheme != "http" {
-            if self.model_server_metrics_scheme == "https" {
-                return Err(ArgsError(format!(
-                    "flag --{} is not supported by llmsched yet: {}",
-                    "model-server-metrics-scheme=https", "metrics are scraped over http only"
-                )));
+        if self.leader_election() && !pool && !selector {
+            return Err(ArgsError(format!(
+                "--{} needs Kubernetes discovery (--pool-name or --endpoint-selector)",
+                if self.ha_enable_leader_election {
+                    "ha-enable-leader-election"
+                } else {
+                    "ha-mode=active-passive"
+                }
+            )));
+        }
+        if self.ha_mode != Some(HaMode::ActiveActive) && self.ha_peers.is_some() {
+            return Err(ArgsError(
+                "--ha-peers is for --ha-mode=active-active".into(),
+            ));
+        }
+        if let Some(peers) = self.ha_peer_list() {
+            for p in &peers {
+                let ok = p.rsplit_once(':').is_some_and(|(h, port)| {
+                    !h.is_empty() && port.parse::<u16>().is_ok_and(|v| v != 0)
+                });
+                if !ok {
+                    return Err(ArgsError(format!("--ha-peers: '{p}' is not host:port")));
+                }
             }
+        }
+        if self.ha_mode == Some(HaMode::ActiveActive) && self.ha_sync_interval.is_zero() {
+            return Err(ArgsError("--ha-sync-interval must be positive".into()));
+        }
+        if self.model_server_metrics_scheme != "http" && self.model_server_metrics_scheme != "https"
+        {
             return Err(ArgsError(format!(
                 "unexpected \"{}\" value for \"model-server-metrics-scheme\" flag, it can only be set to 'http' or 'https'",
                 self.model_server_metrics_scheme
@@ -734,6 +860,11 @@ impl Args {
                 "--cert-path is set but --secure-serving=false: drop one of them".into(),
             ));
         }
+        if self.config_reload_interval.is_zero() {
+            return Err(ArgsError(
+                "--config-reload-interval must be positive".into(),
+            ));
+        }
         if self.refresh_metrics_interval.is_zero() {
             return Err(ArgsError(
                 "--refresh-metrics-interval must be positive".into(),
@@ -755,6 +886,10 @@ impl Args {
             ("grpc-health-port", Some(self.grpc_health_port)),
             ("metrics-port", Some(self.metrics_port)),
             ("proxy-port", self.proxy_port),
+            (
+                "ha-port",
+                (self.ha_mode == Some(HaMode::ActiveActive)).then_some(self.ha_port),
+            ),
         ];
         for (i, (a, pa)) in ports.iter().enumerate() {
             for (b, pb) in &ports[i + 1..] {
@@ -817,6 +952,25 @@ mod tests {
         assert_eq!(a.max_request_body_bytes, 1 << 20);
         let a = parse(&["--endpoints=a:1", "--max-request-body-bytes", "4096"]).unwrap();
         assert_eq!(a.max_request_body_bytes, 4096);
+        let a = parse(&[
+            "--endpoints=a:1",
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-https-insecure-skip-verify=false",
+        ])
+        .unwrap();
+        assert_eq!(a.model_server_metrics_scheme, "https");
+        assert!(!a.model_server_metrics_https_insecure_skip_verify);
+        let a = parse(&["--endpoints=a:1"]).unwrap();
+        assert!(a.config_reload);
+        assert_eq!(a.config_reload_interval, Duration::from_secs(1));
+        let a = parse(&[
+            "--endpoints=a:1",
+            "--config-reload=false",
+            "--config-reload-interval=250ms",
+        ])
+        .unwrap();
+        assert!(!a.config_reload);
+        assert_eq!(a.config_reload_interval, Duration::from_millis(250));
     }
 
     #[test]
@@ -889,6 +1043,55 @@ mod tests {
                 &["--endpoints=a:1", "--ha-enable-leader-election"],
                 "needs Kubernetes discovery",
             ),
+            (
+                &["--endpoints=a:1", "--ha-mode=active-passive"],
+                "ha-mode=active-passive needs Kubernetes discovery",
+            ),
+            (&["--endpoints=a:1", "--ha-mode=both"], "not an HA mode"),
+            (
+                &[
+                    "--pool-name=p",
+                    "--ha-mode=active-active",
+                    "--ha-enable-leader-election",
+                ],
+                "cannot be combined",
+            ),
+            (
+                &["--endpoints=a:1", "--ha-peers=b:1"],
+                "for --ha-mode=active-active",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--ha-mode=active-active",
+                    "--ha-peers=b:1,c",
+                ],
+                "'c' is not host:port",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--ha-mode=active-active",
+                    "--ha-peers=b:0",
+                ],
+                "not host:port",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--ha-mode=active-active",
+                    "--ha-port=9002",
+                ],
+                "--grpc-port and --ha-port are both 9002",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--ha-mode=active-active",
+                    "--ha-bootstrap-timeout=x",
+                ],
+                "ha-bootstrap-timeout",
+            ),
             (&["--pool-name=p", "--tracing=maybe"], "not a boolean"),
             (&["--pool-name=p", "--tracing="], "not a boolean"),
             (&["--pool-name=p", "--grpc-port="], "empty value"),
@@ -917,10 +1120,6 @@ mod tests {
                 &["--endpoints=a:1", "--model-server-metrics-scheme=ftp"],
                 "can only be set to 'http' or 'https'",
             ),
-            (
-                &["--endpoints=a:1", "--model-server-metrics-scheme=https"],
-                "http only",
-            ),
             (&[], "no endpoints: pass --pool-name"),
             (&["--pool-name="], "no endpoints"),
             (
@@ -946,6 +1145,14 @@ mod tests {
                 "drain-timeout",
             ),
             (
+                &["--endpoints=a:1", "--config-reload-interval=0s"],
+                "--config-reload-interval must be positive",
+            ),
+            (
+                &["--endpoints=a:1", "--config-reload=sometimes"],
+                "config-reload",
+            ),
+            (
                 &["--endpoints=a:1", "--endpoint-health-checks=maybe"],
                 "endpoint-health-checks",
             ),
@@ -960,6 +1167,18 @@ mod tests {
             (
                 &["--endpoints=a:1", "--proxy-port=8080", "--baseline=fastest"],
                 "fastest",
+            ),
+            (
+                &[
+                    "--endpoints=a:1",
+                    "--proxy-port=8080",
+                    "--proxy-pd-routing=both",
+                ],
+                "in-process",
+            ),
+            (
+                &["--endpoints=a:1", "--proxy-pd-routing=sidecar"],
+                "--proxy-port",
             ),
             (
                 &["--endpoints=a:1", "--secure-serving", "false"],
@@ -1047,6 +1266,37 @@ mod tests {
         );
         assert!(b.ha_enable_leader_election);
         assert_eq!(b.log_settings(), a.log_settings());
+    }
+
+    #[test]
+    fn ha_modes() {
+        let a = parse(&["--endpoints=a:1"]).unwrap();
+        assert_eq!(a.resolved_ha_mode(), None);
+        assert_eq!(a.ha_port, 9004);
+        assert_eq!(a.ha_bootstrap_timeout, Duration::from_secs(10));
+        let b = parse(&["--pool-name=p", "--ha-enable-leader-election"]).unwrap();
+        assert_eq!(b.resolved_ha_mode(), Some(HaMode::ActivePassive));
+        assert!(b.leader_election());
+        let c = parse(&["--pool-name=p", "--ha-mode=active-passive"]).unwrap();
+        assert!(c.leader_election());
+        let d = parse(&[
+            "--endpoints=a:1",
+            "--ha-mode",
+            "active-active",
+            "--ha-port=0",
+            "--ha-peers",
+            "\"10.0.0.2:9004, epp-1.epp:9004,,[::1]:9004\"",
+        ])
+        .unwrap();
+        assert_eq!(d.resolved_ha_mode(), Some(HaMode::ActiveActive));
+        assert!(!d.leader_election());
+        assert_eq!(
+            d.ha_peer_list().unwrap(),
+            vec!["10.0.0.2:9004", "epp-1.epp:9004", "[::1]:9004"]
+        );
+        // Active-active without --ha-peers finds its peers through Kubernetes.
+        let e = parse(&["--pool-name=p", "--ha-mode=active-active"]).unwrap();
+        assert_eq!(e.ha_peer_list(), None);
     }
 
     #[test]

@@ -5,8 +5,13 @@
 //! servers and, in standalone mode, the built-in proxy.
 
 pub mod args;
+pub mod data_sources;
+mod ha;
 mod proxy;
+pub mod reload;
 pub mod run;
 
-pub use args::{Args, ArgsError, Discovery, LogSettings, TimeEncoding, ZapEncoder, ZapLevel};
+pub use args::{
+    Args, ArgsError, Discovery, HaMode, LogSettings, TimeEncoding, ZapEncoder, ZapLevel,
+};
 pub use run::{EppError, EppHandle, run, start};

@@ -1,9 +1,12 @@
-//! Wiring of the built-in OpenAI-compatible proxy (`--proxy-port`, `--baseline`).
+//! Wiring of the built-in OpenAI-compatible proxy (`--proxy-port`, `--baseline`,
+//! `--proxy-pd-routing`).
 
 use std::sync::Arc;
 
 use llmsched_director::Director;
-use llmsched_proxy::{Baseline, ListenerMetrics, ProxyOptions};
+use llmsched_proxy::{
+    Baseline, ListenerMetrics, PdRouter, PdRouterConfig, ProxyOptions, SidecarMetrics,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +28,23 @@ pub(crate) fn spawn(
         Some("random") => Some(Baseline::Random),
         _ => None,
     };
+    // The in-process P/D router (`--proxy-pd-routing in-process`, the default): the
+    // pd-sidecar's defaults (2 prefill retries 50 ms apart, doubled; then a local prefill).
+    let pd_router = if baseline.is_none() && args.proxy_pd_routing == "in-process" {
+        match PdRouter::new(
+            PdRouterConfig::per_call_decoder(),
+            Arc::new(SidecarMetrics::new()),
+        ) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                // Only TLS setup can fail here (none is used for plain-HTTP endpoints).
+                tracing::error!(error = %e, "in-process P/D routing unavailable; x-prefiller-host-port goes to the decode endpoint");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let options = ProxyOptions {
         baseline,
         max_body_bytes: args.max_request_body_bytes,
@@ -33,6 +53,7 @@ pub(crate) fn spawn(
         shutdown_grace: args.drain_timeout,
         limits: crate::run::listener_limits(args),
         listener_metrics,
+        pd_router,
         ..ProxyOptions::default()
     };
     servers.spawn(async move {

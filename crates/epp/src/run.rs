@@ -25,19 +25,23 @@ use llmsched_core::objectives::Objectives;
 use llmsched_core::registry::{Extensions, PluginHandle};
 use llmsched_datalayer::{
     DataLayerConfig, DataLayerHandle, EndpointStore, HealthCollector, MetricOverrides,
-    parse_endpoints_flag,
+    MetricsScheme, ScrapeTls, parse_endpoints_flag,
 };
 use llmsched_director::{Director, DirectorOptions, EppMetrics, HealthMetrics, PoolCollector};
-use llmsched_extproc::{
-    ExtProcOptions, HealthHandle, Limits, Listener, ListenerMetrics, ServeError, TlsConfig,
-    serve_ext_proc_on, serve_health_on, serve_metrics_on, spawn_readiness_watch,
+use llmsched_extproc::{ExtProcOptions, TlsConfig, serve_ext_proc_on};
+use llmsched_ops::{
+    HealthHandle, Limits, Listener, ListenerMetrics, ServeError, serve_health_on, serve_metrics_on,
+    spawn_readiness_watch,
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Args, ArgsError, Discovery};
+use crate::args::{Args, ArgsError, Discovery, HaMode};
+use crate::data_sources::DataLayerPlan;
+use crate::reload::{ConfigMetrics, Reloader};
 use llmsched_kube::discovery::{DiscoveryConfig, Sinks, Source};
 
 /// Why the EPP cannot start or stopped.
@@ -82,6 +86,9 @@ pub enum EppError {
     /// Leader election cannot start (bad timings, no pool or POD_NAME to name the Lease).
     #[error(transparent)]
     LeaderElection(#[from] llmsched_kube::leader::LeaderElectionError),
+    /// `--ha-mode=active-active` cannot start (no peers source, bad TLS material).
+    #[error("--ha-mode=active-active: {0}")]
+    Ha(String),
     /// `--metrics-endpoint-auth=true` without a usable Kubernetes client.
     #[error("--metrics-endpoint-auth=true: {0}")]
     MetricsAuth(String),
@@ -108,6 +115,9 @@ pub struct EppHandle {
     pub proxy_addr: Option<SocketAddr>,
     /// PEM of the ext_proc server certificate, when serving TLS.
     pub tls_certificate_pem: Option<Vec<u8>>,
+    /// Replica state sync address (`--ha-mode=active-active`).
+    pub ha_addr: Option<SocketAddr>,
+    ha: Option<Arc<llmsched_ha::HaHandle>>,
     director: Arc<Director>,
     store: Arc<EndpointStore>,
     health: HealthHandle,
@@ -115,6 +125,8 @@ pub struct EppHandle {
     /// Stops the ext_proc and proxy listeners (they then finish what is in flight).
     drain: CancellationToken,
     drain_timeout: Duration,
+    /// Active-active: how long new streams are still taken after SIGTERM.
+    handover_delay: Duration,
     /// ext_proc and proxy: drained first.
     draining: Servers,
     /// health and metrics: up until the drain is over.
@@ -122,6 +134,7 @@ pub struct EppHandle {
     datalayer: Option<DataLayerHandle>,
     kube: Option<llmsched_kube::discovery::KubeDiscovery>,
     leader: Option<llmsched_kube::leader::LeaderElection>,
+    reload_trigger: Arc<Notify>,
 }
 
 type Servers = JoinSet<(&'static str, Result<(), String>)>;
@@ -140,6 +153,18 @@ impl EppHandle {
     /// The health handle.
     pub fn health(&self) -> &HealthHandle {
         &self.health
+    }
+
+    /// Reloads `--config-file` now, as SIGHUP does (no-op without a file or with
+    /// `--config-reload=false`). The outcome is logged and counted in
+    /// `llmsched_config_reloads_total`.
+    pub fn reload_config(&self) {
+        self.reload_trigger.notify_one();
+    }
+
+    /// The replica state sync (`--ha-mode=active-active`).
+    pub fn ha(&self) -> Option<&llmsched_ha::HaHandle> {
+        self.ha.as_deref()
     }
 
     /// Whether this replica holds the leader Lease (`None` without leader election).
@@ -201,6 +226,16 @@ impl EppHandle {
             "draining: readiness NOT_SERVING, no new connections or streams; requests in flight may finish"
         );
         self.health.set_draining();
+        // Active-active: the other replicas take the new requests once the gateway's health
+        // check sees NOT_SERVING; until then this one keeps taking them (closing the
+        // listener first would fail the requests the gateway still sends here).
+        if self.ha.is_some() && !self.handover_delay.is_zero() {
+            tracing::info!(handover_delay = ?self.handover_delay, "active-active handover: still accepting ext_proc streams while the gateway's health check moves new requests to the other replicas");
+            tokio::select! {
+                () = tokio::time::sleep(self.handover_delay) => {}
+                () = force.cancelled() => {}
+            }
+        }
         self.drain.cancel();
         // The leader gives its Lease back first (its election stops with the drain token), so
         // a follower takes over while this replica's requests in flight finish.
@@ -221,6 +256,12 @@ impl EppHandle {
         }
         self.draining.abort_all();
         while self.draining.join_next().await.is_some() {}
+        // Active-active: the sync ran through the drain (the peers kept seeing this
+        // replica's in-flight figures fall); closing its streams now makes them drop its
+        // figures at once.
+        if let Some(ha) = self.ha.take() {
+            ha.stop();
+        }
         self.cancel.cancel();
         // Health and metrics hold no long requests: a moment for their connections to close
         // gracefully, then they are cut.
@@ -249,30 +290,57 @@ impl Drop for EppHandle {
     }
 }
 
+/// `--config-file`, unless empty (an empty value means unset, as pflag's empty string does).
+pub fn config_file(args: &Args) -> Option<&Path> {
+    args.config_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Where the configuration comes from.
+pub fn config_source(args: &Args) -> ConfigSource {
+    match (config_file(args), &args.config_text) {
+        (Some(path), _) => ConfigSource::File(path.display().to_string()),
+        (None, Some(_)) => ConfigSource::Text,
+        (None, None) => ConfigSource::Default,
+    }
+}
+
+/// The configuration text named by the flags (file, text, or the built-in default).
+pub fn config_text(args: &Args) -> Result<String, EppError> {
+    if let Some(path) = config_file(args) {
+        return std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
+            path: path.display().to_string(),
+            error,
+        });
+    }
+    Ok(args
+        .config_text
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_CONFIG_YAML.to_string()))
+}
+
 /// Loads the configuration named by the flags (file, text, or the built-in default).
 pub fn load_config(args: &Args, handle: &PluginHandle) -> Result<LoadedConfig, EppError> {
     let registry = llmsched_plugins::default_registry();
-    // An empty --config-file means unset, as pflag's empty string does.
-    if let Some(path) = args
-        .config_file
-        .as_ref()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        let text = std::fs::read_to_string(path).map_err(|error| EppError::ConfigRead {
-            path: path.display().to_string(),
-            error,
-        })?;
-        return Ok(config::load(
-            &text,
-            ConfigSource::File(path.display().to_string()),
-            &registry,
-            handle,
-        )?);
-    }
-    if let Some(text) = &args.config_text {
-        return Ok(config::load(text, ConfigSource::Text, &registry, handle)?);
-    }
-    Ok(config::load_default(&registry, handle)?)
+    let text = config_text(args)?;
+    Ok(config::load(&text, config_source(args), &registry, handle)?)
+}
+
+/// The data layer's settings: the flags, then what the configuration's `dataLayer` and
+/// `metrics-data-source` / `core-metrics-extractor` parameters say (see
+/// [`crate::data_sources`]). Errors name the configuration's source, as load errors do.
+pub fn resolve_data_layer(
+    args: &Args,
+    config: &LoadedConfig,
+) -> Result<(DataLayerPlan, DataLayerConfig), EppError> {
+    let fail = |detail: String| config::ConfigError {
+        origin: config_source(args),
+        detail,
+    };
+    let plan = DataLayerPlan::resolve(config).map_err(fail)?;
+    let dl = plan.apply(data_layer_config(args)?).map_err(fail)?;
+    Ok((plan, dl))
 }
 
 fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
@@ -284,6 +352,11 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
     Ok(DataLayerConfig {
         refresh_interval: args.refresh_metrics_interval,
         staleness_threshold: args.metrics_staleness_threshold,
+        metrics_scheme: MetricsScheme::parse(&args.model_server_metrics_scheme).unwrap_or_default(),
+        tls: ScrapeTls {
+            insecure_skip_verify: args.model_server_metrics_https_insecure_skip_verify,
+            ..ScrapeTls::default()
+        },
         metrics_path: args.model_server_metrics_path.clone(),
         metrics_port: (args.model_server_metrics_port != 0)
             .then_some(args.model_server_metrics_port),
@@ -307,18 +380,18 @@ fn data_layer_config(args: &Args) -> Result<DataLayerConfig, EppError> {
         endpoints_file: args.endpoints_file.clone(),
         target_ports: args.endpoint_target_ports.clone(),
         objectives_file: args.objectives_file.clone(),
-        health: health_policy(args),
+        health: health_policy(args, args.refresh_metrics_interval),
         ..DataLayerConfig::default()
     })
 }
 
-/// Endpoint health from the flags. Metrics count as stale after
+/// Endpoint health from the flags, for metrics scraped every `refresh` (the flag's, or the
+/// configured source's `interval`). Metrics count as stale after
 /// `--metrics-staleness-threshold`, but never sooner than two refresh intervals plus a
-/// scrape timeout, so a long `--refresh-metrics-interval` cannot make every endpoint look
-/// stale between two scrapes.
-pub fn health_policy(args: &Args) -> HealthPolicy {
-    let floor = args
-        .refresh_metrics_interval
+/// scrape timeout, so a long refresh interval cannot make every endpoint look stale between
+/// two scrapes.
+pub fn health_policy(args: &Args, refresh: Duration) -> HealthPolicy {
+    let floor = refresh
         .saturating_mul(2)
         .saturating_add(DataLayerConfig::default().scrape_timeout);
     HealthPolicy {
@@ -396,12 +469,13 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
     let kube_metrics = kube_client
         .as_ref()
         .map(|_| llmsched_kube::metrics::KubeMetrics::register(&mut registry));
+    let ha_kube_metrics = kube_metrics.clone();
     // --metrics-endpoint-auth and --ha-enable-leader-election (both need the client).
     let metrics_auth = metrics_authorizer(&args, kube_client.as_ref(), &mut registry).await?;
     let election = leader_election(&args, kube_client.as_ref(), &mut registry)?;
     let health_metrics = HealthMetrics::register(&mut registry);
     let listener_metrics = ListenerMetrics::register(&mut registry);
-    let health_policy = health_policy(&args);
+    let config_metrics = ConfigMetrics::register(&mut registry);
 
     // Configuration (plugins see the store and the runtime).
     let store = Arc::new(EndpointStore::new());
@@ -416,7 +490,19 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         endpoints: Some(store.clone() as Arc<dyn EndpointSource>),
         extensions,
     };
-    let config = Arc::new(load_config(&args, &handle)?);
+    let plugin_registry = llmsched_plugins::default_registry();
+    let text = config_text(&args)?;
+    let config_hash = crate::reload::content_hash(&text);
+    let config = Arc::new(config::load(
+        &text,
+        config_source(&args),
+        &plugin_registry,
+        &handle,
+    )?);
+    let (dl_plan, mut dl_config) = resolve_data_layer(&args, &config)?;
+    config_metrics.loaded(&config_source(&args), config_hash, false);
+    let health_policy = health_policy(&args, dl_config.refresh_interval);
+    dl_config.health = health_policy.clone();
     for listener in &config.endpoint_listeners {
         store.add_listener(listener.clone());
     }
@@ -424,6 +510,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         profiles = ?config.scheduler.profiles().iter().map(|p| p.name()).collect::<Vec<_>>(),
         plugins = ?config.plugins.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         parser = config.parser.name(),
+        source = %config_source(&args),
+        hash = %crate::reload::hash_hex(config_hash),
         "configuration loaded"
     );
 
@@ -439,6 +527,12 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         Some(p) => Some(bind(&args, p, "proxy-port").await?),
         None => None,
     };
+    let active_active = args.resolved_ha_mode() == Some(HaMode::ActiveActive);
+    let ha_l = if active_active {
+        Some(bind(&args, args.ha_port, "ha-port").await?)
+    } else {
+        None
+    };
     let grpc_addr = local_addr(&grpc, "grpc-port")?;
     let health_addr = local_addr(&health_l, "grpc-health-port")?;
     let metrics_addr = local_addr(&metrics_l, "metrics-port")?;
@@ -448,13 +542,8 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         .transpose()?;
 
     // Data layer: endpoints, objectives, scraping.
-    let dl = llmsched_datalayer::start(
-        data_layer_config(&args)?,
-        store.clone(),
-        dl_metrics,
-        cancel.clone(),
-    )
-    .await?;
+    let dl =
+        llmsched_datalayer::start(dl_config, store.clone(), dl_metrics, cancel.clone()).await?;
     let objectives: Arc<ArcSwap<Objectives>> = dl.objectives().shared();
     let kube = match (&kube_client, kube_metrics, kube_source) {
         (Some(client), Some(metrics), Some((namespace, source))) => Some(start_kube_discovery(
@@ -495,10 +584,57 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
             })
             .build(),
     );
+    let reload_trigger = Arc::new(Notify::new());
+    match (config_file(&args), args.config_reload) {
+        (Some(path), true) => {
+            let reloader = Reloader {
+                path: path.to_path_buf(),
+                source: config_source(&args),
+                registry: plugin_registry,
+                handle,
+                director: director.clone(),
+                store: store.clone(),
+                plan: dl_plan,
+                metrics: config_metrics,
+                interval: args.config_reload_interval,
+                applied: config_hash,
+                trigger: reload_trigger.clone(),
+            };
+            tokio::spawn(reloader.run(cancel.clone()));
+        }
+        (Some(_), false) => {
+            tracing::info!("--config-reload=false: the configuration file is read once");
+        }
+        (None, _) => {}
+    }
+
+    // Active-active: the replica state sync (its sync port serves at once; readiness waits
+    // for its bootstrap).
+    let ha = match ha_l {
+        Some(listener) => Some(
+            crate::ha::start(
+                crate::ha::HaInputs {
+                    args: &args,
+                    director: &director,
+                    store: &store,
+                    tls: tls.as_ref(),
+                    kube_client: kube_client.as_ref(),
+                    kube_metrics: ha_kube_metrics,
+                    pool: args.pool_name.clone().unwrap_or_else(|| "llmsched".into()),
+                },
+                listener,
+                &mut registry,
+                cancel.child_token(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let ha_addr = ha.as_ref().map(|h| h.addr());
 
     // Servers.
     let registry = Arc::new(registry);
-    let health = HealthHandle::with_leader_election(args.ha_enable_leader_election);
+    let health = HealthHandle::with_leader_election(args.leader_election());
     // Cancelled first on shutdown: stops the ext_proc and proxy listeners and the election.
     let drain = CancellationToken::new();
     let leader = match election {
@@ -514,12 +650,19 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         }
         None => None,
     };
-    spawn_readiness_watch(
-        health.clone(),
-        store.clone() as Arc<dyn EndpointSource>,
-        Duration::from_millis(100),
-        cancel.clone(),
-    );
+    match &ha {
+        Some(ha) => {
+            crate::ha::spawn_readiness(health.clone(), store.clone(), ha.clone(), cancel.clone())
+        }
+        None => {
+            spawn_readiness_watch(
+                health.clone(),
+                store.clone() as Arc<dyn EndpointSource>,
+                Duration::from_millis(100),
+                cancel.clone(),
+            );
+        }
+    }
     let limits = listener_limits(&args);
     let listener = |tcp: TcpListener, name: &'static str| {
         Listener::new(tcp, name, limits, listener_metrics.clone())
@@ -574,6 +717,7 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         health = %health_addr,
         metrics = %metrics_addr,
         proxy = ?proxy_addr,
+        ha = ?ha_addr,
         secure_serving = args.secure_serving,
         endpoints = store.snapshot().len(),
         "llmsched EPP started"
@@ -584,17 +728,21 @@ pub async fn start(args: Args) -> Result<EppHandle, EppError> {
         metrics_addr,
         proxy_addr,
         tls_certificate_pem,
+        ha_addr,
+        ha,
         director,
         store,
         health,
         cancel,
         drain,
         drain_timeout: args.drain_timeout,
+        handover_delay: args.ha_handover_delay,
         draining,
         servers,
         datalayer: Some(dl),
         kube,
         leader,
+        reload_trigger,
     })
 }
 
@@ -606,7 +754,7 @@ async fn metrics_authorizer(
     args: &Args,
     kube_client: Option<&llmsched_kube::Client>,
     registry: &mut Registry,
-) -> Result<Option<Arc<dyn llmsched_extproc::MetricsAuthorizer>>, EppError> {
+) -> Result<Option<Arc<dyn llmsched_ops::MetricsAuthorizer>>, EppError> {
     let client = match (args.metrics_endpoint_auth, kube_client) {
         (Some(false), _) => {
             tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");
@@ -650,7 +798,7 @@ fn leader_election(
     registry: &mut Registry,
 ) -> Result<Option<Election>, EppError> {
     use llmsched_kube::leader::{LeaderElectionConfig, LeaderElectionError, LeaderMetrics};
-    if !args.ha_enable_leader_election {
+    if !args.leader_election() {
         return Ok(None);
     }
     let Some(client) = kube_client else {

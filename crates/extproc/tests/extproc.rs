@@ -772,7 +772,7 @@ async fn health_can_share_the_ext_proc_port() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let health = llmsched_extproc::HealthHandle::new();
+    let health = llmsched_ops::HealthHandle::new();
     health.set_ready(true);
     tokio::spawn(llmsched_extproc::serve_ext_proc(
         listener,

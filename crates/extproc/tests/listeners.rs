@@ -14,6 +14,7 @@ use llmsched_director::testing::*;
 use llmsched_extproc::testing::*;
 use llmsched_extproc::*;
 use llmsched_listener::CloseReason;
+use llmsched_ops::{HealthHandle, serve_health_on, serve_metrics_on};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;

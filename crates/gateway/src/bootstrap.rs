@@ -82,6 +82,9 @@ pub struct BootstrapConfig {
     pub admin: SocketAddr,
     /// The EPP (mode `epp`).
     pub epp: EppTarget,
+    /// More replicas of the EPP (`--ha-mode=active-active`), in the same cluster as `epp`:
+    /// each health-checked on its own; new ext_proc streams go to the healthy ones.
+    pub extra_epps: Vec<EppTarget>,
     /// The model servers (mode `round-robin`).
     pub endpoints: Vec<SocketAddr>,
     /// Turn the request header `x-gateway-destination-endpoint-subset: ip[:port],…` into
@@ -108,6 +111,7 @@ impl Default for BootstrapConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             admin: SocketAddr::from(([127, 0, 0, 1], 19000)),
             epp: EppTarget::default(),
+            extra_epps: Vec::new(),
             endpoints: Vec::new(),
             subset_hint_header: false,
             upstream_host_header: false,
@@ -169,11 +173,16 @@ impl BootstrapConfig {
         let bad = |m: String| Err(GatewayError::Config(m));
         match self.mode {
             Mode::Epp => {
-                if !valid_host(&self.epp.host) {
-                    return bad(format!("invalid EPP host {:?}", self.epp.host));
-                }
-                if self.epp.grpc_port == 0 {
-                    return bad("the EPP's gRPC port must not be 0".into());
+                for epp in std::iter::once(&self.epp).chain(&self.extra_epps) {
+                    if !valid_host(&epp.host) {
+                        return bad(format!("invalid EPP host {:?}", epp.host));
+                    }
+                    if epp.grpc_port == 0 {
+                        return bad("the EPP's gRPC port must not be 0".into());
+                    }
+                    if epp.tls != self.epp.tls {
+                        return bad("every EPP replica must serve TLS, or none".into());
+                    }
                 }
                 if self.health_check_interval.is_zero() {
                     return bad("the health-check interval must be positive".into());
@@ -340,8 +349,12 @@ impl BootstrapConfig {
 
     fn write_epp_cluster(&self, y: &mut String) -> std::fmt::Result {
         let epp = &self.epp;
-        let dns = epp.host.parse::<IpAddr>().is_err();
-        let separate_health = epp.health_port != epp.grpc_port && epp.health_port != 0;
+        let all: Vec<&EppTarget> = std::iter::once(epp).chain(&self.extra_epps).collect();
+        let several = all.len() > 1;
+        let dns = all.iter().any(|e| e.host.parse::<IpAddr>().is_err());
+        let separate_health = all
+            .iter()
+            .any(|e| e.health_port != e.grpc_port && e.health_port != 0);
         writeln!(
             y,
             "  # The EPP: gRPC (HTTP/2) to its ext_proc port.\n  - name: {EPP_CLUSTER}\n    type: {}\n    lb_policy: LEAST_REQUEST\n    connect_timeout: 10s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 40000, max_pending_requests: 40000, max_requests: 40000, max_retries: 1024 }}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options:\n            initial_stream_window_size: 65536\n            initial_connection_window_size: 1048576",
@@ -360,9 +373,19 @@ impl BootstrapConfig {
             }
         }
         let interval = secs(self.health_check_interval);
+        // Several replicas: one failed check (NOT_SERVING while draining, or no answer)
+        // moves new streams to the others, and one failed connection ejects a replica
+        // before its next check (a killed one).
+        let (unhealthy, healthy) = if several { (1, 1) } else { (3, 2) };
+        if several {
+            writeln!(
+                y,
+                "    # Active-active EPP replicas: a replica whose connection fails is ejected at once\n    # (until its health check passes again).\n    outlier_detection:\n      split_external_local_origin_errors: true\n      consecutive_local_origin_failure: 1\n      consecutive_5xx: 1000000\n      consecutive_gateway_failure: 1000000\n      interval: 1s\n      base_ejection_time: 2s\n      max_ejection_percent: 100"
+            )?;
+        }
         writeln!(
             y,
-            "    # gRPC health (grpc.health.v1) of the ext_proc service: SERVING once the EPP knows\n    # its endpoints. With every EPP host unhealthy Envoy still tries them (panic mode).\n    health_checks:\n    - timeout: 2s\n      interval: {interval}\n      no_traffic_interval: {interval}\n      unhealthy_threshold: 3\n      healthy_threshold: 2\n      reuse_connection: true\n      grpc_health_check:\n        service_name: \"{EXT_PROC_SERVICE}\""
+            "    # gRPC health (grpc.health.v1) of the ext_proc service: SERVING once the EPP knows\n    # its endpoints. With every EPP host unhealthy Envoy still tries them (panic mode).\n    health_checks:\n    - timeout: 2s\n      interval: {interval}\n      no_traffic_interval: {interval}\n      unhealthy_threshold: {unhealthy}\n      healthy_threshold: {healthy}\n      reuse_connection: true\n      grpc_health_check:\n        service_name: \"{EXT_PROC_SERVICE}\""
         )?;
         if epp.tls && separate_health {
             writeln!(
@@ -374,15 +397,21 @@ impl BootstrapConfig {
         }
         writeln!(
             y,
-            "    load_assignment:\n      cluster_name: {EPP_CLUSTER}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: \"{}\", port_value: {} }}",
-            epp.host, epp.grpc_port
+            "    load_assignment:\n      cluster_name: {EPP_CLUSTER}\n      endpoints:\n      - lb_endpoints:"
         )?;
-        if separate_health {
+        for e in &all {
             writeln!(
                 y,
-                "            # The EPP serves gRPC health on its own port (--grpc-health-port).\n            health_check_config: {{ port_value: {} }}",
-                epp.health_port
+                "        - endpoint:\n            address:\n              socket_address: {{ address: \"{}\", port_value: {} }}",
+                e.host, e.grpc_port
             )?;
+            if e.health_port != e.grpc_port && e.health_port != 0 {
+                writeln!(
+                    y,
+                    "            # The EPP serves gRPC health on its own port (--grpc-health-port).\n            health_check_config: {{ port_value: {} }}",
+                    e.health_port
+                )?;
+            }
         }
         Ok(())
     }

@@ -59,14 +59,18 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:19000")]
     pub admin: SocketAddr,
 
-    /// The EPP's ext_proc address, host:port (IP or DNS name).
-    #[arg(long, default_value = "127.0.0.1:9002", value_parser = host_port)]
-    pub epp: (String, u16),
+    /// The EPP's ext_proc address, host:port (IP or DNS name). Repeat it (or give a
+    /// comma-separated list) for several EPP replicas (`llmsched epp --ha-mode=active-active`):
+    /// Envoy spreads the ext_proc streams over the healthy ones and moves new requests off a
+    /// replica as soon as its health check fails.
+    #[arg(long, default_value = "127.0.0.1:9002", value_parser = host_port, value_delimiter = ',', action = ArgAction::Append)]
+    pub epp: Vec<(String, u16)>,
 
     /// The EPP's gRPC health port (--grpc-health-port). Set it to the --epp port to check
-    /// health on the ext_proc port itself (the EPP then needs --health-checking).
-    #[arg(long, default_value_t = 9003)]
-    pub epp_health_port: u16,
+    /// health on the ext_proc port itself (the EPP then needs --health-checking). With
+    /// several --epp: one port for all, or one per --epp in the same order.
+    #[arg(long, default_value = "9003", value_delimiter = ',', action = ArgAction::Append)]
+    pub epp_health_port: Vec<u16>,
 
     /// The EPP serves TLS (its --secure-serving, default true); --epp-tls=false for an EPP
     /// run with --secure-serving=false.
@@ -95,9 +99,11 @@ pub struct Args {
     #[arg(long)]
     pub failure_mode_allow: bool,
 
-    /// Interval of Envoy's gRPC health checks of the EPP.
-    #[arg(long, default_value = "10s", value_parser = seconds)]
-    pub health_check_interval: Duration,
+    /// Interval of Envoy's gRPC health checks of the EPP (default: 10 s with one EPP, as the
+    /// reference; 1 s with several, so that a replica that drains or dies is left out within
+    /// about a second).
+    #[arg(long, value_parser = seconds)]
+    pub health_check_interval: Option<Duration>,
 
     /// Per-connection buffer limit (flow-control watermark) in bytes.
     #[arg(long, default_value_t = 32 * 1024)]
@@ -111,22 +117,42 @@ pub struct Args {
 impl Args {
     /// The bootstrap settings these flags describe.
     pub fn bootstrap(&self) -> BootstrapConfig {
+        let health = |i: usize| {
+            self.epp_health_port
+                .get(i)
+                .or(self.epp_health_port.first())
+                .copied()
+                .unwrap_or(9003)
+        };
+        let targets: Vec<EppTarget> = self
+            .epp
+            .iter()
+            .enumerate()
+            .map(|(i, (host, port))| EppTarget {
+                host: host.clone(),
+                grpc_port: *port,
+                health_port: health(i),
+                tls: self.epp_tls,
+            })
+            .collect();
+        let several = targets.len() > 1;
+        let mut targets = targets.into_iter();
         BootstrapConfig {
             mode: self.mode,
             listen: SocketAddr::new(self.listen_address, self.listen_port),
             admin: self.admin,
-            epp: EppTarget {
-                host: self.epp.0.clone(),
-                grpc_port: self.epp.1,
-                health_port: self.epp_health_port,
-                tls: self.epp_tls,
-            },
+            epp: targets.next().unwrap_or_default(),
+            extra_epps: targets.collect(),
             endpoints: self.endpoints.clone(),
             subset_hint_header: self.subset_hint_header,
             upstream_host_header: self.upstream_host_header,
             access_log: self.access_log,
             failure_mode_allow: self.failure_mode_allow,
-            health_check_interval: self.health_check_interval,
+            health_check_interval: self.health_check_interval.unwrap_or(if several {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(10)
+            }),
             buffer_limit_bytes: self.buffer_limit_bytes,
         }
     }
@@ -134,6 +160,13 @@ impl Args {
 
 /// Renders the bootstrap and prints it (or writes it to `--output`).
 pub fn run(args: Args) -> Result<(), GatewayError> {
+    if args.epp_health_port.len() > 1 && args.epp_health_port.len() != args.epp.len() {
+        return Err(GatewayError::Config(format!(
+            "--epp-health-port: {} ports for {} EPPs (give one for all, or one per --epp)",
+            args.epp_health_port.len(),
+            args.epp.len()
+        )));
+    }
     let yaml = args.bootstrap().render()?;
     match &args.output {
         Some(path) => {
@@ -179,6 +212,7 @@ mod tests {
         assert_eq!(b.epp.host, "127.0.0.1");
         assert!(b.epp.tls);
         assert_eq!(b.health_check_interval, Duration::from_secs(10));
+        assert!(b.extra_epps.is_empty());
 
         let a = parse(&[
             "--mode",
@@ -200,9 +234,56 @@ mod tests {
             "0.5s",
         ])
         .unwrap();
-        assert_eq!(a.epp, ("epp.ns.svc".to_string(), 9002));
+        assert_eq!(a.epp, vec![("epp.ns.svc".to_string(), 9002)]);
         assert!(!a.epp_tls);
-        assert_eq!(a.health_check_interval, Duration::from_millis(500));
+        assert_eq!(
+            a.bootstrap().health_check_interval,
+            Duration::from_millis(500)
+        );
+
+        // Several EPP replicas: listed in order, each with its health port; health checked
+        // every second unless told otherwise.
+        let a = parse(&[
+            "--epp",
+            "127.0.0.1:9002,127.0.0.1:9102",
+            "--epp",
+            "127.0.0.1:9202",
+            "--epp-health-port",
+            "9003,9103,9203",
+        ])
+        .unwrap();
+        let b = a.bootstrap();
+        assert_eq!((b.epp.grpc_port, b.epp.health_port), (9002, 9003));
+        let extra: Vec<(u16, u16)> = b
+            .extra_epps
+            .iter()
+            .map(|e| (e.grpc_port, e.health_port))
+            .collect();
+        assert_eq!(extra, vec![(9102, 9103), (9202, 9203)]);
+        assert_eq!(b.health_check_interval, Duration::from_secs(1));
+        let y = b.render().unwrap();
+        for port in ["9002", "9102", "9202", "9003", "9103", "9203"] {
+            assert!(
+                y.contains(&format!("value: {port}")),
+                "{port} missing:\n{y}"
+            );
+        }
+        assert!(y.contains("outlier_detection"));
+        let one_health = parse(&["--epp", "a:1,b:2", "--epp-health-port", "7"]).unwrap();
+        assert!(
+            one_health
+                .bootstrap()
+                .extra_epps
+                .iter()
+                .all(|e| e.health_port == 7)
+        );
+        let mismatch = parse(&["--epp", "a:1,b:2,c:3", "--epp-health-port", "7,8"]).unwrap();
+        assert!(
+            run(mismatch)
+                .unwrap_err()
+                .to_string()
+                .contains("2 ports for 3 EPPs")
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use k8s_openapi::api::authorization::v1::{
     NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
-use llmsched_extproc::metrics_auth::{
+use llmsched_ops::metrics_auth::{
     MetricsAuthDecision, MetricsAuthError, MetricsAuthRequest, MetricsAuthorizer,
 };
 use parking_lot::Mutex;

@@ -12,8 +12,10 @@
 //! * [`metrics`] — `llmsched_kube_*` metrics;
 //! * [`leader`] — leader election over a `coordination.k8s.io/v1` Lease
 //!   (`--ha-enable-leader-election`);
+//! * [`peers`] — the other pods of this EPP's Deployment, the peers of active-active
+//!   replicas (`--ha-mode=active-active` without `--ha-peers`);
 //! * [`auth`] — `/metrics` authentication and authorization with TokenReview and
-//!   SubjectAccessReview (`--metrics-endpoint-auth`), behind `llmsched-extproc`'s
+//!   SubjectAccessReview (`--metrics-endpoint-auth`), behind `llmsched-ops`'
 //!   `MetricsAuthorizer` seam.
 pub mod auth;
 pub mod crd;
@@ -21,6 +23,7 @@ pub mod discovery;
 pub mod leader;
 pub mod metrics;
 pub mod objectives;
+pub mod peers;
 pub mod pool;
 
 /// The kube-rs client type discovery (and leader election) use.

@@ -2,7 +2,7 @@
 //! `llmsched-kubetest`, a test API server speaking the real Kubernetes REST protocol on
 //! loopback, which answers the reviews from a token table and allow rules the test sets
 //! (no real kube-apiserver can run here; see that crate's documentation). The EPP side is
-//! the real `/metrics` server of `llmsched-extproc` and the real kube-rs client.
+//! the real `/metrics` server of `llmsched-ops` and the real kube-rs client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -61,7 +61,7 @@ async fn setup(config: AuthCacheConfig) -> Setup {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();
-    tokio::spawn(llmsched_extproc::serve_metrics_with_auth(
+    tokio::spawn(llmsched_ops::serve_metrics_with_auth(
         listener,
         Arc::new(registry),
         Some(auth.clone()),

@@ -857,6 +857,44 @@ impl ApproxIndex {
         gone.len()
     }
 
+    /// At most `max` of the blocks `endpoint` holds, most recently used first (for a replica
+    /// snapshot). Each shard's LRU is exact; the shards are interleaved rank by rank, which
+    /// approximates the endpoint's overall recency order as closely as the sharded LRU
+    /// itself does. Takes each shard's read lock once.
+    pub fn endpoint_blocks(&self, endpoint: EndpointKey, max: usize) -> Vec<u64> {
+        let n = self.shards.len();
+        let per_shard = max.div_ceil(n.max(1));
+        let mut lists: Vec<Vec<u64>> = Vec::with_capacity(n);
+        for s in self.shards.iter() {
+            let shard = s.0.read();
+            let mut v = Vec::new();
+            if let Some(lru) = shard.lrus.get(&endpoint) {
+                v.reserve((lru.len as usize).min(per_shard));
+                let mut i = lru.head;
+                while i != NIL && v.len() < per_shard {
+                    let node = shard.nodes.get(i);
+                    v.push(node.hash);
+                    i = node.next;
+                }
+            }
+            lists.push(v);
+        }
+        let total: usize = lists.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(total.min(max));
+        let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+        'ranks: for rank in 0..longest {
+            for l in &lists {
+                if let Some(&h) = l.get(rank) {
+                    if out.len() == max {
+                        break 'ranks;
+                    }
+                    out.push(h);
+                }
+            }
+        }
+        out
+    }
+
     /// Endpoints holding at least one block, sorted.
     pub fn endpoints(&self) -> Vec<EndpointKey> {
         let mut v: Vec<EndpointKey> = Vec::new();
@@ -1190,5 +1228,38 @@ mod tests {
         let st = idx.stats();
         assert_eq!(st.entries, idx.len());
         assert_eq!(st.memory_bytes, idx.memory_bytes());
+    }
+
+    #[test]
+    fn endpoint_blocks_export_recency_order_and_rebuild_the_same_matches() {
+        // Exact LRU: most recently used first, capped.
+        let idx = exact();
+        idx.insert(1, 100, &[1, 2, 3]);
+        idx.insert(1, 100, &[7, 8]);
+        idx.insert(2, 100, &[9]);
+        assert_eq!(idx.endpoint_blocks(1, 10), vec![7, 8, 1, 2, 3]);
+        assert_eq!(idx.endpoint_blocks(1, 2), vec![7, 8]);
+        assert!(idx.endpoint_blocks(5, 10).is_empty());
+        // Sharded: the export re-inserted (least recent chunk first, as a snapshot is
+        // applied) into another index gives the same prefix matches.
+        let a = ApproxIndex::new(ApproxIndexConfig { shards: 8 });
+        let prompts: Vec<Vec<u64>> = (0..40u64)
+            .map(|p| (0..50u64).map(|b| p * 1000 + b).collect())
+            .collect();
+        for (i, p) in prompts.iter().enumerate() {
+            a.insert((i % 3) as u32, 10_000, p);
+        }
+        let b = ApproxIndex::new(ApproxIndexConfig { shards: 8 });
+        for ep in 0..3u32 {
+            let blocks = a.endpoint_blocks(ep, usize::MAX);
+            assert_eq!(blocks.len(), a.endpoint_len(ep));
+            for chunk in blocks.rchunks(64) {
+                b.insert(ep, 10_000, chunk);
+            }
+        }
+        assert_eq!(b.len(), a.len());
+        for p in &prompts {
+            assert_eq!(sorted(a.longest_prefix(p)), sorted(b.longest_prefix(p)));
+        }
     }
 }

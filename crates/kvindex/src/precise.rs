@@ -671,6 +671,32 @@ impl Shard {
         true
     }
 
+    /// Ends the time-only speculation of `ep` on `key` early: an unconfirmed speculative
+    /// holder with no pending request of this process expires at `until` when that is
+    /// sooner than its current expiry. Returns whether it was shortened.
+    fn shorten_speculation(&mut self, key: u64, ep: EndpointKey, until: u64) -> bool {
+        if self.pending.contains_key(&(key, ep)) {
+            return false;
+        }
+        let Some((holders, _)) = self.table.get_mut(key) else {
+            return false;
+        };
+        let Ok(i) = holders.binary_search_by_key(&ep, |h| h.ep) else {
+            return false;
+        };
+        let h = &mut holders[i];
+        if h.tiers != SPEC {
+            return false;
+        }
+        let t = (until as u32) & TICK_MASK;
+        if !tick_before(t, h.expiry()) {
+            return false;
+        }
+        h.set_expiry(t);
+        self.spec_queue.push(Reverse((until, key, ep)));
+        true
+    }
+
     fn remove_endpoint(&mut self, ep: EndpointKey) -> usize {
         let mut removed = 0;
         let mut empty: Vec<(u64, u32)> = Vec::new();
@@ -1040,6 +1066,22 @@ impl PreciseIndex {
         }
         self.maybe_sweep((now as u32) & TICK_MASK);
         last
+    }
+
+    /// Another replica's speculation on `keys` for `ep` ended (see
+    /// [`Self::add_speculative`], which is how a replica applies the peers' speculation): an
+    /// unconfirmed speculative holder that no request of this process keeps pending now
+    /// expires within `grace`. Confirmed holders and this process's own pending speculation
+    /// are left alone. Returns how many holders were shortened.
+    pub fn expire_speculative(&self, ep: EndpointKey, keys: &[u64], grace: Duration) -> usize {
+        let now = self.now_ticks();
+        let until = now + Self::ticks(grace);
+        let mut n = 0;
+        for &k in keys {
+            n += usize::from(self.shard(k).write().shorten_speculation(k, ep, until));
+        }
+        self.maybe_sweep((now as u32) & TICK_MASK);
+        n
     }
 
     /// `(key, endpoint)` pairs with pending requests (for tests and metrics).
@@ -1525,6 +1567,49 @@ mod tests {
         assert_eq!((idx.stats().entries, idx.pending_entries()), (0, 0));
         // An end with no pending request (e.g. after the endpoint was cleared) is harmless.
         assert_eq!(idx.end_speculative(5, &keys, Duration::from_millis(1)), 0);
+    }
+
+    #[test]
+    fn a_peers_speculation_ends_early_but_never_our_own_nor_confirmed_entries() {
+        let idx = index();
+        let t = tokens(8, 0);
+        let keys = prompt_keys(&idx, &t);
+        // A peer's speculation (time-only, long lease) on endpoint 5; our own pending
+        // request on endpoint 6; a confirmed holder on endpoint 7.
+        idx.add_speculative(5, &keys, Duration::from_secs(60));
+        idx.add_speculative(6, &keys, Duration::from_secs(60));
+        idx.begin_speculative(6, &keys, Duration::from_secs(3600));
+        idx.block_stored(7, &stored(&engine_hashes(2, 1), None, &t, None));
+        idx.add_speculative(7, &keys, Duration::from_secs(60));
+        assert_eq!(
+            idx.expire_speculative(5, &keys, Duration::from_millis(1)),
+            2
+        );
+        assert_eq!(
+            idx.expire_speculative(6, &keys, Duration::from_millis(1)),
+            0
+        );
+        assert_eq!(
+            idx.expire_speculative(7, &keys, Duration::from_millis(1)),
+            0
+        );
+        until("the peer's speculation expires", || {
+            lookup(&idx, &keys).iter().all(|m| m.0 != 5)
+        });
+        assert_eq!(
+            lookup(&idx, &keys),
+            vec![(6, 2, 2.0), (7, 2, 2.0)],
+            "our own pending speculation and the confirmed holder stay"
+        );
+        // Unknown keys and endpoints are harmless.
+        assert_eq!(
+            idx.expire_speculative(9, &keys, Duration::from_millis(1)),
+            0
+        );
+        assert_eq!(
+            idx.expire_speculative(5, &[1, 2, 3], Duration::from_millis(1)),
+            0
+        );
     }
 
     #[test]

@@ -403,6 +403,18 @@ fn evict_idle_anywhere(own: &Shared) -> bool {
     false
 }
 
+/// Out of file descriptors elsewhere in the process (an outgoing connection failed with
+/// `EMFILE`): closes the connection idle the longest (idle for a second at least) of any
+/// listener, so that the caller can try again. False when there is none to close.
+pub fn free_descriptor() -> bool {
+    let all: Vec<Arc<Shared>> = LISTENERS
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    all.iter().any(|l| l.evict_idle(FD_EVICTION_MIN_IDLE))
+}
+
 /// A TCP listener with the limits of this crate.
 #[derive(Debug)]
 pub struct Listener {

@@ -10,7 +10,14 @@
 //!    (`comparison.md`) and a plot (`ttft-throughput.svg`) into one output folder.
 //!
 //! Both runs use the same proxy code and the same seeded prompts and arrivals, so the only
-//! difference is the routing decision. `--time-scale F` runs the simulator and the load F×
+//! difference is the routing decision.
+//!
+//! `llmsched demo --pd` compares prefill/decode disaggregation with aggregated serving on the
+//! same simulated GPUs instead: the same replicas once aggregated (llmsched's default
+//! config), once split into `--pd-prefill` prefill replicas (`sim --role prefill`) and the
+//! rest decode replicas (`--role decode`), routed by `config/epp/pd-sim-epp-config.yaml`
+//! through the built-in proxy, which runs the pd-sidecar's prefill/decode hops in process (no
+//! sidecar processes). The default workload is `config/workloads/pd-long.yaml` (embedded). `--time-scale F` runs the simulator and the load F×
 //! faster than real time; every reported number stays in simulated seconds.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,6 +29,7 @@ use clap::Parser;
 use llmsched_bench::cli::stage_table;
 use llmsched_bench::progress::terminal_progress;
 use llmsched_bench::{BenchConfig, Comparison, PlotSeries, RunOptions, RunResult};
+use llmsched_sim::pd::Role;
 use llmsched_sim::{ClusterConfig, ReplicaConfig, SimCluster};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +38,12 @@ pub const GUIDE_MINI: &str = include_str!("../../../config/workloads/guide-mini.
 
 /// KV-cache tokens per replica `guide-mini` is sized for (see the workload's header).
 pub const GUIDE_MINI_KV_TOKENS: usize = 164_000;
+
+/// The embedded P/D workload (`config/workloads/pd-long.yaml`).
+pub const PD_LONG: &str = include_str!("../../../config/workloads/pd-long.yaml");
+
+/// The embedded P/D configuration (`config/epp/pd-sim-epp-config.yaml`).
+pub const PD_SIM_CONFIG: &str = include_str!("../../../config/epp/pd-sim-epp-config.yaml");
 
 /// Flags of `llmsched demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -84,6 +98,16 @@ pub struct Args {
     /// Do not draw progress bars (they are also off when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Compare prefill/decode disaggregation with aggregated serving on the same replicas
+    /// (default workload: the embedded pd-long; `--config-file` replaces the P/D leg's
+    /// configuration, the embedded pd-sim-epp-config.yaml).
+    #[arg(long)]
+    pub pd: bool,
+
+    /// With `--pd`: how many of the replicas prefill (the others decode).
+    #[arg(long, default_value_t = 1, requires = "pd")]
+    pub pd_prefill: usize,
 }
 
 struct Setup {
@@ -98,6 +122,13 @@ impl Args {
         if self.replicas == 0 {
             bail!("--replicas must be at least 1");
         }
+        if self.pd && (self.pd_prefill == 0 || self.pd_prefill >= self.replicas) {
+            bail!(
+                "--pd-prefill must be between 1 and --replicas - 1 (got {} of {} replicas): P/D needs both prefill and decode replicas",
+                self.pd_prefill,
+                self.replicas
+            );
+        }
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             bail!(
                 "--time-scale must be a positive number, got {}",
@@ -108,6 +139,12 @@ impl Args {
             Some(path) => (
                 BenchConfig::from_file(path)?,
                 path.display().to_string(),
+                None,
+            ),
+            None if self.pd => (
+                BenchConfig::from_yaml_str(PD_LONG, Some("pd-long.yaml"))
+                    .context("the embedded pd-long workload does not parse")?,
+                "pd-long (embedded)".to_owned(),
                 None,
             ),
             None => (
@@ -147,6 +184,8 @@ impl Args {
 struct Leg<'a> {
     label: &'a str,
     baseline: Option<&'a str>,
+    /// P/D: this many prefill replicas, the others decode.
+    pd_prefill: Option<usize>,
 }
 
 /// Runs the demo; Ctrl-C stops it cleanly (partial results are still written).
@@ -181,16 +220,38 @@ async fn run_with(args: &Args, setup: &Setup, cancel: &CancellationToken) -> any
     );
     println!("results go to {}\n", setup.output.display());
 
-    let legs = [
-        Leg {
-            label: args.baseline.as_str(),
-            baseline: Some(args.baseline.as_str()),
-        },
-        Leg {
-            label: "llmsched",
-            baseline: None,
-        },
-    ];
+    let pd_label = format!(
+        "{}p{}d",
+        args.pd_prefill,
+        args.replicas.saturating_sub(args.pd_prefill)
+    );
+    let legs = if args.pd {
+        [
+            Leg {
+                label: "aggregated",
+                baseline: None,
+                pd_prefill: None,
+            },
+            Leg {
+                label: &pd_label,
+                baseline: None,
+                pd_prefill: Some(args.pd_prefill),
+            },
+        ]
+    } else {
+        [
+            Leg {
+                label: args.baseline.as_str(),
+                baseline: Some(args.baseline.as_str()),
+                pd_prefill: None,
+            },
+            Leg {
+                label: "llmsched",
+                baseline: None,
+                pd_prefill: None,
+            },
+        ]
+    };
     let mut results: Vec<RunResult> = Vec::new();
     for (i, leg) in legs.iter().enumerate() {
         println!(
@@ -231,13 +292,40 @@ async fn run_with(args: &Args, setup: &Setup, cancel: &CancellationToken) -> any
     let svg = setup.output.join("ttft-throughput.svg");
     llmsched_bench::plot::write_svg(&series, &svg)?;
     print_headline(a, b);
+    if args.pd {
+        print_itl(a, b);
+    }
     println!(
-        "\nwrote {}/{{{},llmsched}}/, comparison.md and ttft-throughput.svg in {:.0} s",
+        "\nwrote {}/{{{},{}}}/, comparison.md and ttft-throughput.svg in {:.0} s",
         setup.output.display(),
         a.label,
+        b.label,
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Inter-token latency p90 and p99 of both runs (what P/D is for).
+fn print_itl(a: &RunResult, b: &RunResult) {
+    let pct = |r: &RunResult, p: f64| {
+        r.summary
+            .successes
+            .latency
+            .inter_token_latency
+            .as_ref()
+            .and_then(|s| s.percentiles.iter().find(|(q, _)| *q == p).map(|(_, v)| *v))
+    };
+    for p in [90.0, 99.0] {
+        if let (Some(x), Some(y)) = (pct(a, p), pct(b, p)) {
+            println!(
+                "inter-token latency p{p:.0}: {} {:.1} ms vs {} {:.1} ms",
+                a.label,
+                x * 1e3,
+                b.label,
+                y * 1e3
+            );
+        }
+    }
 }
 
 fn print_headline(a: &RunResult, b: &RunResult) {
@@ -254,18 +342,21 @@ fn print_headline(a: &RunResult, b: &RunResult) {
         && tb > 0.0
     {
         println!(
-            "mean TTFT: {} {:.3} s vs llmsched {:.3} s ({:.1}× lower)",
+            "mean TTFT: {} {:.3} s vs {} {:.3} s ({:.1}× {})",
             a.label,
             ta,
+            b.label,
             tb,
-            ta / tb
+            if tb <= ta { ta / tb } else { tb / ta },
+            if tb <= ta { "lower" } else { "higher" }
         );
     }
     if rps(a) > 0.0 {
         println!(
-            "request throughput: {} {:.2} req/s vs llmsched {:.2} req/s ({:.2}×)",
+            "request throughput: {} {:.2} req/s vs {} {:.2} req/s ({:.2}×)",
             a.label,
             rps(a),
+            b.label,
             rps(b),
             rps(b) / rps(a)
         );
@@ -279,21 +370,84 @@ async fn run_leg(
     leg: &Leg<'_>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<RunResult> {
-    let cluster_cfg = ClusterConfig::sequential_ports(
-        args.replicas,
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        args.sim_base_port,
-        setup.replica.clone(),
-    )?;
-    let cluster = SimCluster::start(cluster_cfg).await.with_context(|| {
-        format!(
-            "cannot start the simulated replicas on 127.0.0.1:{}+ (--sim-base-port; 0 picks free ports)",
-            args.sim_base_port
-        )
-    })?;
-    let outcome = run_leg_on(args, setup, leg, cancel, &cluster.addrs()).await;
-    cluster.shutdown().await;
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let start = |n: usize, base: u16, replica: ReplicaConfig| async move {
+        let cfg = ClusterConfig::sequential_ports(n, lo, base, replica)?;
+        SimCluster::start(cfg).await.with_context(|| {
+            format!(
+                "cannot start the simulated replicas on 127.0.0.1:{base}+ (--sim-base-port; 0 picks free ports)"
+            )
+        })
+    };
+    let Some(n_prefill) = leg.pd_prefill else {
+        let cluster = start(args.replicas, args.sim_base_port, setup.replica.clone()).await?;
+        let addrs = cluster.addrs();
+        let outcome = run_leg_on(args, setup, leg, cancel, &Fleet::Aggregated(&addrs)).await;
+        cluster.shutdown().await;
+        return outcome;
+    };
+    // P/D: prefill replicas first, decode replicas on the following ports; side channels on
+    // free ports.
+    let role = |r: Role| {
+        let mut c = setup.replica.clone().with_role(r);
+        c.pd.side_channel_port = 0;
+        c
+    };
+    let prefill = start(n_prefill, args.sim_base_port, role(Role::Prefill)).await?;
+    let decode_base = if args.sim_base_port == 0 {
+        0
+    } else {
+        u16::try_from(usize::from(args.sim_base_port) + n_prefill)
+            .context("--sim-base-port too high for the replicas")?
+    };
+    let decode = match start(args.replicas - n_prefill, decode_base, role(Role::Decode)).await {
+        Ok(d) => d,
+        Err(e) => {
+            prefill.shutdown().await;
+            return Err(e);
+        }
+    };
+    let (prefill_addrs, decode_addrs) = (prefill.addrs(), decode.addrs());
+    let fleet = Fleet::Pd {
+        prefill: &prefill_addrs,
+        decode: &decode_addrs,
+    };
+    let outcome = run_leg_on(args, setup, leg, cancel, &fleet).await;
+    // What the P/D path did, from the replicas' own counters.
+    let computed = |c: &SimCluster| -> u64 {
+        c.replicas()
+            .iter()
+            .map(|r| {
+                let m = r.metrics().pd;
+                m.served + m.expired + m.held_requests as u64
+            })
+            .sum()
+    };
+    let transfers: u64 = decode
+        .replicas()
+        .iter()
+        .map(|r| r.metrics().pd.xfer_time.count())
+        .sum();
+    println!(
+        "{}: {} prompts prefilled on the prefill replica(s) for a remote decode, {} KV transfers into the decode replicas",
+        leg.label,
+        computed(&prefill),
+        transfers
+    );
+    prefill.shutdown().await;
+    decode.shutdown().await;
     outcome
+}
+
+/// The replicas of a leg.
+enum Fleet<'a> {
+    /// Aggregated replicas.
+    Aggregated(&'a [SocketAddr]),
+    /// Prefill and decode replicas.
+    Pd {
+        prefill: &'a [SocketAddr],
+        decode: &'a [SocketAddr],
+    },
 }
 
 async fn run_leg_on(
@@ -301,9 +455,9 @@ async fn run_leg_on(
     setup: &Setup,
     leg: &Leg<'_>,
     cancel: &CancellationToken,
-    replicas: &[SocketAddr],
+    fleet: &Fleet<'_>,
 ) -> anyhow::Result<RunResult> {
-    let epp = llmsched_epp::start(epp_args(args, leg, replicas)?)
+    let epp = llmsched_epp::start(epp_args(args, setup, leg, fleet)?)
         .await
         .map_err(anyhow::Error::from)
         .context("cannot start llmsched's proxy")?;
@@ -333,10 +487,10 @@ async fn run_leg_on(
 /// metrics refreshed every 50 ms of simulated time.
 fn epp_args(
     args: &Args,
+    setup: &Setup,
     leg: &Leg<'_>,
-    replicas: &[SocketAddr],
+    fleet: &Fleet<'_>,
 ) -> anyhow::Result<llmsched_epp::Args> {
-    let endpoints: Vec<String> = replicas.iter().map(ToString::to_string).collect();
     let refresh_ms = (50.0 / args.time_scale).max(5.0);
     let mut flags = vec![
         "epp".to_owned(),
@@ -346,12 +500,40 @@ fn epp_args(
         "--grpc-health-port=0".to_owned(),
         "--metrics-port=0".to_owned(),
         format!("--proxy-port={}", args.proxy_port),
-        format!("--endpoints={}", endpoints.join(",")),
         format!("--refresh-metrics-interval={refresh_ms:.0}ms"),
     ];
+    match fleet {
+        Fleet::Aggregated(replicas) => {
+            let endpoints: Vec<String> = replicas.iter().map(ToString::to_string).collect();
+            flags.push(format!("--endpoints={}", endpoints.join(",")));
+        }
+        Fleet::Pd { prefill, decode } => {
+            // Roles are endpoint labels, which only an endpoints file carries.
+            let mut file = String::from("endpoints:\n");
+            for (role, addrs) in [("prefill", prefill), ("decode", decode)] {
+                for (i, a) in addrs.iter().enumerate() {
+                    file.push_str(&format!(
+                        "- {{name: {role}-{i}, address: {}, port: {}, labels: {{llm-d.ai/role: {role}}}}}\n",
+                        a.ip(),
+                        a.port()
+                    ));
+                }
+            }
+            let path = setup.output.join(format!("{}-endpoints.yaml", leg.label));
+            std::fs::write(&path, file)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            flags.push(format!("--endpoints-file={}", path.display()));
+            match &args.config_file {
+                Some(c) => flags.push(format!("--config-file={}", c.display())),
+                None => flags.push(format!("--config-text={PD_SIM_CONFIG}")),
+            }
+        }
+    }
     if let Some(b) = leg.baseline {
         flags.push(format!("--baseline={b}"));
-    } else if let Some(c) = &args.config_file {
+    } else if !args.pd
+        && let Some(c) = &args.config_file
+    {
         flags.push(format!("--config-file={}", c.display()));
     }
     llmsched_epp::Args::try_parse_from(flags).context("internal: demo built invalid EPP flags")

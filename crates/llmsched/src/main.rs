@@ -1,6 +1,6 @@
 //! `llmsched`: an intelligent inference scheduler for LLM serving.
 //!
-//! One binary, four jobs:
+//! One binary, five jobs:
 //!
 //! * `llmsched epp` — the Endpoint Picker: Envoy ext_proc server, a drop-in replacement for
 //!   llm-d's EPP (same flags, config file, headers, metrics), optionally with a built-in
@@ -8,6 +8,7 @@
 //! * `llmsched sim` — simulated vLLM replicas (API, metrics, KV events) for laptops without GPUs;
 //! * `llmsched bench` — a load generator reading inference-perf configs, with reports,
 //!   comparison tables and plots;
+//! * `llmsched pd-sidecar` — the decode-side routing sidecar of prefill/decode disaggregation;
 //! * `llmsched demo` — the whole story in one command.
 //!
 //! This file is the binary's edge: it parses arguments, sets up logging and turns library
@@ -41,6 +42,9 @@ enum Command {
     Demo(Box<demo::Args>),
     /// Print or write an Envoy bootstrap (ext_proc EPP or round-robin baseline).
     EnvoyConfig(Box<llmsched_gateway::cli::Args>),
+    /// The decode-side P/D routing sidecar (llm-d's pd-sidecar): prefill on the replica named
+    /// by x-prefiller-host-port, then decode on the local replica with its kv_transfer_params.
+    PdSidecar(Box<llmsched_pdsidecar::cli::Args>),
     /// Print the CustomResourceDefinitions llmsched reads (InferencePool v1 and v1alpha2,
     /// InferenceObjective and InferenceModelRewrite in both groups) as YAML.
     Crds,
@@ -128,6 +132,12 @@ fn main() -> anyhow::Result<()> {
             }
             Command::EnvoyConfig(args) => {
                 llmsched_gateway::cli::run(*args).context("llmsched envoy-config")
+            }
+            Command::PdSidecar(args) => {
+                init_logging(0, false);
+                llmsched_pdsidecar::cli::run(*args)
+                    .await
+                    .context("llmsched pd-sidecar")
             }
             Command::Crds => {
                 let yaml = llmsched_kube::crd::all_crds_yaml().context("llmsched crds")?;

@@ -85,6 +85,77 @@ fn demo_runs_both_legs_and_writes_the_comparison() {
     );
 }
 
+/// `llmsched demo --pd`: the same two replicas aggregated, then as one prefill and one decode
+/// replica behind the proxy's in-process P/D routing; every new long prompt is prefilled on
+/// the prefill replica and its KV read by the decoder (the replicas' own counters, printed).
+#[test]
+fn demo_pd_compares_aggregated_and_disaggregated_serving() {
+    const LONG: &str = "\
+api: {type: completion, streaming: true}
+server: {type: vllm, model_name: Qwen/Qwen3-32B, base_url: 'http://127.0.0.1:1', ignore_eos: true}
+data:
+  type: shared_prefix
+  shared_prefix: {num_groups: 50, num_prompts_per_group: 1, system_prompt_len: 1900, question_len: 100, output_len: 20}
+load:
+  type: poisson
+  stages:
+  - {rate: 2, duration: 4}
+report:
+  request_lifecycle: {summary: true, per_stage: true, per_request: false}
+";
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("long.yaml");
+    std::fs::write(&workload, LONG).unwrap();
+    let out = dir.path().join("results");
+    let output = llmsched()
+        .args(["demo", "--pd", "--replicas", "2", "--time-scale", "4"])
+        .args([
+            "--proxy-port",
+            "0",
+            "--sim-base-port",
+            "0",
+            "--no-progress",
+            "--workload",
+        ])
+        .arg(&workload)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("aggregated") && l.contains("1p1d") && l.contains("Δ")),
+        "no comparison table in:\n{stdout}"
+    );
+    assert!(stdout.contains("inter-token latency p90"), "{stdout}");
+    let requests = |leg: &str| -> u64 {
+        let summary = out.join(leg).join("summary_lifecycle_metrics.json");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+        assert_eq!(json["failures"]["count"].as_u64(), Some(0), "{leg}: {json}");
+        json["successes"]["count"].as_u64().unwrap()
+    };
+    let n = requests("1p1d");
+    assert!(n > 0 && requests("aggregated") == n, "{stdout}");
+    // Every prompt is new (one per group): each one went through the prefill replica.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("1p1d:") && l.contains("KV transfers"))
+        .unwrap_or_else(|| panic!("no P/D counters in:\n{stdout}"));
+    assert!(
+        line.contains(&format!("1p1d: {n} prompts prefilled"))
+            && line.contains(&format!(", {n} KV transfers")),
+        "{n} requests: {line}"
+    );
+}
+
 #[test]
 fn a_busy_proxy_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -119,8 +190,10 @@ fn a_busy_proxy_port_is_a_clear_error() {
 #[test]
 fn bad_demo_input_is_rejected_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--replicas", "0"], "--replicas"),
+        (&["--pd", "--replicas", "1"], "--pd-prefill"),
+        (&["--pd-prefill", "2"], "--pd"),
         (&["--time-scale=0"], "--time-scale"),
         (
             &["--workload", "/nonexistent/w.yaml"],

@@ -9,7 +9,9 @@
 //! | data producers | `approx-prefix-cache-producer` (also built into `prefix-cache-scorer`) |
 //! | filters | `decode-filter`, `prefill-filter`, `encode-filter`, `label-selector-filter` (alias `by-label-selector`), `by-label` |
 //! | pickers | `max-score-picker`, `random-picker`, `weighted-random-picker` |
-//! | profile handlers | `single-profile-handler` |
+//! | profile handlers | `single-profile-handler`, `disagg-profile-handler`, `pd-profile-handler` (P/D, see [`disagg`]) |
+//! | P/D deciders | `prefix-based-pd-decider`, `always-disagg-pd-decider` |
+//! | P/D header hooks | `disagg-headers-handler`, `prefill-header-handler` |
 //! | request parsers | `openai-parser`, `passthrough-parser` |
 //! | saturation detectors (also filters) | `utilization-detector`, `concurrency-detector` |
 //! | admission | `probabilistic-admitter` |
@@ -32,6 +34,7 @@
 pub mod admitter;
 mod common;
 pub mod descriptor;
+pub mod disagg;
 pub mod fairness;
 pub mod filter;
 pub mod ordering;
@@ -58,6 +61,7 @@ pub fn register_all(registry: &mut Registry) {
     filter::register(registry);
     picker::register(registry);
     profile::register(registry);
+    disagg::register(registry);
     parser::register(registry);
     saturation::register(registry);
     admitter::register(registry);
@@ -311,7 +315,10 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_types_are_distinguished() {
         let r = default_registry();
-        let e = r.factory("disagg-profile-handler").unwrap_err().to_string();
+        let e = r
+            .factory("always-disagg-multimodal-decider")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not supported by llmsched yet"), "{e}");
         let e = r.factory("no-such-plugin").unwrap_err().to_string();
         assert!(e.contains("unknown plugin type"), "{e}");
@@ -338,6 +345,12 @@ mod tests {
             "random-picker",
             "weighted-random-picker",
             "single-profile-handler",
+            "disagg-profile-handler",
+            "pd-profile-handler",
+            "prefix-based-pd-decider",
+            "always-disagg-pd-decider",
+            "disagg-headers-handler",
+            "prefill-header-handler",
             "openai-parser",
             "passthrough-parser",
             "utilization-detector",

@@ -7,19 +7,20 @@
 
 use llmsched_core::registry::Registry;
 
-const PD: &str = "P/D (and E/P/D) disaggregation is not implemented yet";
+const EPD: &str =
+    "E/P/D (encode) disaggregation is not implemented yet; P/D is (disagg-profile-handler)";
 const LATENCY: &str = "latency prediction / SLO-aware scheduling is not implemented yet";
+const PD_SLO: &str = "SLO-aware P/D (joint prefill/decode pair choice from TTFT/TPOT predictors) \
+     is not implemented yet; use disagg-profile-handler with prefix-based-pd-decider";
+const TOPOLOGY: &str = "topology-aware P/D (preferring a prefill endpoint close to the decode pick) \
+     is not implemented yet; the prefill profile scores endpoints without regard to placement";
 
 /// `(type name, reason)` of every unsupported reference type.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
     // Profile handlers and deciders.
-    ("disagg-profile-handler", PD),
-    ("pd-profile-handler", PD),
-    ("disagg-headers-handler", PD),
-    ("prefill-header-handler", PD),
-    ("prefix-based-pd-decider", PD),
-    ("always-disagg-pd-decider", PD),
-    ("always-disagg-multimodal-decider", PD),
+    ("always-disagg-multimodal-decider", EPD),
+    ("pd-slo-profile-handler", PD_SLO),
+    ("pd-slo-pair-optimizer", PD_SLO),
     (
         "data-parallel-profile-handler",
         "data-parallel profile handling is not implemented yet",
@@ -34,6 +35,10 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "the prefix-cache affinity filter is not implemented yet",
     ),
     ("slo-headroom-tier-filter", LATENCY),
+    ("proximity-scorer", TOPOLOGY),
+    ("topology-affinity-filter", TOPOLOGY),
+    ("topology-affinity-scorer", TOPOLOGY),
+    ("topology-extractor", TOPOLOGY),
     ("latency-scorer", LATENCY),
     // Request control.
     ("latency-slo-admitter", LATENCY),

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use llmsched_core::endpoint::Endpoint;
 use llmsched_core::error::InferenceError;
 use llmsched_director::Routed;
@@ -174,6 +175,44 @@ where
         }
     }
     Ok(collector.finish())
+}
+
+/// Where a relayed response comes from: the endpoint's connection, or the in-process P/D
+/// router (whose decode hop relays the decode endpoint's body, with the usage rewrite).
+pub(crate) enum Upstream {
+    /// A response of the proxy's own client.
+    Hyper(Incoming),
+    /// A response of [`llmsched_pdsidecar::PdRouter`].
+    Pd(llmsched_pdsidecar::ProxyBody),
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Upstream::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Pd(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Hyper(b) => b.is_end_stream(),
+            Upstream::Pd(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Hyper(b) => b.size_hint(),
+            Upstream::Pd(b) => b.size_hint(),
+        }
+    }
 }
 
 /// In-flight accounting of a baseline request: [`Endpoint::dispatch`] when created,

@@ -29,12 +29,19 @@ use llmsched_core::error::InferenceError;
 use llmsched_core::health::{FailureKind, is_local_resource_error};
 use llmsched_core::request::header as names;
 use llmsched_director::{Director, IncomingRequest, Phase, ResponseBuffering, RouteKind, Routed};
+use llmsched_pdsidecar::{PREFILLER_HOST_PORT, PdRouter, Upstream as PdUpstream};
 use rand::Rng;
 
-use crate::body::{Accounting, InflightGuard, MAX_PREALLOC_BYTES, ProxyBody, read_request_body};
+use crate::body::{
+    Accounting, InflightGuard, MAX_PREALLOC_BYTES, ProxyBody, Upstream, read_request_body,
+};
 use crate::headers::{director_headers, response_headers, set, strip_hop_by_hop, subset_hint};
 use crate::timeout::{IdleTimeout, UpstreamBody};
 use crate::{Baseline, ProxyOptions, UpstreamProtocol};
+
+/// Retries of an upstream connection that failed for want of a local file descriptor (each
+/// after closing an idle client connection).
+const FD_RETRIES: u32 = 3;
 
 type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -100,6 +107,21 @@ impl Proxy {
 
         if let Some(b) = self.options.baseline {
             return self.baseline(b, parts, body, header_only).await;
+        }
+        if let Some(pd) = &self.options.pd_router
+            && header_only
+            && parts.method == http::Method::GET
+            && parts.uri.path() == llmsched_pdsidecar::METRICS_PATH
+        {
+            // The in-process P/D router's own metrics, where a sidecar serves them.
+            let mut r = Response::new(ProxyBody::full(pd.metrics().render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return r;
         }
 
         let headers = director_headers(&parts);
@@ -170,6 +192,17 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let body = routed.forward_body().clone();
         prepare_request_headers(&mut parts, has_body.then_some(body.len()));
+        let targets: Vec<Arc<Endpoint>> = routed.targets().to_vec();
+        if let Some(pd) = &self.options.pd_router
+            && let Some(decoder) = targets.first()
+        {
+            let mut headers = parts.headers.clone();
+            set_routing_headers(&mut headers, &routed);
+            if headers.contains_key(PREFILLER_HOST_PORT) {
+                parts.headers = headers;
+                return self.forward_pd(pd, parts, body, decoder, routed).await;
+            }
+        }
         let mut failed: Vec<EndpointId> = Vec::new();
         let mut tried: Vec<String> = Vec::new();
         let mut reroutes = 0;
@@ -203,7 +236,9 @@ impl Proxy {
                     // A request the parser skipped has no response phase in the ext_proc
                     // path (the stream closes after routing), hence no marker header there.
                     let marker = !(has_body && routed.kind() == RouteKind::Fallback);
-                    return self.relay(resp, routed, marker, served).await;
+                    return self
+                        .relay(resp.map(Upstream::Hyper), routed, marker, served)
+                        .await;
                 }
                 Err(f) => f,
             };
@@ -219,6 +254,41 @@ impl Proxy {
             }
             reroutes += 1;
         }
+    }
+
+    /// A disaggregated decision (the P/D profile set `x-prefiller-host-port`): the sidecar's
+    /// [`PdRouter`] runs in process — prefill hop on the named prefill endpoint, then the
+    /// decode hop on the decode pick with the returned `kv_transfer_params` — and its answer
+    /// is relayed like any other (response hooks, usage, in-flight accounting). A prefiller
+    /// that fails is retried and then replaced by a local prefill on the decoder, as the
+    /// sidecar does; a decode endpoint that cannot be reached is the router's 503.
+    async fn forward_pd(
+        &self,
+        pd: &PdRouter,
+        parts: Parts,
+        body: Bytes,
+        decoder: &Arc<Endpoint>,
+        mut routed: Routed,
+    ) -> Response<ProxyBody> {
+        let upstream = match PdUpstream::parse(decoder.hostport()) {
+            Ok(u) => u,
+            Err(e) => {
+                return upstream_failure(&UpstreamFailure {
+                    tried: vec![decoder.hostport().to_string()],
+                    error: e.to_string(),
+                    connect_only: false,
+                    timed_out: false,
+                });
+            }
+        };
+        let req = Request::from_parts(parts, Full::new(body));
+        let (resp, ()) = tokio::join!(pd.handle_with_decoder(req, &upstream), async {
+            tokio::task::yield_now().await;
+            routed.run_after_dispatch();
+        });
+        let decoder = Some(decoder.clone());
+        self.relay(resp.map(Upstream::Pd), routed, true, decoder)
+            .await
     }
 
     /// A baseline request: an endpoint in turn or at random, the body forwarded unchanged.
@@ -266,7 +336,7 @@ impl Proxy {
                 Response::from_parts(
                     rparts,
                     ProxyBody::relay(
-                        self.upstream_body(incoming, served),
+                        self.upstream_body(Upstream::Hyper(incoming), served),
                         Accounting::Baseline(guard),
                     ),
                 )
@@ -300,22 +370,43 @@ impl Proxy {
                     continue;
                 }
             };
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = method.clone();
-            *req.uri_mut() = uri;
-            // The headers are copied only when a fallback may still need them.
-            *req.headers_mut() = if i + 1 < targets.len() {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
+            let mut fd_retries = 0;
+            let outcome = loop {
+                let mut req = Request::new(Full::new(body.clone()));
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = uri.clone();
+                // The headers are kept only while a fallback or a retry may still need them.
+                *req.headers_mut() = if i + 1 < targets.len() || fd_retries < FD_RETRIES {
+                    headers.clone()
+                } else {
+                    std::mem::take(&mut headers)
+                };
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(target.hostport())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                let outcome =
+                    with_timeout(self.options.upstream_timeout, self.client.request(req)).await;
+                // Out of file descriptors: the process's listeners close an idle client
+                // connection to make room, and the same endpoint is tried again (it is not
+                // at fault, and the request has not left this process).
+                if let Some(Err(e)) = &outcome
+                    && e.is_connect()
+                    && is_local_resource_error(e)
+                    && fd_retries < FD_RETRIES
+                    && llmsched_listener::free_descriptor()
+                {
+                    fd_retries += 1;
+                    tracing::debug!(
+                        endpoint = target.hostport(),
+                        "out of descriptors for an upstream connection: closed an idle client connection, retrying"
+                    );
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                break outcome;
             };
-            if !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(target.hostport())
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
-            let outcome =
-                with_timeout(self.options.upstream_timeout, self.client.request(req)).await;
             tried.push(target.hostport().to_string());
             let e = match outcome {
                 Some(Ok(resp)) => {
@@ -372,7 +463,7 @@ impl Proxy {
     }
 
     /// The upstream response body with the idle timeout and health reports.
-    fn upstream_body(&self, incoming: Incoming, endpoint: Arc<Endpoint>) -> UpstreamBody {
+    fn upstream_body(&self, incoming: Upstream, endpoint: Arc<Endpoint>) -> UpstreamBody {
         UpstreamBody::new(
             incoming,
             self.options.upstream_timeout,
@@ -388,7 +479,7 @@ impl Proxy {
     /// from there.
     async fn relay(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<Upstream>,
         mut routed: Routed,
         marker: bool,
         served: Option<Arc<Endpoint>>,

@@ -79,6 +79,18 @@
 //! for keep-alive connections; a request body that stalls for
 //! [`ProxyOptions::request_body_timeout`] is answered `408` and its connection closed.
 //!
+//! ## Prefill/decode disaggregation
+//!
+//! With [`ProxyOptions::pd_router`] set, a decision that carries a prefill endpoint (the P/D
+//! plugins' `x-prefiller-host-port` header) is served by `llmsched-pdsidecar`'s
+//! [`PdRouter`] in process: prefill hop to that endpoint with `max_tokens: 1` and
+//! `kv_transfer_params` asking for a remote decode, then the decode hop to the decode pick
+//! with the returned parameters, relayed as usual (streams stay streams; the usage's cached
+//! tokens are the prefill replica's). A failing prefiller is retried and then replaced by a
+//! local prefill on the decoder (counted). The router's metrics are served on the proxy at
+//! `GET /pd-sidecar/metrics`. Without it the header goes to the decode endpoint, whose own
+//! `pd-sidecar` acts on it, as behind Envoy.
+//!
 //! ## Baselines
 //!
 //! [`Baseline::RoundRobin`] and [`Baseline::Random`] (flag `--baseline`) replace the
@@ -113,6 +125,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use body::ProxyBody;
 pub use llmsched_listener::{Limits, ListenerMetrics};
+/// The in-process P/D router and its settings ([`ProxyOptions::pd_router`]).
+pub use llmsched_pdsidecar::{PdRouter, PdRouterConfig, SidecarMetrics};
 
 /// A naive routing policy used instead of the scheduler, for comparisons (see the crate
 /// documentation for exactly what a baseline does and does not do).
@@ -175,6 +189,12 @@ pub struct ProxyOptions {
     pub limits: Limits,
     /// Metrics of the proxy's listener (unregistered by default).
     pub listener_metrics: ListenerMetrics,
+    /// Prefill/decode disaggregation in process: when the decision names a prefill endpoint
+    /// (`x-prefiller-host-port`, set by the P/D plugins) this router does the sidecar's work
+    /// (prefill hop, then decode hop on the decode pick), so no `pd-sidecar` process is
+    /// needed. `None` forwards the header to the decode endpoint, whose own sidecar acts on
+    /// it. Default `None` (`llmsched epp` turns it on: `--proxy-pd-routing`).
+    pub pd_router: Option<Arc<PdRouter>>,
 }
 
 impl Default for ProxyOptions {
@@ -194,6 +214,7 @@ impl Default for ProxyOptions {
             max_reroutes: 2,
             limits: Limits::default(),
             listener_metrics: ListenerMetrics::default(),
+            pd_router: None,
         }
     }
 }

@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use llmsched_core::endpoint::Endpoint;
 use llmsched_core::health::{FailureKind, HealthPolicy};
 use tokio::time::{Instant, Sleep};
+
+use crate::body::Upstream;
 
 /// Errors of the bodies the proxy handles.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -154,17 +155,18 @@ pub fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A model server's response body: [`IdleTimeout`] plus health reports — a body that stalls
+/// A model server's response body (straight from its connection or through the in-process
+/// P/D router): [`IdleTimeout`] plus health reports — a body that stalls
 /// (`timeout`) or breaks off (`reset`) is a failure of the endpoint that sent it.
 pub struct UpstreamBody {
-    inner: IdleTimeout<Incoming>,
+    inner: IdleTimeout<Upstream>,
     report: Option<(Arc<Endpoint>, HealthPolicy)>,
 }
 
 impl UpstreamBody {
     /// `body` from `endpoint`, at most `idle` between frames.
     pub(crate) fn new(
-        body: Incoming,
+        body: Upstream,
         idle: Duration,
         endpoint: Arc<Endpoint>,
         policy: HealthPolicy,

@@ -5,6 +5,8 @@
 //! llmsched sim --replicas 4 --address 127.0.0.2 --ip-per-replica          # 127.0.0.2..5:8000
 //! llmsched sim --addrs 127.0.0.2:8000,127.0.0.3:8000 --time-scale 10
 //! llmsched sim --profile llama3.1-8b-h100 --kv-events-endpoint 'tcp://*:5557'
+//! llmsched sim --role prefill --base-port 8100 --kv-side-channel-port 5600    # P/D prefill pool
+//! llmsched sim --role decode --replicas 3 --base-port 8200                    # P/D decode pool
 //! ```
 //!
 //! Every profile parameter can be overridden; unset flags keep the profile's value.
@@ -18,6 +20,7 @@ use llmsched_kvevents::{ConnectMode, EncodeOptions, Layout};
 use crate::cluster::SimCluster;
 use crate::config::{ClusterConfig, KvEventsConfig, ReplicaConfig, TokenizerChoice};
 use crate::error::SimError;
+use crate::pd::{LoadFailurePolicy, Role, link, link_names};
 use crate::profile::{DEFAULT_PROFILE, PROFILES};
 
 /// Flags of `llmsched sim`.
@@ -187,6 +190,51 @@ pub struct Args {
     /// Sequence number of the first batch (vLLM 0, llm-d-inference-sim 1).
     #[arg(long, default_value_t = 0)]
     pub kv_events_first_seq: u64,
+
+    /// P/D role: prefill, decode (both turn vLLM's NIXL KV connector on) or both (an
+    /// aggregated replica without a connector: kv_transfer_params are ignored).
+    #[arg(long, default_value = "both", env = "LLMSCHED_SIM_ROLE")]
+    pub role: Role,
+
+    /// Force the NIXL connector on (nixl) or off (none) whatever the role.
+    #[arg(long, value_parser = ["nixl", "NixlConnector", "none"])]
+    pub kv_connector: Option<String>,
+
+    /// Host the NIXL side channel listens on and advertises as remote_host [default: the
+    /// replica's IP].
+    #[arg(long, env = "VLLM_NIXL_SIDE_CHANNEL_HOST")]
+    pub kv_side_channel_host: Option<IpAddr>,
+
+    /// Side-channel port of the first replica; replica i uses port + i (0 = free ports).
+    #[arg(long, default_value_t = crate::pd::DEFAULT_SIDE_CHANNEL_PORT, env = "VLLM_NIXL_SIDE_CHANNEL_PORT")]
+    pub kv_side_channel_port: u16,
+
+    /// Seconds (simulated) a finished prefill holds its KV blocks for a decoder that does not
+    /// read them.
+    #[arg(long, default_value_t = crate::pd::DEFAULT_ABORT_TIMEOUT_S, env = "VLLM_NIXL_ABORT_REQUEST_TIMEOUT")]
+    pub nixl_abort_request_timeout: f64,
+
+    /// Interconnect between prefill and decode replicas (rdma-400g, rdma-200g, tcp,
+    /// nvlink-h100).
+    #[arg(long, default_value = "rdma-400g")]
+    pub kv_transfer_link: String,
+
+    /// Achieved KV transfer bandwidth per link (per GPU), GB/s [default: the link's].
+    #[arg(long)]
+    pub kv_transfer_gbytes_per_s: Option<f64>,
+
+    /// Fixed cost per KV transfer, milliseconds [default: the link's].
+    #[arg(long)]
+    pub kv_transfer_latency_ms: Option<f64>,
+
+    /// KV-cache bytes per token of the whole replica [default: from the profile's model].
+    #[arg(long)]
+    pub kv_bytes_per_token: Option<u64>,
+
+    /// What a decode replica does when KV blocks cannot be read: fail (vLLM's default: the
+    /// request ends with an error) or recompute (prefill the rest locally).
+    #[arg(long, default_value = "fail")]
+    pub kv_load_failure_policy: LoadFailurePolicy,
 }
 
 impl Args {
@@ -271,6 +319,32 @@ impl Args {
         r.eos_mean_tokens = self.eos_mean_tokens;
         r.prompt_tokens_details = !self.disable_prompt_tokens_details;
         r.seed = self.seed;
+        r = r.with_role(self.role);
+        match self.kv_connector.as_deref() {
+            Some("nixl" | "NixlConnector") => r.pd.connector = true,
+            Some(_) => r.pd.connector = false,
+            None => {}
+        }
+        r.pd.side_channel_host = self.kv_side_channel_host;
+        r.pd.side_channel_port = self.kv_side_channel_port;
+        r.pd.abort_timeout_s = self.nixl_abort_request_timeout;
+        let l = link(&self.kv_transfer_link).ok_or_else(|| {
+            SimError::Config(format!(
+                "unknown --kv-transfer-link {:?}; available: {}",
+                self.kv_transfer_link,
+                link_names()
+            ))
+        })?;
+        r.pd.transfer.link_bytes_per_s = self
+            .kv_transfer_gbytes_per_s
+            .map_or(l.bytes_per_s, |g| g * 1e9);
+        r.pd.transfer.latency_s = self
+            .kv_transfer_latency_ms
+            .map_or(l.latency_s, |ms| ms * 1e-3);
+        if let Some(b) = self.kv_bytes_per_token {
+            r.pd.transfer.bytes_per_token = b;
+        }
+        r.pd.failure_policy = self.kv_load_failure_policy;
         r.validate()?;
 
         if self.replicas == 0 && self.addrs.is_empty() {
@@ -437,5 +511,67 @@ mod tests {
                 .unwrap_err()
                 .contains("--kv-events-endpoint")
         );
+        assert!(
+            parse(&["--role", "router"])
+                .unwrap_err()
+                .contains("prefill, decode or both")
+        );
+        assert!(
+            parse(&["--role", "decode", "--kv-transfer-link", "carrier-pigeon"])
+                .unwrap_err()
+                .contains("rdma-400g")
+        );
+        assert!(
+            parse(&["--role", "decode", "--kv-transfer-gbytes-per-s", "0"])
+                .unwrap_err()
+                .contains("bandwidth")
+        );
+        assert!(
+            parse(&["--nixl-abort-request-timeout", "0"])
+                .unwrap_err()
+                .contains("abort timeout")
+        );
+        assert!(
+            parse(&["--kv-load-failure-policy", "retry"])
+                .unwrap_err()
+                .contains("fail or recompute")
+        );
+    }
+
+    #[test]
+    fn roles_turn_the_connector_on() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.replica.pd.role, Role::Both);
+        assert!(!c.replica.pd.connector);
+        let c = parse(&[
+            "--role",
+            "prefill",
+            "--kv-side-channel-port",
+            "0",
+            "--nixl-abort-request-timeout",
+            "30",
+            "--kv-transfer-link",
+            "rdma-200g",
+            "--kv-transfer-latency-ms",
+            "2",
+            "--kv-load-failure-policy",
+            "recompute",
+        ])
+        .unwrap();
+        let pd = &c.replica.pd;
+        assert_eq!(pd.role, Role::Prefill);
+        assert!(pd.connector);
+        assert_eq!(pd.side_channel_port, 0);
+        assert_eq!(pd.abort_timeout_s, 30.0);
+        assert_eq!(pd.transfer.link_bytes_per_s, 21.75e9);
+        assert_eq!(pd.transfer.latency_s, 0.002);
+        assert_eq!(pd.transfer.bytes_per_token, 256 * 1024);
+        assert_eq!(pd.transfer.links, 2);
+        assert_eq!(pd.failure_policy, LoadFailurePolicy::Recompute);
+        let c = parse(&["--role", "decode", "--kv-connector", "none"]).unwrap();
+        assert!(!c.replica.pd.connector);
+        let c = parse(&["--kv-connector", "nixl", "--kv-bytes-per-token", "1000"]).unwrap();
+        assert!(c.replica.pd.connector);
+        assert_eq!(c.replica.pd.transfer.bytes_per_token, 1000);
     }
 }

@@ -12,7 +12,7 @@
 //! thousands of connection tasks each step wakes. HTTP handlers and the engines talk through
 //! channels.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -29,6 +29,7 @@ use crate::config::{ClusterConfig, KvEventsConfig, ReplicaConfig, TokenizerChoic
 use crate::engine::{CacheSnapshot, Engine, EngineShared};
 use crate::error::SimError;
 use crate::metrics::Metrics;
+use crate::pd::{EnginePd, HeldBlocks, KvGeometry, Puller, engine_id, serve_side_channel};
 use crate::server::{ReplicaShared, Tokenizers, handle, snapshot};
 
 /// Counters describing how a replica's simulation went.
@@ -63,9 +64,11 @@ pub struct ReplicaHandle {
     kv_endpoint: Option<String>,
     kv_replay_endpoint: Option<String>,
     kv_topic: Option<String>,
+    side_channel: Option<(SocketAddr, String)>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     engine: JoinHandle<()>,
+    side_channel_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ReplicaHandle {
@@ -101,6 +104,17 @@ impl ReplicaHandle {
     /// The topic of this replica's KV events.
     pub fn kv_events_topic(&self) -> Option<&str> {
         self.kv_topic.as_deref()
+    }
+
+    /// The NIXL side channel's bound address (what decoders read blocks from), when the
+    /// connector is on.
+    pub fn side_channel_addr(&self) -> Option<SocketAddr> {
+        self.side_channel.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The engine id advertised as `remote_engine_id`, when the connector is on.
+    pub fn engine_id(&self) -> Option<&str> {
+        self.side_channel.as_ref().map(|(_, id)| id.as_str())
     }
 
     /// The replica's configuration.
@@ -140,6 +154,9 @@ impl ReplicaHandle {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         let _ = self.engine.await;
+        if let Some(t) = self.side_channel_task {
+            let _ = t.await;
+        }
     }
 }
 
@@ -362,6 +379,60 @@ async fn start_replica(
         .map_err(|e| SimError::Config(e.message))?,
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (pd, side_channel, side_listener) = if cfg.pd.connector {
+        // vLLM's NIXL side channel: VLLM_NIXL_SIDE_CHANNEL_HOST / _PORT (+ rank).
+        let host = cfg.pd.side_channel_host.unwrap_or(addr.ip());
+        let port = if cfg.pd.side_channel_port == 0 {
+            0
+        } else {
+            u16::try_from(usize::from(cfg.pd.side_channel_port) + index).map_err(|_| {
+                SimError::Config(format!(
+                    "side-channel port {} + {index} overflows",
+                    cfg.pd.side_channel_port
+                ))
+            })?
+        };
+        let bind = SocketAddr::new(host, port);
+        let side = TcpListener::bind(bind)
+            .await
+            .map_err(|source| SimError::Bind { addr: bind, source })?;
+        let side_addr = side.local_addr()?;
+        let advertised = if host.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host
+        };
+        let id = engine_id(addr, &cfg.model);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let layers = KvGeometry::for_profile(&cfg.profile).map_or(32, |g| g.layers);
+        let puller = Puller::new(
+            tokio::runtime::Handle::current(),
+            clock,
+            cfg.pd.transfer,
+            layers,
+            done_tx,
+            engine_shared.clone(),
+        );
+        let pd = EnginePd {
+            cfg: cfg.pd.clone(),
+            engine_id: id.clone(),
+            side_host: advertised.to_string(),
+            side_port: side_addr.port(),
+            held: HeldBlocks::default(),
+            puller,
+            done_rx,
+        };
+        (Some(pd), Some((side_addr, id)), Some(side))
+    } else {
+        (None, None, None)
+    };
+    let side_channel_task = side_listener.map(|l| {
+        tokio::spawn(serve_side_channel(
+            l,
+            shared.engine_tx.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
     let engine = Engine::new(
         cfg.clone(),
         clock,
@@ -369,19 +440,22 @@ async fn start_replica(
         engine_rx,
         engine_shared,
         publisher,
+        pd,
     );
     let engine_task = engine_rt.spawn(engine.run(shutdown_rx.clone()));
     let server_task = tokio::spawn(serve(listener, shared.clone(), shutdown_rx));
-    tracing::info!(%addr, model = %cfg.model, kv_events = ?kv_endpoint, "simulated vLLM replica started");
+    tracing::info!(%addr, model = %cfg.model, kv_events = ?kv_endpoint, role = %cfg.pd.role, side_channel = ?side_channel.as_ref().map(|s| s.0), "simulated vLLM replica started");
     Ok(ReplicaHandle {
         addr,
         shared,
         kv_endpoint,
         kv_replay_endpoint,
         kv_topic,
+        side_channel,
         shutdown: shutdown_tx,
         server: server_task,
         engine: engine_task,
+        side_channel_task,
     })
 }
 

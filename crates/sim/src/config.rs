@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use llmsched_kvevents::{ConnectMode, EncodeOptions};
 
 use crate::error::SimError;
+use crate::pd::{PdConfig, Role};
 use crate::profile::{FrontendModel, StepTimeModel, profile, profile_names};
 
 /// Which tokenizer turns prompts into token ids.
@@ -88,6 +89,8 @@ pub struct ReplicaConfig {
     pub seed: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Prefill/decode disaggregation: role and NIXL connector ([`crate::pd`]).
+    pub pd: PdConfig,
 }
 
 impl ReplicaConfig {
@@ -123,7 +126,16 @@ impl ReplicaConfig {
             prompt_tokens_details: true,
             seed: 0,
             max_body_bytes: 64 << 20,
+            pd: PdConfig::for_profile(p.name),
         })
+    }
+
+    /// Plays `role` in a P/D deployment: `prefill` and `decode` turn the NIXL connector on,
+    /// `both` turns it off (today's behaviour).
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.pd.role = role;
+        self.pd.connector = role != Role::Both;
+        self
     }
 
     /// Runs every duration `f` times faster.
@@ -265,6 +277,7 @@ impl ReplicaConfig {
         {
             return err("the vocabulary size must be positive".into());
         }
+        self.pd.validate().map_err(SimError::Config)?;
         Ok(())
     }
 }

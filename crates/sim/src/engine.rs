@@ -22,6 +22,12 @@
 //!    token, which is streamed to its client. The request finishes at `max_tokens` (`length`)
 //!    or at its end-of-sequence position (`stop`), releasing its blocks.
 //!
+//! With the NIXL connector on ([`crate::pd`]), a request that prefilled for a remote decoder
+//! keeps its blocks after finishing (held until read or expired), and a request whose prompt
+//! was prefilled remotely allocates its blocks, waits while they are read from the prefill
+//! replica (counted as waiting, not scheduled), and then joins the queue with its prompt
+//! computed but for its last token.
+//!
 //! Time is virtual: step `k + 1` starts exactly when step `k` ended in simulated seconds, so
 //! timer jitter does not accumulate. If the process falls more than 50 ms (wall) behind the
 //! simulated clock, the engine re-synchronises and counts it; per-step lag is exported as
@@ -40,6 +46,9 @@ use crate::clock::SimClock;
 use crate::config::ReplicaConfig;
 use crate::kvcache::{EventLora, KvCache, block_hash, root_hash};
 use crate::metrics::Metrics;
+use crate::pd::{
+    EnginePd, KvTransferParams, LoadFailurePolicy, ReadReply, RemotePrefill, XferDone,
+};
 use crate::profile::StepShape;
 
 /// Wall-clock lag beyond which the engine gives up catching up and re-synchronises.
@@ -54,6 +63,9 @@ pub enum FinishReason {
     Length,
     /// The client went away.
     Abort,
+    /// The request failed (its remote KV could not be loaded, with
+    /// `--kv-load-failure-policy fail`).
+    Error,
 }
 
 impl FinishReason {
@@ -63,6 +75,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Abort => "abort",
+            FinishReason::Error => "error",
         }
     }
 }
@@ -100,6 +113,19 @@ pub struct LoraRef {
     pub name: Arc<str>,
 }
 
+/// What a request asks of the KV connector.
+#[derive(Debug, Default)]
+pub enum KvRequest {
+    /// Nothing: an ordinary request.
+    #[default]
+    None,
+    /// Prefill for a remote decoder: when the request finishes length-capped its blocks are
+    /// held, and their `kv_transfer_params` go to this channel (`None` when not held).
+    RemoteDecode(oneshot::Sender<Option<KvTransferParams>>),
+    /// The prompt was prefilled remotely: read its blocks from there.
+    RemotePrefill(RemotePrefill),
+}
+
 /// A request handed to the engine.
 #[derive(Debug)]
 pub struct NewRequest {
@@ -121,6 +147,8 @@ pub struct NewRequest {
     pub seed: u64,
     /// Where tokens go.
     pub tx: mpsc::UnboundedSender<Emit>,
+    /// P/D disaggregation role of this request.
+    pub kv: KvRequest,
 }
 
 /// A view of the KV cache, for tests and debugging.
@@ -145,6 +173,25 @@ pub enum EngineCmd {
     ResetPrefixCache,
     /// Report the cache contents.
     Snapshot(oneshot::Sender<CacheSnapshot>),
+    /// Side channel: a decoder wants to read a held request's last `num_blocks` blocks.
+    NixlRead {
+        /// `remote_request_id`.
+        request_id: String,
+        /// `remote_engine_id` the decoder was given.
+        engine_id: String,
+        /// Blocks the decoder lacks.
+        num_blocks: usize,
+        /// The answer.
+        reply: oneshot::Sender<ReadReply>,
+    },
+    /// Side channel: the decoder has the blocks (or gives up on them): free them. The reply
+    /// is the number of blocks freed, `None` if nothing was held under that id.
+    NixlNotify {
+        /// `remote_request_id`.
+        request_id: String,
+        /// The answer.
+        reply: oneshot::Sender<Option<usize>>,
+    },
 }
 
 /// State shared between the engine task and the HTTP handlers.
@@ -158,6 +205,7 @@ pub struct EngineShared {
 
 #[derive(Debug)]
 struct Seq {
+    id: u64,
     tokens: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
@@ -176,6 +224,14 @@ struct Seq {
     first_token: Option<f64>,
     last_token: f64,
     tx: mpsc::UnboundedSender<Emit>,
+    /// Counted in `lora_running`.
+    lora_held: bool,
+    /// Prefill for a remote decoder: where the `kv_transfer_params` go.
+    kv_reply: Option<oneshot::Sender<Option<KvTransferParams>>>,
+    /// Prefilled remotely and not yet read.
+    remote: Option<RemotePrefill>,
+    /// Prompt tokens that arrived by transfer.
+    external_tokens: usize,
 }
 
 impl Seq {
@@ -226,10 +282,32 @@ pub struct Engine {
     shared: Arc<EngineShared>,
     publisher: Option<KvEventPublisher>,
     scratch: Vec<u8>,
+    pd: Option<EnginePd>,
+    /// Requests whose blocks are being read from a prefill replica.
+    recving: usize,
+    /// Commands that arrived during a step and wait for its end.
+    deferred: Vec<EngineCmd>,
+}
+
+/// The next completed pull, or never without a connector.
+async fn recv_done(pd: &mut Option<EnginePd>) -> Option<XferDone> {
+    match pd {
+        Some(p) => p.done_rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Engine {
-    /// An engine for `cfg`, fed by `rx`, publishing KV events through `publisher` if given.
+    /// An engine for `cfg`, fed by `rx`, publishing KV events through `publisher` if given,
+    /// with the NIXL connector `pd` if given.
     pub fn new(
         cfg: Arc<ReplicaConfig>,
         clock: SimClock,
@@ -237,6 +315,7 @@ impl Engine {
         rx: mpsc::UnboundedReceiver<EngineCmd>,
         shared: Arc<EngineShared>,
         publisher: Option<KvEventPublisher>,
+        pd: Option<EnginePd>,
     ) -> Self {
         Self {
             kv: KvCache::new(cfg.num_gpu_blocks, cfg.block_size, publisher.is_some()),
@@ -254,6 +333,9 @@ impl Engine {
             shared,
             publisher,
             scratch: Vec::new(),
+            pd,
+            recving: 0,
+            deferred: Vec::new(),
         }
     }
 
@@ -265,6 +347,9 @@ impl Engine {
             if *shutdown.borrow() {
                 break;
             }
+            for cmd in std::mem::take(&mut self.deferred) {
+                self.handle(cmd);
+            }
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -275,14 +360,23 @@ impl Engine {
                     }
                 }
             }
+            while let Some(done) = self.pd.as_mut().and_then(|p| p.done_rx.try_recv().ok()) {
+                self.on_xfer_done(done);
+            }
+            self.expire_held();
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.update_gauges();
                 self.flush_events();
+                let expiry = self.next_expiry_wall();
                 tokio::select! {
                     cmd = self.rx.recv() => match cmd {
                         Some(cmd) => self.handle(cmd),
                         None => break,
                     },
+                    done = recv_done(&mut self.pd) => if let Some(d) = done {
+                        self.on_xfer_done(d);
+                    },
+                    _ = sleep_until_opt(expiry) => {}
                     _ = shutdown.changed() => break,
                 }
                 step_start = step_start.max(self.clock.now());
@@ -299,6 +393,9 @@ impl Engine {
                         Some(cmd) => self.handle(cmd),
                         None => break,
                     },
+                    done = recv_done(&mut self.pd) => if let Some(d) = done {
+                        self.on_xfer_done(d);
+                    },
                     _ = tokio::time::sleep(Duration::from_millis(1)) => {}
                     _ = shutdown.changed() => break,
                 }
@@ -306,12 +403,32 @@ impl Engine {
                 continue;
             }
 
+            // The scheduler's view (running, waiting, KV usage) as of this step, visible to
+            // scrapes while the step runs.
+            self.update_gauges();
             let end = step_start + self.cfg.step.step_time(&shape);
             let target = self.clock.wall_at(end);
             if target > Instant::now() + Duration::from_micros(200) {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(target.into()) => {}
-                    _ = shutdown.changed() => break,
+                // While the GPU computes the step, the engine's other threads keep answering:
+                // commands are handled as they arrive (a NIXL read or completion notification
+                // from a decoder must not wait for this replica's step to end, as vLLM's
+                // side channel and NIXL's one-sided reads do not; new requests join the
+                // waiting queue, scheduled at the next step as before).
+                let sleep = tokio::time::sleep_until(target.into());
+                tokio::pin!(sleep);
+                let mut closed = false;
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        cmd = self.rx.recv(), if !closed => match cmd {
+                            Some(cmd) => self.handle_mid_step(cmd),
+                            None => closed = true,
+                        },
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                if *shutdown.borrow() {
+                    break;
                 }
             } else {
                 tokio::task::yield_now().await;
@@ -337,9 +454,23 @@ impl Engine {
         for slot in slots {
             self.finish(slot, FinishReason::Abort, now, false);
         }
+        if let Some(pd) = self.pd.as_mut() {
+            for blocks in pd.held.drain() {
+                self.kv.free(&blocks);
+            }
+        }
         self.flush_events();
         if let Some(p) = self.publisher.take() {
             p.shutdown().await;
+        }
+    }
+
+    /// A command arriving during a step: everything but a prefix-cache reset (which would
+    /// touch blocks the running step is filling) is handled at once.
+    fn handle_mid_step(&mut self, cmd: EngineCmd) {
+        match cmd {
+            EngineCmd::ResetPrefixCache => self.deferred.push(cmd),
+            cmd => self.handle(cmd),
         }
     }
 
@@ -357,15 +488,167 @@ impl Engine {
                     cached_block_hashes: self.kv.cached_hashes(),
                     usage: self.kv.usage(),
                     running: self.running.len(),
-                    waiting: self.waiting.len(),
+                    waiting: self.waiting.len() + self.recving,
                 });
+            }
+            EngineCmd::NixlRead {
+                request_id,
+                engine_id,
+                num_blocks,
+                reply,
+            } => {
+                let bs = self.cfg.block_size;
+                let answer = match self.pd.as_ref() {
+                    None => ReadReply::Unknown,
+                    Some(pd) => match pd.held.get(&request_id) {
+                        None => ReadReply::Unknown,
+                        Some(_) if engine_id != pd.engine_id => ReadReply::WrongEngine,
+                        Some(h) => {
+                            let k = num_blocks.min(h.blocks.len());
+                            ReadReply::Ok {
+                                block_ids: h.blocks[h.blocks.len() - k..]
+                                    .iter()
+                                    .map(|&b| u64::from(b))
+                                    .collect(),
+                                block_bytes: pd.cfg.transfer.block_bytes(bs),
+                            }
+                        }
+                    },
+                };
+                let _ = reply.send(answer);
+            }
+            EngineCmd::NixlNotify { request_id, reply } => {
+                let freed = self.pd.as_mut().and_then(|pd| pd.held.remove(&request_id));
+                if let Some(blocks) = &freed {
+                    self.kv.free(blocks);
+                    self.shared.metrics.lock().pd.served += 1;
+                }
+                let _ = reply.send(freed.map(|b| b.len()));
+                self.update_gauges();
+                self.flush_events();
             }
         }
     }
 
+    /// Frees the held blocks whose abort timeout passed (vLLM's
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
+    fn expire_held(&mut self) {
+        let Some(pd) = self.pd.as_mut() else {
+            return;
+        };
+        if pd.held.is_empty() {
+            return;
+        }
+        let expired = pd.held.expire(self.clock.now());
+        if expired.is_empty() {
+            return;
+        }
+        for blocks in &expired {
+            self.kv.free(blocks);
+        }
+        tracing::warn!(
+            requests = expired.len(),
+            "NIXL: freeing prefilled blocks no decoder read within the abort timeout"
+        );
+        self.shared.metrics.lock().pd.expired += expired.len() as u64;
+        self.update_gauges();
+    }
+
+    /// Wall instant of the next held-block expiry.
+    fn next_expiry_wall(&self) -> Option<Instant> {
+        let at = self.pd.as_ref()?.held.next_expiry()?;
+        Some(self.clock.wall_at(at))
+    }
+
+    /// A pull finished: the request joins the queue with its KV in place (or, after a
+    /// failure, errors out or recomputes per the policy).
+    fn on_xfer_done(&mut self, d: XferDone) {
+        let now = self.clock.now();
+        let Some(policy) = self.pd.as_ref().map(|p| p.cfg.failure_policy) else {
+            return;
+        };
+        let bs = self.cfg.block_size;
+        let Some(seq) = self.seqs.get_mut(d.slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if seq.id != d.id {
+            return;
+        }
+        self.recving = self.recving.saturating_sub(1);
+        match d.result {
+            Ok(st) => {
+                {
+                    let mut m = self.shared.metrics.lock();
+                    m.pd.xfer_time.observe(st.seconds);
+                    m.pd.post_time.observe(st.post_seconds);
+                    m.pd.bytes.observe(st.bytes as f64);
+                    m.pd.descriptors.observe(st.descriptors as f64);
+                }
+                // vLLM: computed = all the request's blocks' tokens, capped at the prompt,
+                // minus the last token (recomputed to sample the first output token).
+                let len = seq.tokens.len();
+                let mut computed = (seq.blocks.len() * bs).min(len);
+                if computed == len {
+                    computed -= 1;
+                }
+                seq.external_tokens = computed.saturating_sub(seq.num_computed);
+                seq.num_computed = computed;
+                let full = computed / bs;
+                if full > seq.committed {
+                    seq.ensure_hashes(full, self.root, bs, &mut self.scratch);
+                    let lora = seq.lora.as_ref().map(|l| EventLora {
+                        id: l.id,
+                        name: &l.name,
+                    });
+                    self.kv.commit(
+                        &seq.blocks,
+                        &seq.hashes,
+                        seq.committed,
+                        full,
+                        &seq.tokens,
+                        lora,
+                    );
+                    seq.committed = full;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?policy, "NIXL: KV transfer failed");
+                let mut m = self.shared.metrics.lock();
+                m.pd.failed_transfers += 1;
+                match policy {
+                    LoadFailurePolicy::Fail => {
+                        m.pd.errored += 1;
+                        drop(m);
+                        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.finish(d.slot, FinishReason::Error, now, false);
+                        self.update_gauges();
+                        self.flush_events();
+                        return;
+                    }
+                    // The blocks stay allocated; the prompt past the local hits is computed here.
+                    LoadFailurePolicy::Recompute => m.pd.recomputed += 1,
+                }
+            }
+        }
+        if seq.tx.is_closed() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.finish(d.slot, FinishReason::Abort, now, false);
+        } else {
+            self.waiting.push_front(d.slot);
+        }
+        self.update_gauges();
+        self.flush_events();
+    }
+
     fn add(&mut self, req: NewRequest) {
         let extra = crate::kvcache::lora_key(req.lora.as_ref().map(|l| &*l.name));
+        let (kv_reply, remote) = match req.kv {
+            KvRequest::None => (None, None),
+            KvRequest::RemoteDecode(tx) => (Some(tx), None),
+            KvRequest::RemotePrefill(r) => (None, Some(r)),
+        };
         let seq = Seq {
+            id: req.id,
             prompt_len: req.prompt.len(),
             tokens: req.prompt,
             max_tokens: req.max_tokens,
@@ -384,6 +667,10 @@ impl Engine {
             first_token: None,
             last_token: req.arrival,
             tx: req.tx,
+            lora_held: false,
+            kv_reply,
+            remote,
+            external_tokens: 0,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -459,6 +746,63 @@ impl Engine {
                     skipped.push(slot);
                     continue;
                 }
+                if !seq.blocks.is_empty() {
+                    // Its KV was read from a prefill replica (or the read failed and the rest
+                    // is recomputed): the blocks are in place, it only needs scheduling.
+                    let n = (seq.tokens.len() - seq.num_computed).min(budget);
+                    self.waiting.pop_front();
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    if seq.cached_tokens.is_none() {
+                        seq.cached_tokens = Some(seq.num_computed);
+                        seq.first_scheduled = Some(now);
+                    }
+                    if let Some(l) = &seq.lora {
+                        self.lora_running
+                            .entry(l.id)
+                            .or_insert_with(|| (l.name.clone(), 0))
+                            .1 += 1;
+                        seq.lora_held = true;
+                    }
+                    Self::account(&mut shape, seq, n);
+                    self.running.push(slot);
+                    self.scheduled.push((slot, n));
+                    budget -= n;
+                    continue;
+                }
+                if let Some(pd) = self.pd.as_ref()
+                    && seq.remote.is_some()
+                {
+                    // Remote prefill (vLLM's NIXL connector): local prefix hits first, then
+                    // blocks for the whole prompt; the rest is read from the prefill replica
+                    // while the request waits outside the batch.
+                    let num_tokens = seq.tokens.len();
+                    let max_hit_blocks = (num_tokens - 1) / bs;
+                    seq.ensure_hashes(max_hit_blocks, self.root, bs, &mut self.scratch);
+                    let hit_blocks = self.kv.longest_prefix(&seq.hashes[..max_hit_blocks]);
+                    let new_blocks = num_tokens.div_ceil(bs) - hit_blocks;
+                    if !self
+                        .kv
+                        .allocate(&mut seq.blocks, &seq.hashes[..hit_blocks], new_blocks)
+                    {
+                        break;
+                    }
+                    self.waiting.pop_front();
+                    let hit_tokens = hit_blocks * bs;
+                    seq.num_computed = hit_tokens;
+                    seq.committed = hit_blocks;
+                    {
+                        let mut m = self.shared.metrics.lock();
+                        m.prefix_queries += num_tokens as u64;
+                        m.prefix_hits += hit_tokens as u64;
+                        m.pd.external_queries += num_tokens as u64;
+                        m.pd.external_hits += (num_tokens - hit_tokens) as u64;
+                    }
+                    if let Some(remote) = seq.remote.take() {
+                        self.recving += 1;
+                        pd.puller.spawn_pull(slot, seq.id, remote, new_blocks);
+                    }
+                    continue;
+                }
                 let num_tokens = seq.tokens.len();
                 let max_hit_blocks = (num_tokens - 1) / bs;
                 seq.ensure_hashes(max_hit_blocks, self.root, bs, &mut self.scratch);
@@ -488,6 +832,7 @@ impl Engine {
                         .entry(l.id)
                         .or_insert_with(|| (l.name.clone(), 0))
                         .1 += 1;
+                    seq.lora_held = true;
                 }
                 Self::account(&mut shape, seq, n);
                 self.running.push(slot);
@@ -520,9 +865,13 @@ impl Engine {
         seq.blocks.clear();
         seq.num_computed = 0;
         seq.committed = 0;
-        if let Some(l) = &seq.lora {
+        seq.external_tokens = 0;
+        if seq.lora_held
+            && let Some(l) = &seq.lora
+        {
             Self::lora_release(&mut self.lora_running, l.id);
         }
+        seq.lora_held = false;
         self.waiting.push_front(slot);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.lock().preemptions += 1;
@@ -547,6 +896,7 @@ impl Engine {
         let mut emits: Vec<(usize, mpsc::UnboundedSender<Emit>, Emit)> = Vec::new();
         let mut generated = 0u64;
         let mut new_prompt_tokens = 0u64;
+        let mut by_source = [0u64; 3];
         let mut ttfts: Vec<f64> = Vec::new();
         let mut itls: Vec<f64> = Vec::new();
         let scheduled = std::mem::take(&mut self.scheduled);
@@ -584,6 +934,11 @@ impl Engine {
                     seq.first_token = Some(end);
                     ttfts.push((end - seq.arrival).max(0.0));
                     new_prompt_tokens += seq.prompt_len as u64;
+                    let cached = seq.cached_tokens.unwrap_or(0).min(seq.prompt_len);
+                    let external = seq.external_tokens.min(cached);
+                    by_source[0] += (seq.prompt_len - cached) as u64;
+                    by_source[1] += (cached - external) as u64;
+                    by_source[2] += external as u64;
                 }
                 Some(_) => itls.push((end - seq.last_token).max(0.0)),
             }
@@ -618,6 +973,9 @@ impl Engine {
             let mut m = self.shared.metrics.lock();
             m.generation_tokens += generated;
             m.prompt_tokens += new_prompt_tokens;
+            for (total, n) in m.prompt_tokens_by_source.iter_mut().zip(by_source) {
+                *total += n;
+            }
             for t in ttfts {
                 m.ttft.observe(t);
             }
@@ -659,13 +1017,45 @@ impl Engine {
 
     /// Ends a request; `notified` when its handler already got `Emit::Last`.
     fn finish(&mut self, slot: usize, reason: FinishReason, now: f64, notified: bool) {
-        let Some(seq) = self.seqs[slot].take() else {
+        let Some(mut seq) = self.seqs[slot].take() else {
             return;
         };
         self.free_slots.push(slot);
+        if let Some(reply) = seq.kv_reply.take() {
+            // vLLM's NIXL `request_finished`: a length-capped prefill for a remote decoder
+            // keeps its blocks and tells where to read them.
+            let params = match self.pd.as_mut() {
+                Some(pd) if reason == FinishReason::Length && !seq.blocks.is_empty() => {
+                    let blocks = std::mem::take(&mut seq.blocks);
+                    let request_id = format!("simreq-{}", seq.id);
+                    let params = KvTransferParams {
+                        do_remote_prefill: true,
+                        do_remote_decode: false,
+                        remote_block_ids: blocks.iter().map(|&b| u64::from(b)).collect(),
+                        remote_engine_id: pd.engine_id.clone(),
+                        remote_request_id: request_id.clone(),
+                        remote_host: pd.side_host.clone(),
+                        remote_port: pd.side_port,
+                        tp_size: pd.cfg.transfer.links,
+                    };
+                    pd.held
+                        .insert(request_id, blocks, now + pd.cfg.abort_timeout_s);
+                    Some(params)
+                }
+                _ => None,
+            };
+            let _ = reply.send(params);
+        }
+        if let Some(remote) = seq.remote.take()
+            && let Some(pd) = &self.pd
+        {
+            // Aborted before its transfer started: let the prefill replica free the blocks.
+            pd.puller.spawn_release(remote);
+        }
         self.kv.free(&seq.blocks);
-        let was_running = !seq.blocks.is_empty();
-        if was_running && let Some(l) = &seq.lora {
+        if seq.lora_held
+            && let Some(l) = &seq.lora
+        {
             Self::lora_release(&mut self.lora_running, l.id);
         }
         let outputs = seq.outputs();
@@ -706,9 +1096,13 @@ impl Engine {
         });
         let mut m = self.shared.metrics.lock();
         m.running = self.running.len();
-        m.waiting = self.waiting.len();
+        m.waiting = self.waiting.len() + self.recving;
         m.kv_usage = self.kv.usage();
         m.evictions = self.kv.evictions();
+        if let Some(pd) = &self.pd {
+            m.pd.held_requests = pd.held.len();
+            m.pd.held_blocks = pd.held.blocks();
+        }
         if let Some((running, waiting)) = lora_info {
             m.lora_running = running;
             m.lora_waiting = waiting;

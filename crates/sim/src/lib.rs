@@ -38,6 +38,7 @@ pub mod engine;
 pub mod error;
 pub mod kvcache;
 pub mod metrics;
+pub mod pd;
 pub mod profile;
 pub mod protocol;
 pub mod server;

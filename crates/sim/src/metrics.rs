@@ -9,6 +9,17 @@
 //! update as its value. The deprecated `vllm:gpu_cache_usage_perc` is exported next to
 //! `vllm:kv_cache_usage_perc` for older scrapers. `_created` samples are omitted.
 //!
+//! With the NIXL connector on (`--role prefill|decode`, [`crate::pd`]) a replica also exports
+//! vLLM's KV-connector families (`vllm:nixl_xfer_time_seconds`, `vllm:nixl_post_time_seconds`,
+//! `vllm:nixl_bytes_transferred`, `vllm:nixl_num_descriptors`,
+//! `vllm:nixl_num_failed_transfers_total`, `vllm:nixl_num_failed_notifications_total`,
+//! `vllm:external_prefix_cache_{queries,hits}_total`) and the simulator's
+//! `llmsched_sim_kv_transfer_*` series (blocks held for remote decoders, reads served, holds
+//! expired, failed transfers recomputed or errored). `vllm:prompt_tokens_by_source_total{source}`
+//! (`local_compute`, `local_cache_hit`, `external_kv_transfer`) and
+//! `vllm:prompt_tokens_cached_total` are always there, and `llmsched_sim_info{role,kv_connector}`
+//! says what the replica is.
+//!
 //! Every time is in simulated seconds. Three simulator-only series describe the simulation
 //! itself: `llmsched_sim_steps_total`, `llmsched_sim_step_lag_seconds` (how late, in wall
 //! seconds, each step finished relative to the simulated clock) and
@@ -131,8 +142,13 @@ pub struct Metrics {
     pub generation_tokens: u64,
     /// Preemptions.
     pub preemptions: u64,
-    /// Finished requests by reason: stop, length, abort.
-    pub success: [u64; 3],
+    /// Finished requests by reason: stop, length, abort, error.
+    pub success: [u64; 4],
+    /// Prompt tokens of requests that produced their first token, by where their KV came
+    /// from: computed here, local prefix-cache hit, read from a remote prefill replica.
+    pub prompt_tokens_by_source: [u64; 3],
+    /// P/D (NIXL connector) counters.
+    pub pd: crate::pd::PdMetrics,
     /// Time to first token.
     pub ttft: Histogram,
     /// Inter-token latency.
@@ -194,7 +210,9 @@ impl Metrics {
             prompt_tokens: 0,
             generation_tokens: 0,
             preemptions: 0,
-            success: [0; 3],
+            success: [0; 4],
+            prompt_tokens_by_source: [0; 3],
+            pd: crate::pd::PdMetrics::default(),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             tpot: Histogram::new(ITL_BUCKETS),
@@ -237,6 +255,7 @@ impl Metrics {
             FinishReason::Stop => 0,
             FinishReason::Length => 1,
             FinishReason::Abort => 2,
+            FinishReason::Error => 3,
         };
         self.success[idx] += 1;
         self.e2e.observe(e2e.max(0.0));
@@ -266,6 +285,10 @@ pub struct RenderInfo<'a> {
     pub block_size: usize,
     /// `max_lora` label; `None` when LoRA is disabled (the gauge is then absent, as in vLLM).
     pub max_lora: Option<usize>,
+    /// The replica's P/D role (`prefill`, `decode`, `both`).
+    pub role: &'a str,
+    /// Whether the NIXL connector is on (its families are rendered only then).
+    pub kv_connector: bool,
 }
 
 /// Python's `repr(float)`-like formatting, which every Prometheus parser accepts.
@@ -397,7 +420,7 @@ pub fn render(m: &Metrics, info: &RenderInfo<'_>) -> String {
         "counter",
         "Count of successfully processed requests.",
     );
-    for (reason, v) in ["stop", "length", "abort"].iter().zip(m.success) {
+    for (reason, v) in ["stop", "length", "abort", "error"].iter().zip(m.success) {
         let _ = writeln!(
             o.s,
             "vllm:request_success_total{{{},finished_reason=\"{reason}\"}} {}",
@@ -405,6 +428,27 @@ pub fn render(m: &Metrics, info: &RenderInfo<'_>) -> String {
             num(v as f64)
         );
     }
+    o.header(
+        "vllm:prompt_tokens_by_source_total",
+        "counter",
+        "Number of prompt tokens by source.",
+    );
+    for (source, v) in ["local_compute", "local_cache_hit", "external_kv_transfer"]
+        .iter()
+        .zip(m.prompt_tokens_by_source)
+    {
+        let _ = writeln!(
+            o.s,
+            "vllm:prompt_tokens_by_source_total{{{},source=\"{source}\"}} {}",
+            o.labels,
+            num(v as f64)
+        );
+    }
+    o.counter(
+        "vllm:prompt_tokens_cached_total",
+        "Number of cached prompt tokens (local prefix cache and external KV transfer).",
+        m.prompt_tokens_by_source[1] + m.prompt_tokens_by_source[2],
+    );
     o.histogram(
         "vllm:request_prompt_tokens",
         "Number of prefill tokens processed.",
@@ -504,7 +548,102 @@ pub fn render(m: &Metrics, info: &RenderInfo<'_>) -> String {
         "Times the engine fell more than 50 ms behind the simulated clock and re-synchronised.",
         m.resyncs,
     );
+    render_pd(&mut o, m);
     o.s
+}
+
+/// The NIXL connector's families (vLLM's names) and the simulator's P/D series.
+fn render_pd(o: &mut Out<'_>, m: &Metrics) {
+    o.header(
+        "llmsched_sim_info",
+        "gauge",
+        "The simulated replica's P/D role and whether its NIXL KV connector is on.",
+    );
+    let _ = writeln!(
+        o.s,
+        "llmsched_sim_info{{{},role=\"{}\",kv_connector=\"{}\"}} 1.0",
+        o.labels,
+        escape(o.info.role),
+        if o.info.kv_connector {
+            "NixlConnector"
+        } else {
+            "none"
+        }
+    );
+    if !o.info.kv_connector {
+        return;
+    }
+    let p = &m.pd;
+    o.counter(
+        "vllm:external_prefix_cache_queries_total",
+        "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+        p.external_queries,
+    );
+    o.counter(
+        "vllm:external_prefix_cache_hits_total",
+        "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+        p.external_hits,
+    );
+    o.histogram(
+        "vllm:nixl_xfer_time_seconds",
+        "Histogram of transfer duration for NIXL KV Cache transfers.",
+        &p.xfer_time,
+    );
+    o.histogram(
+        "vllm:nixl_post_time_seconds",
+        "Histogram of transfer post time for NIXL KV Cache transfers.",
+        &p.post_time,
+    );
+    o.histogram(
+        "vllm:nixl_bytes_transferred",
+        "Histogram of bytes transferred per NIXL KV Cache transfers.",
+        &p.bytes,
+    );
+    o.histogram(
+        "vllm:nixl_num_descriptors",
+        "Histogram of number of descriptors per NIXL KV Cache transfers.",
+        &p.descriptors,
+    );
+    o.counter(
+        "vllm:nixl_num_failed_transfers_total",
+        "Number of failed NIXL KV Cache transfers.",
+        p.failed_transfers,
+    );
+    o.counter(
+        "vllm:nixl_num_failed_notifications_total",
+        "Number of failed NIXL KV Cache notifications.",
+        p.failed_notifications,
+    );
+    o.gauge(
+        "llmsched_sim_kv_transfer_held_requests",
+        "Finished prefills whose KV blocks are held for a remote decoder.",
+        p.held_requests as f64,
+    );
+    o.gauge(
+        "llmsched_sim_kv_transfer_held_blocks",
+        "KV blocks held (allocated, not evictable) for remote decoders.",
+        p.held_blocks as f64,
+    );
+    o.counter(
+        "llmsched_sim_kv_transfer_served_total",
+        "Held prefills whose blocks a decoder read (then freed).",
+        p.served,
+    );
+    o.counter(
+        "llmsched_sim_kv_transfer_expired_total",
+        "Held prefills freed by the abort timeout because no decoder read them.",
+        p.expired,
+    );
+    o.counter(
+        "llmsched_sim_kv_transfer_recomputed_total",
+        "Requests whose KV transfer failed and whose prompt was computed locally instead (kv-load-failure-policy recompute).",
+        p.recomputed,
+    );
+    o.counter(
+        "llmsched_sim_kv_transfer_errored_total",
+        "Requests that ended with finish reason error because their KV transfer failed (kv-load-failure-policy fail).",
+        p.errored,
+    );
 }
 
 #[cfg(test)]

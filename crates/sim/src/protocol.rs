@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::engine::FinishReason;
+use crate::pd::KvTransferParams;
 
 /// Which OpenAI endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +163,8 @@ pub struct GenRequest {
     pub seed: Option<u64>,
     /// Chat: `add_generation_prompt` (default true).
     pub add_generation_prompt: bool,
+    /// `kv_transfer_params` (P/D disaggregation, vLLM's KV connector API), as sent.
+    pub kv_transfer_params: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +192,7 @@ struct RawRequest {
     prompt_logprobs: Option<Value>,
     use_beam_search: Option<bool>,
     add_generation_prompt: Option<bool>,
+    kv_transfer_params: Option<Value>,
 }
 
 fn token_id(v: &Value) -> Option<u32> {
@@ -411,6 +415,7 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
         cache_salt: raw.cache_salt,
         seed: raw.seed.map(|s| u64::from_ne_bytes(s.to_ne_bytes())),
         add_generation_prompt: raw.add_generation_prompt.unwrap_or(true),
+        kv_transfer_params: raw.kv_transfer_params,
     })
 }
 
@@ -557,6 +562,13 @@ impl StreamFormat {
         self.scratch = scratch;
     }
 
+    /// An error frame (vLLM's `data: {"error": …}` when a stream fails) and `[DONE]`.
+    pub fn error_end(&self, out: &mut BytesMut, err: &ApiError) {
+        out.put_slice(b"data: ");
+        out.put_slice(err.body().as_bytes());
+        out.put_slice(b"\n\ndata: [DONE]\n\n");
+    }
+
     /// The final usage chunk (if requested) and `[DONE]`.
     pub fn end(&self, out: &mut BytesMut, completion: usize, cached: usize) {
         if self.include_usage {
@@ -622,7 +634,7 @@ struct CompletionResponse<'a> {
     service_tier: Option<()>,
     system_fingerprint: Option<()>,
     usage: Usage,
-    kv_transfer_params: Option<()>,
+    kv_transfer_params: Option<&'a KvTransferParams>,
 }
 
 #[derive(Serialize)]
@@ -658,10 +670,12 @@ struct ChatResponse<'a> {
     usage: Usage,
     prompt_logprobs: Option<()>,
     prompt_token_ids: Option<()>,
-    kv_transfer_params: Option<()>,
+    kv_transfer_params: Option<&'a KvTransferParams>,
 }
 
-/// The body of a non-streaming response (vLLM's `model_dump()`: every field, `null`s included).
+/// The body of a non-streaming response (vLLM's `model_dump()`: every field, `null`s included);
+/// `kv` is what a prefill for a remote decoder returns as `kv_transfer_params`.
+#[allow(clippy::too_many_arguments)]
 pub fn full_response(
     api: Api,
     id: &str,
@@ -670,6 +684,7 @@ pub fn full_response(
     text: &str,
     finish: FinishReason,
     usage: Usage,
+    kv: Option<&KvTransferParams>,
 ) -> String {
     let r = match api {
         Api::Completions => serde_json::to_string(&CompletionResponse {
@@ -690,7 +705,7 @@ pub fn full_response(
             service_tier: None,
             system_fingerprint: None,
             usage,
-            kv_transfer_params: None,
+            kv_transfer_params: kv,
         }),
         Api::Chat => serde_json::to_string(&ChatResponse {
             id,
@@ -718,7 +733,7 @@ pub fn full_response(
             usage,
             prompt_logprobs: None,
             prompt_token_ids: None,
-            kv_transfer_params: None,
+            kv_transfer_params: kv,
         }),
     };
     r.unwrap_or_default()
@@ -900,6 +915,7 @@ mod tests {
                 completion_tokens: 2,
                 prompt_tokens_details: Some(PromptDetails { cached_tokens: 0 }),
             },
+            None,
         );
         assert_eq!(
             body,

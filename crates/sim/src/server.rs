@@ -44,9 +44,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::SimClock;
 use crate::config::ReplicaConfig;
-use crate::engine::{Emit, EngineCmd, EngineShared, FinishReason, LoraRef, NewRequest};
+use crate::engine::{Emit, EngineCmd, EngineShared, FinishReason, KvRequest, LoraRef, NewRequest};
 use crate::kvcache::salt_key;
 use crate::metrics::{RenderInfo, render};
+use crate::pd::{KvIntent, KvTransferParams, parse_kv_params};
 use crate::protocol::{
     Api, ApiError, GenRequest, Input, PromptDetails, StreamFormat, Usage, full_response,
     parse_request, push_word,
@@ -257,8 +258,12 @@ impl SseStream {
                     break;
                 }
                 Poll::Ready(Some(Emit::Done(f))) => {
-                    self.fmt
-                        .end(&mut self.buf, f.completion_tokens, f.cached_tokens);
+                    if f.reason == FinishReason::Error {
+                        self.fmt.error_end(&mut self.buf, &kv_load_error());
+                    } else {
+                        self.fmt
+                            .end(&mut self.buf, f.completion_tokens, f.cached_tokens);
+                    }
                     self.finished = true;
                     break;
                 }
@@ -277,6 +282,15 @@ impl SseStream {
             Poll::Pending
         }
     }
+}
+
+/// What a request that ended with finish reason `error` answers (its remote KV could not be
+/// loaded and the failure policy is `fail`).
+fn kv_load_error() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal server error: the request's KV cache could not be loaded from the prefill replica (kv_load_failure_policy=fail)",
+    )
 }
 
 fn full(
@@ -481,6 +495,13 @@ async fn generate(
     drop(body);
 
     let cfg = &shared.cfg;
+    // `kv_transfer_params` must be an object or null (vLLM's request model); it is acted on
+    // only with the NIXL connector on, ignored otherwise as by vLLM without a connector.
+    let kv_intent = match parse_kv_params(parsed.kv_transfer_params.as_ref()) {
+        Ok(i) if cfg.pd.connector => i,
+        Ok(_) => KvIntent::None,
+        Err(m) => return error(&ApiError::bad_request(m).with_param("kv_transfer_params")),
+    };
     let (lora, model_name) = match parsed.model.as_deref() {
         None => (None, cfg.model.clone()),
         Some(m) if m == cfg.model => (None, cfg.model.clone()),
@@ -596,6 +617,18 @@ async fn generate(
     if delay > 0.0 {
         tokio::time::sleep(shared.clock.wall_duration(delay)).await;
     }
+    let (kv, kv_rx) = match kv_intent {
+        KvIntent::None => (KvRequest::None, None),
+        KvIntent::RemoteDecode => {
+            let (t, r) = oneshot::channel();
+            (KvRequest::RemoteDecode(t), Some(r))
+        }
+        KvIntent::RemotePrefill(remote) => (KvRequest::RemotePrefill(remote), None),
+        KvIntent::Invalid(why) => {
+            tracing::warn!(%why, "Got invalid KVTransferParams; this request will not utilize KVTransfer");
+            (KvRequest::None, None)
+        }
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     shared.engine.queued.fetch_add(1, Ordering::Relaxed);
     let cmd = EngineCmd::Add(Box::new(NewRequest {
@@ -608,6 +641,7 @@ async fn generate(
         arrival,
         seed,
         tx,
+        kv,
     }));
     if shared.engine_tx.send(cmd).is_err() {
         shared.engine.queued.fetch_sub(1, Ordering::Relaxed);
@@ -642,12 +676,24 @@ async fn generate(
         );
         return r;
     }
-    collect_full(shared, rx, api, &id, created, &model_name, prompt_tokens).await
+    collect_full(
+        shared,
+        rx,
+        kv_rx,
+        api,
+        &id,
+        created,
+        &model_name,
+        prompt_tokens,
+    )
+    .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn collect_full(
     shared: Arc<ReplicaShared>,
     mut rx: mpsc::UnboundedReceiver<Emit>,
+    kv_rx: Option<oneshot::Receiver<Option<KvTransferParams>>>,
     api: Api,
     id: &str,
     created: u64,
@@ -689,6 +735,11 @@ async fn collect_full(
             }
         }
     };
+    if finish.reason == FinishReason::Error {
+        return error(&kv_load_error());
+    }
+    // Sent by the engine before the last token, so it is here now.
+    let kv = kv_rx.and_then(|mut r| r.try_recv().ok()).flatten();
     let text = String::from_utf8_lossy(&text);
     let usage = Usage {
         prompt_tokens,
@@ -701,7 +752,16 @@ async fn collect_full(
     full(
         StatusCode::OK,
         "application/json",
-        full_response(api, id, created, model, &text, finish.reason, usage),
+        full_response(
+            api,
+            id,
+            created,
+            model,
+            &text,
+            finish.reason,
+            usage,
+            kv.as_ref(),
+        ),
     )
 }
 
@@ -800,6 +860,8 @@ fn metrics(shared: &ReplicaShared) -> Response<SimBody> {
             num_gpu_blocks: shared.cfg.num_gpu_blocks,
             block_size: shared.cfg.block_size,
             max_lora: shared.cfg.lora.enabled.then_some(shared.cfg.lora.max_loras),
+            role: shared.cfg.pd.role.as_str(),
+            kv_connector: shared.cfg.pd.connector,
         },
     );
     full(
@@ -945,6 +1007,8 @@ fn server_info(shared: &ReplicaShared) -> Response<SimBody> {
             "chunked_prefill_size": c.max_num_batched_tokens,
             "context_length": c.max_model_len,
             "time_scale": c.time_scale,
+            "role": c.pd.role.as_str(),
+            "kv_connector": if c.pd.connector { "NixlConnector" } else { "none" },
             "version": concat!(env!("CARGO_PKG_VERSION"), "-llmsched-sim"),
         }),
     )

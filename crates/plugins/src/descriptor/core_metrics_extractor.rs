@@ -1,7 +1,7 @@
 //! `core-metrics-extractor`: which Prometheus metrics give queue, running, KV usage, LoRA
 //! and cache geometry, per engine type.
 //!
-//! No scheduling role; the data layer reads the parameters.
+//! No scheduling role; the EPP hands the parameters to the data layer's scraper.
 //!
 //! ## Parameters
 //!
@@ -12,8 +12,10 @@
 //!   (required, not `default`) and the optional metric specs `queuedRequestsSpec`,
 //!   `runningRequestsSpec`, `kvUsageSpec`, `loraSpec`, `cacheInfoSpec`,
 //!   `cacheBlockSizeLabelName`, `cacheNumBlocksLabelName`, `cacheBlockSizeSpec`,
-//!   `cacheNumBlocksSpec`. Built-in mappings: `vllm`, `sglang`, `trtllm-serve`,
-//!   `triton-tensorrt-llm`.
+//!   `cacheNumBlocksSpec`. An entry replaces the built-in mapping of the same name as a whole
+//!   (an empty spec disables that metric), as in the reference. Built-in mappings: `vllm`,
+//!   `sglang`, `trtllm-serve`, `triton-tensorrt-llm`. The reference's `customMetrics` is
+//!   refused: no llmsched plugin reads custom endpoint attributes.
 
 use std::sync::Arc;
 
@@ -51,6 +53,8 @@ pub struct EngineConfig {
     pub cache_block_size_spec: String,
     /// Metric holding the block count.
     pub cache_num_blocks_spec: String,
+    /// The reference's custom attributes (refused with a reason).
+    pub custom_metrics: Option<serde_json::Value>,
 }
 
 /// Parameters.
@@ -84,6 +88,18 @@ impl CoreMetricsExtractorParams {
                     "engineConfigs[{i}]: engine config name cannot be \"default\" (reserved)"
                 );
             }
+            if e.custom_metrics.is_some() {
+                return invalid!(
+                    "engineConfigs[{i}] ('{}'): customMetrics is not supported by llmsched: no plugin reads custom endpoint attributes; remove it",
+                    e.name
+                );
+            }
+            if p.engine_configs[..i].iter().any(|o| o.name == e.name) {
+                return invalid!(
+                    "engineConfigs[{i}]: engine '{}' is configured twice",
+                    e.name
+                );
+            }
         }
         Ok(p)
     }
@@ -99,6 +115,20 @@ pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
 mod tests {
     use super::*;
     use crate::common::testutil::*;
+
+    #[test]
+    fn custom_metrics_and_duplicates_are_refused_with_a_reason() {
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"engineConfigs": [{"name": "x", "customMetrics": [{"attributeKey": "a", "metricSpec": "m"}]}]}),
+        );
+        assert!(e.contains("customMetrics is not supported"), "{e}");
+        let e = build_err(
+            TYPE,
+            serde_json::json!({"engineConfigs": [{"name": "x"}, {"name": "x"}]}),
+        );
+        assert!(e.contains("configured twice"), "{e}");
+    }
 
     #[test]
     fn parameters() {

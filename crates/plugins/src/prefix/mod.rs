@@ -54,6 +54,7 @@ use llmsched_core::endpoint::{Endpoint, EndpointId, EndpointSource};
 use llmsched_core::metrics::PrefixIndexerMetrics;
 use llmsched_core::plugin::Candidate;
 use llmsched_core::registry::{FactoryInput, PluginError};
+use llmsched_core::replica::{DeltaOp, LocalDelta, Recorder, RemoteDelta, ReplicatedState};
 use llmsched_core::request::InferenceRequest;
 use llmsched_core::scheduler::SchedulingResult;
 use llmsched_kvindex::{ApproxIndex, ApproxIndexConfig, PrefixMatches};
@@ -220,6 +221,8 @@ pub struct ApproxPrefixCache {
     endpoints: Option<Arc<dyn EndpointSource>>,
     start: Instant,
     next_sweep_ms: AtomicU64,
+    /// Local inserts for the EPP's other replicas (HA sync), once recording started.
+    recorder: Recorder,
 }
 
 impl std::fmt::Debug for ApproxPrefixCache {
@@ -247,6 +250,7 @@ impl ApproxPrefixCache {
             endpoints,
             start: Instant::now(),
             next_sweep_ms: AtomicU64::new(SWEEP_INTERVAL_MS),
+            recorder: Recorder::new(),
         }
     }
 
@@ -340,6 +344,8 @@ impl ApproxPrefixCache {
         let mut m = PrefixCacheMatch {
             total_blocks: u32::try_from(hashes.len()).unwrap_or(u32::MAX),
             block_size: u32::try_from(block_chars).unwrap_or(u32::MAX),
+            prompt_tokens: estimated_prompt_tokens(request),
+            block_tokens: block_chars as f64 / AVERAGE_CHARS_PER_TOKEN as f64,
             ..Default::default()
         };
         if !matches.is_empty() {
@@ -403,6 +409,13 @@ impl ApproxPrefixCache {
         for target in primary.into_iter().chain(prefill) {
             self.index
                 .insert(target.id().0, self.capacity(target), &state.hashes);
+            self.recorder.record(|| LocalDelta {
+                op: DeltaOp::Blocks,
+                endpoint: target.id(),
+                keys: state.hashes.clone(),
+                ttl: std::time::Duration::ZERO,
+                at: Instant::now(),
+            });
         }
         self.publish_size();
         self.maybe_sweep();
@@ -468,6 +481,111 @@ impl ApproxPrefixCache {
         }
     }
 }
+
+/// The prompt's length in tokens as the reference's tokenizer-free `estimate` counts it:
+/// token ids exactly, text as bytes / 4 (rounded up).
+pub fn estimated_prompt_tokens(request: &InferenceRequest) -> u64 {
+    match request.prompt() {
+        llmsched_core::Prompt::TokenIds(ids) => ids.len() as u64,
+        p => (p.text_len() as u64).div_ceil(AVERAGE_CHARS_PER_TOKEN as u64),
+    }
+}
+
+/// Blocks per snapshot delta.
+const SNAPSHOT_CHUNK: usize = 4096;
+
+/// The index is shared with the EPP's other replicas as `Blocks` deltas: every local insert
+/// (the request's hashes and the endpoint it went to) is recorded, and a peer's insert is
+/// applied as if this replica had routed the request — with this replica's own LRU
+/// capacity for the endpoint, so a peer cannot grow the index beyond its bounds.
+impl ReplicatedState for ApproxPrefixCache {
+    fn replica_kind(&self) -> &'static str {
+        "approx-prefix"
+    }
+
+    fn start_recording(&self, capacity: usize) {
+        self.recorder.start(capacity);
+    }
+
+    fn drain_local(&self, out: &mut Vec<LocalDelta>, max: usize) -> usize {
+        self.recorder.drain(out, max)
+    }
+
+    fn dropped_local(&self) -> u64 {
+        self.recorder.dropped()
+    }
+
+    fn apply_remote(&self, deltas: &[RemoteDelta<'_>]) -> usize {
+        let mut applied = 0;
+        for d in deltas {
+            if d.op != DeltaOp::Blocks || d.keys.is_empty() {
+                continue;
+            }
+            self.index
+                .insert(d.endpoint.id().0, self.capacity(d.endpoint), d.keys);
+            applied += d.keys.len();
+        }
+        if applied > 0 {
+            self.publish_size();
+        }
+        applied
+    }
+
+    /// Per endpoint, its blocks least recently used chunk first (each chunk most recent
+    /// first, as a prompt is recorded), so applying the chunks in order leaves the most
+    /// recent blocks the most recent ones. `max_keys` is split evenly over the endpoints.
+    fn snapshot(&self, out: &mut Vec<LocalDelta>, max_keys: usize) {
+        let endpoints = self.index.endpoints();
+        if endpoints.is_empty() {
+            return;
+        }
+        let per_endpoint = max_keys / endpoints.len();
+        let now = Instant::now();
+        for ep in endpoints {
+            let blocks = self.index.endpoint_blocks(ep, per_endpoint);
+            for chunk in blocks.rchunks(SNAPSHOT_CHUNK) {
+                out.push(LocalDelta {
+                    op: DeltaOp::Blocks,
+                    endpoint: EndpointId(ep),
+                    keys: chunk.to_vec(),
+                    ttl: std::time::Duration::ZERO,
+                    at: now,
+                });
+            }
+        }
+    }
+}
+
+/// Implements [`ReplicatedState`] for a plugin by forwarding to its `cache` field.
+macro_rules! replicated_via_cache {
+    ($ty:ty) => {
+        impl llmsched_core::replica::ReplicatedState for $ty {
+            fn replica_kind(&self) -> &'static str {
+                self.cache.replica_kind()
+            }
+            fn start_recording(&self, capacity: usize) {
+                self.cache.start_recording(capacity)
+            }
+            fn drain_local(
+                &self,
+                out: &mut Vec<llmsched_core::replica::LocalDelta>,
+                max: usize,
+            ) -> usize {
+                self.cache.drain_local(out, max)
+            }
+            fn dropped_local(&self) -> u64 {
+                self.cache.dropped_local()
+            }
+            fn apply_remote(&self, deltas: &[llmsched_core::replica::RemoteDelta<'_>]) -> usize {
+                self.cache.apply_remote(deltas)
+            }
+            fn snapshot(&self, out: &mut Vec<llmsched_core::replica::LocalDelta>, max_keys: usize) {
+                self.cache.snapshot(out, max_keys)
+            }
+        }
+    };
+}
+pub(crate) use replicated_via_cache;
 
 /// True when some candidate holds at least one block according to `m`.
 pub(crate) fn any_candidate_matched(m: &PrefixCacheMatch, candidates: &[Candidate<'_>]) -> bool {

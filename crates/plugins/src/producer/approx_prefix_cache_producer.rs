@@ -69,7 +69,10 @@ impl_plugin!(
     as_data_producer => DataProducer,
     as_pre_request => PreRequest,
     as_endpoint_listener => EndpointListener,
+    as_replicated => ReplicatedState,
 );
+
+crate::prefix::replicated_via_cache!(ApproxPrefixCacheProducer);
 
 impl DataProducer for ApproxPrefixCacheProducer {
     fn produce(

@@ -1,13 +1,17 @@
-//! `active-request-scorer`: prefers endpoints with fewer requests in flight *from this EPP*.
+//! `active-request-scorer`: prefers endpoints with fewer requests in flight *from this EPP*
+//! (and, with HA sync, from its replicas).
 //!
 //! Unlike the queue scorers, which read the engine's metrics (scraped every 50 ms), this one
 //! reads the EPP's own dispatch accounting (`Endpoint::inflight_requests`, incremented when a
-//! request is sent and decremented when it completes), so bursts are seen immediately.
+//! request is sent and decremented when it completes), so bursts are seen immediately. With
+//! several EPP replicas synced (`--ha-mode=active-active`), the other replicas' latest
+//! in-flight counts are added (`Endpoint::fleet_inflight_requests`), so the replicas balance
+//! as one EPP would.
 //!
 //! ## Formula
 //!
-//! With `c(e)` the endpoint's in-flight requests and `max` the largest `c` over the
-//! candidates:
+//! With `c(e)` the endpoint's in-flight requests (this EPP's plus its synced replicas') and
+//! `max` the largest `c` over the candidates:
 //!
 //! ```text
 //! score(e) = 1                                   when c(e) ≤ idleThreshold
@@ -111,7 +115,7 @@ impl Scorer for ActiveRequestScorer {
     fn score(&self, _cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
         let mut max = 0u64;
         for (s, e) in scores.iter_mut().zip(candidates) {
-            let c = e.inflight_requests();
+            let c = e.fleet_inflight_requests();
             max = max.max(c);
             *s = c as f64;
         }
@@ -188,6 +192,21 @@ mod tests {
         let p =
             serde_json::json!({"idleThreshold": -3, "maxBusyScore": 7.0, "requestTimeout": "2m"});
         assert_close(&run(Some(p), &[0, 2, 4]), &[1.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn synced_replicas_in_flight_counts_add_up() {
+        let p = build(TYPE, None).unwrap();
+        let s = p.as_scorer().unwrap();
+        let (a, b) = (ep(1), ep(2));
+        a.dispatch(5);
+        // The other replicas have 3 in flight on b: b is the busier one.
+        b.set_peer_inflight(3, 30);
+        // max 3: a (1) → 2/3; b (3) → 0.
+        assert_close(
+            &scores(s.as_ref(), &request("m"), &CycleState::new(), &[a, b]),
+            &[2.0 / 3.0, 0.0],
+        );
     }
 
     #[test]

@@ -108,6 +108,7 @@ use llmsched_core::plugin::{
     Scorer, ScorerCategory,
 };
 use llmsched_core::registry::{FactoryInput, PluginError};
+use llmsched_core::replica::{DeltaOp, LocalDelta, Recorder, RemoteDelta, ReplicatedState};
 use llmsched_core::request::{InferenceRequest, Prompt, ResponseInfo};
 use llmsched_core::scheduler::SchedulingResult;
 use llmsched_kvevents::subscriber::{topic_hostport, topic_model};
@@ -616,6 +617,10 @@ struct Inner {
     inflight: parking_lot::Mutex<HashMap<String, InFlight>>,
     /// Σ estimated prefill tokens of those requests, per endpoint.
     pending_prefill: parking_lot::Mutex<HashMap<EndpointKey, u64>>,
+    /// The same, summed over the EPP's other replicas (HA sync; swapped in whole).
+    peer_pending_prefill: arc_swap::ArcSwap<HashMap<EndpointKey, u64>>,
+    /// Speculation begun and ended here, for the other replicas (HA sync).
+    recorder: Recorder,
     decisions: DecisionLog,
     prefix_metrics: PrefixIndexerMetrics,
 }
@@ -651,6 +656,13 @@ impl Inner {
             let grace = self.speculation.map_or(Duration::ZERO, |s| s.grace);
             for &ep in &f.targets {
                 self.index.end_speculative(ep, &f.keys, grace);
+                self.recorder.record(|| LocalDelta {
+                    op: DeltaOp::SpeculateEnd,
+                    endpoint: EndpointId(ep),
+                    keys: f.keys.clone(),
+                    ttl: grace,
+                    at: std::time::Instant::now(),
+                });
             }
         }
         let mut pending = self.pending_prefill.lock();
@@ -851,6 +863,8 @@ impl PreciseScorer {
             }),
             inflight: parking_lot::Mutex::new(HashMap::new()),
             pending_prefill: parking_lot::Mutex::new(HashMap::new()),
+            peer_pending_prefill: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            recorder: Recorder::new(),
             decisions: DecisionLog::new(TYPE),
             prefix_metrics: i.handle.metrics.prefix.clone(),
         });
@@ -946,7 +960,89 @@ impl_plugin!(
     as_pre_request => PreRequest,
     as_response_hooks => ResponseHooks,
     as_endpoint_listener => EndpointListener,
+    as_replicated => ReplicatedState,
 );
+
+/// How long a peer's speculative entries count at most without their end being heard (a
+/// lost `SpeculateEnd` costs at most this; the engines' events confirm real blocks anyway).
+pub const PEER_SPECULATION_LEASE: Duration = Duration::from_secs(30);
+/// Upper bound of the grace a peer may ask for when its speculation ends.
+const PEER_SPECULATION_GRACE_MAX: Duration = Duration::from_secs(10);
+
+/// Shared with the EPP's other replicas: speculative entries (begun at routing, ended at the
+/// request's first token or end) and the pending-prefill gauge `prefill-load-scorer` reads.
+/// Confirmed entries come from the engines' KV events, which every replica subscribes to
+/// itself, so they are not sent.
+impl ReplicatedState for PreciseScorer {
+    fn replica_kind(&self) -> &'static str {
+        "precise-prefix"
+    }
+
+    fn start_recording(&self, capacity: usize) {
+        self.inner.recorder.start(capacity);
+    }
+
+    fn drain_local(&self, out: &mut Vec<LocalDelta>, max: usize) -> usize {
+        self.inner.recorder.drain(out, max)
+    }
+
+    fn dropped_local(&self) -> u64 {
+        self.inner.recorder.dropped()
+    }
+
+    fn apply_remote(&self, deltas: &[RemoteDelta<'_>]) -> usize {
+        if self.inner.speculation.is_none() {
+            return 0;
+        }
+        let mut applied = 0;
+        for d in deltas {
+            let ep = d.endpoint.id().0;
+            match d.op {
+                DeltaOp::Speculate => {
+                    self.inner
+                        .index
+                        .add_speculative(ep, d.keys, d.ttl.min(PEER_SPECULATION_LEASE));
+                    applied += d.keys.len();
+                }
+                DeltaOp::SpeculateEnd => {
+                    self.inner.index.expire_speculative(
+                        ep,
+                        d.keys,
+                        d.ttl.min(PEER_SPECULATION_GRACE_MAX),
+                    );
+                    applied += d.keys.len();
+                }
+                DeltaOp::Blocks => {}
+            }
+        }
+        applied
+    }
+
+    /// Nothing: speculative entries live seconds, and confirmed ones come from the engines.
+    fn snapshot(&self, _out: &mut Vec<LocalDelta>, _max_keys: usize) {}
+
+    fn local_gauges(&self, out: &mut Vec<(EndpointId, u64)>) {
+        out.extend(
+            self.inner
+                .pending_prefill
+                .lock()
+                .iter()
+                .map(|(&ep, &w)| (EndpointId(ep), w)),
+        );
+    }
+
+    fn set_peer_gauges(&self, totals: &[(EndpointId, u64)]) {
+        let map: HashMap<EndpointKey, u64> = totals
+            .iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(e, w)| (e.0, *w))
+            .collect();
+        if map.is_empty() && self.inner.peer_pending_prefill.load().is_empty() {
+            return;
+        }
+        self.inner.peer_pending_prefill.store(Arc::new(map));
+    }
+}
 
 thread_local! {
     static TOKENS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -995,6 +1091,20 @@ impl DataProducer for PreciseScorer {
                 }
             }
         }
+        {
+            // The other replicas' pending prefill (HA sync), lock-free.
+            let peers = inner.peer_pending_prefill.load();
+            if !peers.is_empty() {
+                for c in candidates {
+                    let ep = c.id().0;
+                    let Some(&w) = peers.get(&ep) else { continue };
+                    match state.pending_prefill.iter_mut().find(|(e, _)| *e == ep) {
+                        Some((_, v)) => *v = v.saturating_add(w),
+                        None => state.pending_prefill.push((ep, w)),
+                    }
+                }
+            }
+        }
         let total = state.keys.len();
         if total > 0 {
             let best = state
@@ -1008,6 +1118,8 @@ impl DataProducer for PreciseScorer {
             let mut m = PrefixCacheMatch {
                 total_blocks: u32::try_from(total).unwrap_or(u32::MAX),
                 block_size: inner.index.config().block_size,
+                prompt_tokens: state.prompt_tokens,
+                block_tokens: f64::from(inner.index.config().block_size),
                 ..PrefixCacheMatch::default()
             };
             for x in &state.matches {
@@ -1095,6 +1207,13 @@ impl PreRequest for PreciseScorer {
                 self.inner
                     .index
                     .begin_speculative(ep, &st.keys, spec.max_life);
+                self.inner.recorder.record(|| LocalDelta {
+                    op: DeltaOp::Speculate,
+                    endpoint: target.id(),
+                    keys: st.keys.clone(),
+                    ttl: spec.max_life,
+                    at: std::time::Instant::now(),
+                });
             }
             targets.push(ep);
             work.push((ep, st.uncached_tokens(ep)));
@@ -1507,6 +1626,71 @@ mod tests {
         p.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
         assert_close(&run(&p, &req, &eps).1, &[0.0, 0.0]);
         assert_eq!(p.index().stats().entries, 0);
+    }
+
+    #[test]
+    fn replicas_share_speculation_and_pending_prefill() {
+        use llmsched_core::replica::RemoteDelta;
+        let eps = [ep(1), ep(2)];
+        let params =
+            serde_json::json!({"tokenProcessorConfig": {"blockSize": 4}, "speculativeTTL": "1ms"});
+        let a = scorer(&eps, params.clone());
+        let b = scorer(&eps, params);
+        a.start_recording(16);
+        let req = with_id(with_prompt(Prompt::Text(PROMPT.into())), "a");
+        let (cycle, _) = run(&a, &req, &eps);
+        a.pre_request(&req, &cycle, &routed_to(&eps[1]), &mut Vec::new());
+        // a's gauge: the prompt's prefill is pending on endpoint 2.
+        let mut g = Vec::new();
+        a.local_gauges(&mut g);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].0, EndpointId(2));
+        assert!(g[0].1 > 0);
+        let mut out = Vec::new();
+        assert_eq!(a.drain_local(&mut out, 10), 1);
+        assert_eq!(out[0].op, DeltaOp::Speculate);
+        let to_remote = |out: &[LocalDelta]| -> Vec<(DeltaOp, Vec<u64>, Duration)> {
+            out.iter().map(|d| (d.op, d.keys.clone(), d.ttl)).collect()
+        };
+        let apply = |b: &PreciseScorer, ds: &[(DeltaOp, Vec<u64>, Duration)]| {
+            let remote: Vec<RemoteDelta<'_>> = ds
+                .iter()
+                .map(|(op, keys, ttl)| RemoteDelta {
+                    op: *op,
+                    endpoint: &eps[1],
+                    keys,
+                    ttl: *ttl,
+                })
+                .collect();
+            b.apply_remote(&remote)
+        };
+        // b learns the speculation and the gauge: it sends the prompt to endpoint 2 too, and
+        // prefill-load sees a's pending work there.
+        assert!(apply(&b, &to_remote(&out)) > 0);
+        assert_close(&run(&b, &req, &eps).1, &[0.0, 1.0]);
+        b.set_peer_gauges(&g);
+        let (cycle_b, _) = run(&b, &req, &eps);
+        let st = cycle_b.get::<PreciseState>().unwrap();
+        assert_eq!(st.pending_prefill(2), g[0].1);
+        // a's request reaches its first token: the end travels too and b's entry expires
+        // after the grace (1 ms).
+        let info = ResponseInfo {
+            status: 200,
+            streaming: true,
+            body_bytes: 5,
+            ..ResponseInfo::default()
+        };
+        a.response_streaming(&req, &info, b"data:", &eps[1]);
+        out.clear();
+        assert_eq!(a.drain_local(&mut out, 10), 1);
+        assert_eq!(out[0].op, DeltaOp::SpeculateEnd);
+        apply(&b, &to_remote(&out));
+        until("the peer's speculation ends on b", || {
+            run(&b, &req, &eps).1 == [0.0, 0.0]
+        });
+        b.set_peer_gauges(&[]);
+        let (cycle_b, _) = run(&b, &req, &eps);
+        assert_eq!(cycle_b.get::<PreciseState>().unwrap().pending_prefill(2), 0);
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //!
 //! ## Parameters
 //!
-//! `autoTune` (default `true`), `blockSizeTokens` (16), `blockSize` (deprecated, characters),
+//! `autoTune` (default `true`), `blockSizeTokens` (16), `blockSize` (deprecated, characters;
+//! its older name `hashBlockSize` is accepted too, as 2025 P/D configurations write it),
 //! `maxPrefixBlocksToMatch` (256), `maxPrefixTokensToMatch` (0 = off),
 //! `lruCapacityPerServer` (31250): see [`crate::prefix`] for their exact meaning.
 //!
@@ -96,8 +97,30 @@ impl PrefixCacheScorer {
 
 /// Factory.
 pub fn factory(i: FactoryInput<'_>) -> Result<Arc<dyn Plugin>, PluginError> {
+    let renamed = legacy_hash_block_size(i.parameters);
+    let i = FactoryInput {
+        parameters: renamed.as_ref().or(i.parameters),
+        ..i
+    };
     let cache = ApproxPrefixCache::from_input(&i)?;
     Ok(Arc::new(PrefixCacheScorer::new(i.name, cache)))
+}
+
+/// `hashBlockSize`, the scorer's block-size parameter until GIE renamed it `blockSize`
+/// (2025-09), as P/D configurations of 2025 still write it: the parameters with it renamed
+/// (`blockSize` wins when both are given), or `None` when it is absent.
+fn legacy_hash_block_size(parameters: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+    let obj = parameters?.as_object()?;
+    let v = obj.get("hashBlockSize")?;
+    let mut out = obj.clone();
+    out.remove("hashBlockSize");
+    if !out.contains_key("blockSize") {
+        tracing::warn!(
+            "prefix-cache-scorer: 'hashBlockSize' is the old name of 'blockSize'; prefer 'blockSizeTokens'"
+        );
+        out.insert("blockSize".into(), v.clone());
+    }
+    Some(serde_json::Value::Object(out))
 }
 
 impl_plugin!(
@@ -108,7 +131,10 @@ impl_plugin!(
     as_pre_request => PreRequest,
     as_response_hooks => ResponseHooks,
     as_endpoint_listener => EndpointListener,
+    as_replicated => ReplicatedState,
 );
+
+crate::prefix::replicated_via_cache!(PrefixCacheScorer);
 
 impl Scorer for PrefixCacheScorer {
     fn category(&self) -> ScorerCategory {
@@ -116,6 +142,12 @@ impl Scorer for PrefixCacheScorer {
     }
 
     fn score(&self, cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
+        // Deferred to a producer that is no longer there (a configuration reload dropped it
+        // and carried this scorer over): hash and record again from the next request.
+        if self.deferred.load(Ordering::Relaxed) && cx.cycle.get::<ApproxPrefixState>().is_none() {
+            self.deferred.store(false, Ordering::Relaxed);
+            tracing::info!(scorer = %self.name, "prefix-cache-scorer: no other prefix producer ran; hashing and recording again");
+        }
         score_prefix_match(cx.cycle, candidates, scores);
     }
 }
@@ -283,6 +315,61 @@ mod tests {
         (cycle, s)
     }
 
+    /// Deferring to a producer, then the producer goes away (a reload dropped it and carried
+    /// this scorer over): the scorer hashes and records by itself again.
+    #[test]
+    fn deferral_ends_when_the_producer_is_gone() {
+        let p = scorer(Some(serde_json::json!({"blockSize": 4, "autoTune": false})));
+        let producer = build(
+            crate::producer::approx_prefix_cache_producer::TYPE,
+            Some(serde_json::json!({"blockSizeTokens": 1, "autoTune": false})),
+        )
+        .unwrap();
+        let eps = [ep(1)];
+        let req = chat_request("aaaabbbb");
+        let cands: Vec<Candidate<'_>> = eps.iter().collect();
+        // With the producer: its state is in the cycle, the scorer defers.
+        let mut cycle = CycleState::new();
+        producer
+            .clone()
+            .as_data_producer()
+            .unwrap()
+            .produce(&req, &mut cycle, &cands);
+        p.clone()
+            .as_data_producer()
+            .unwrap()
+            .produce(&req, &mut cycle, &cands);
+        scores(p.clone().as_scorer().unwrap().as_ref(), &req, &cycle, &eps);
+        let (cycle, _) = run_cycle(&p, &req, &eps);
+        assert!(
+            cycle.get::<ApproxPrefixState>().is_none(),
+            "deferred: no state of its own"
+        );
+        // Without it: the next request is hashed and recorded by the scorer again.
+        let (cycle, _) = run_cycle(&p, &req, &eps);
+        dispatch(&p, &req, &cycle, &result_for(&eps[0]));
+        assert_close(&run_cycle(&p, &req, &eps).1, &[1.0]);
+    }
+
+    #[test]
+    fn the_old_hash_block_size_name_is_block_size() {
+        let renamed = |v: serde_json::Value| legacy_hash_block_size(Some(&v));
+        assert_eq!(
+            renamed(serde_json::json!({"hashBlockSize": 5, "lruCapacityPerServer": 9})),
+            Some(serde_json::json!({"blockSize": 5, "lruCapacityPerServer": 9}))
+        );
+        assert_eq!(
+            renamed(serde_json::json!({"hashBlockSize": 5, "blockSize": 7})),
+            Some(serde_json::json!({"blockSize": 7}))
+        );
+        assert_eq!(renamed(serde_json::json!({"blockSize": 7})), None);
+        assert!(build(TYPE, Some(serde_json::json!({"hashBlockSize": 5}))).is_ok());
+        assert!(
+            build_err(TYPE, serde_json::json!({"hashBlockSize": 0}))
+                .contains("blockSize must be > 0")
+        );
+    }
+
     #[test]
     fn score_is_matched_over_total() {
         let p = scorer(Some(serde_json::json!({"blockSize": 4, "autoTune": false})));
@@ -408,6 +495,69 @@ mod tests {
             .unwrap()
             .endpoint_removed(EndpointId(1));
         assert_close(&run_cycle(&p, &req, &eps).1, &[0.0]);
+    }
+
+    #[test]
+    fn replicas_share_routed_blocks_through_deltas_and_snapshots() {
+        use llmsched_core::replica::RemoteDelta;
+        let params = serde_json::json!({"blockSize": 4});
+        let a = scorer(Some(params.clone()));
+        let b = scorer(Some(params.clone()));
+        let eps = [ep(1), ep(2)];
+        let ra = a.clone().as_replicated().unwrap();
+        let rb = b.clone().as_replicated().unwrap();
+        assert_eq!(ra.replica_kind(), "approx-prefix");
+        // Nothing is recorded before recording starts.
+        let req = chat_request("aaaabbbbcccc");
+        let (cycle, _) = run_cycle(&a, &req, &eps);
+        dispatch(&a, &req, &cycle, &result_for(&eps[1]));
+        let mut out = Vec::new();
+        assert_eq!(ra.drain_local(&mut out, 100), 0);
+        // Recording: the next decision is a delta naming endpoint 2 and the prompt's blocks.
+        ra.start_recording(2);
+        let req2 = chat_request("xxxxyyyy");
+        let (cycle, _) = run_cycle(&a, &req2, &eps);
+        dispatch(&a, &req2, &cycle, &result_for(&eps[1]));
+        assert_eq!(ra.drain_local(&mut out, 100), 1);
+        assert_eq!(out[0].endpoint, EndpointId(2));
+        assert_eq!(out[0].keys.len(), 2);
+        // Replica b applies it (endpoint resolved by the sync layer) and scores as a would.
+        let remote: Vec<RemoteDelta<'_>> = out
+            .iter()
+            .map(|d| RemoteDelta {
+                op: d.op,
+                endpoint: &eps[1],
+                keys: &d.keys,
+                ttl: d.ttl,
+            })
+            .collect();
+        assert_eq!(rb.apply_remote(&remote), 2);
+        assert_close(&run_cycle(&b, &req2, &eps).1, &[0.0, 1.0]);
+        // Applying twice changes nothing (idempotent).
+        rb.apply_remote(&remote);
+        assert_close(&run_cycle(&b, &req2, &eps).1, &[0.0, 1.0]);
+        // The earlier, unrecorded decision reaches b through a's snapshot.
+        assert_close(&run_cycle(&b, &req, &eps).1, &[0.0, 0.0]);
+        let mut snap = Vec::new();
+        ra.snapshot(&mut snap, 1000);
+        assert_eq!(snap.iter().map(|d| d.keys.len()).sum::<usize>(), 5);
+        let remote: Vec<RemoteDelta<'_>> = snap
+            .iter()
+            .map(|d| RemoteDelta {
+                op: d.op,
+                endpoint: eps.iter().find(|e| e.id() == d.endpoint).unwrap(),
+                keys: &d.keys,
+                ttl: d.ttl,
+            })
+            .collect();
+        rb.apply_remote(&remote);
+        assert_close(&run_cycle(&b, &req, &eps).1, &[0.0, 1.0]);
+        // A full buffer drops and counts.
+        for _ in 0..3 {
+            let (cycle, _) = run_cycle(&a, &req2, &eps);
+            dispatch(&a, &req2, &cycle, &result_for(&eps[0]));
+        }
+        assert_eq!(ra.dropped_local(), 1);
     }
 
     #[test]

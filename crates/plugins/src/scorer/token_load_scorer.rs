@@ -4,7 +4,8 @@
 //!
 //! With `t(e)` the estimated prompt+output tokens of the requests this EPP has in flight on
 //! the endpoint (`Endpoint::inflight_tokens`, maintained by the director at dispatch and
-//! completion) and `T` the `queueThresholdTokens` parameter:
+//! completion; with HA sync, plus the latest figures of the EPP's other replicas,
+//! `Endpoint::fleet_inflight_tokens`) and `T` the `queueThresholdTokens` parameter:
 //!
 //! ```text
 //! score(e) = 1 − min(t(e), T) / T
@@ -90,7 +91,7 @@ impl Scorer for TokenLoadScorer {
 
     fn score(&self, _cx: &SchedulingContext<'_>, candidates: &[Candidate<'_>], scores: &mut [f64]) {
         for (s, e) in scores.iter_mut().zip(candidates) {
-            let t = e.inflight_tokens() as f64;
+            let t = e.fleet_inflight_tokens() as f64;
             *s = 1.0 - t.min(self.threshold) / self.threshold;
         }
     }

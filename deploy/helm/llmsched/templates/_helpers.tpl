@@ -61,7 +61,12 @@ app.kubernetes.io/component: endpoint-picker
 
 {{/* Leader election: on with more than one replica, as the inferencepool chart. */}}
 {{- define "llmsched.leaderElection" -}}
-{{- if gt (int .Values.replicas) 1 -}}true{{- end -}}
+{{- if and (gt (int .Values.replicas) 1) (ne .Values.ha.mode "active-active") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Several replicas, all active, sharing state (ha.mode active-active). */}}
+{{- define "llmsched.activeActive" -}}
+{{- if and (gt (int .Values.replicas) 1) (eq .Values.ha.mode "active-active") -}}true{{- end -}}
 {{- end -}}
 
 {{/* A cluster-wide unique name for cluster-scoped objects. */}}
@@ -98,6 +103,11 @@ app.kubernetes.io/component: endpoint-picker
 {{- if include "llmsched.leaderElection" . }}
 - --ha-enable-leader-election
 {{- end }}
+{{- if include "llmsched.activeActive" . }}
+- --ha-mode=active-active
+- --ha-port
+- {{ .Values.ha.port | quote }}
+{{- end }}
 - --grpc-port
 - {{ .Values.ports.grpc | quote }}
 - --grpc-health-port
@@ -131,7 +141,11 @@ app.kubernetes.io/component: endpoint-picker
 - --admin
 - {{ printf "127.0.0.1:%v" .Values.envoy.adminPort | quote }}
 - --epp
+{{- if include "llmsched.activeActive" . }}
+- {{ printf "%s-epp.%s.svc:%v" (include "llmsched.fullname" .) .Release.Namespace .Values.ports.grpc | quote }}
+{{- else }}
 - {{ printf "127.0.0.1:%v" .Values.ports.grpc | quote }}
+{{- end }}
 - --epp-health-port
 - {{ .Values.ports.health | quote }}
 - {{ printf "--epp-tls=%s" (include "llmsched.eppTls" .) | quote }}

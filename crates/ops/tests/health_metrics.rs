@@ -1,21 +1,39 @@
-//! gRPC health transitions, the `/metrics` endpoint and certificate loading/reload.
+//! gRPC health transitions (real tonic client and server on loopback) and the `/metrics`
+//! endpoint with its authorization answers (raw HTTP/1.1 on a socket).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (team rule: no unwrap outside tests)
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use llmsched_core::endpoint::{EndpointSet, EndpointSource};
-use llmsched_director::testing::*;
-use llmsched_extproc::testing::*;
-use llmsched_extproc::tls::{CERT_FILE, KEY_FILE, generate_self_signed};
-use llmsched_extproc::*;
+use llmsched_ops::*;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+/// Polls `cond` until it holds (generous deadline; no fixed sleeps in assertions).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A registry with one counter at 3.
+fn registry() -> Arc<Registry> {
+    let mut r = Registry::default();
+    let c: Counter = Counter::default();
+    c.inc_by(3);
+    r.register("inference_extension_test_requests", "Requests seen", c);
+    Arc::new(r)
+}
 
 /// An endpoint source whose snapshot the test replaces.
 struct Swappable(ArcSwap<EndpointSet>);
@@ -182,22 +200,10 @@ async fn watch_streams_every_change_and_ends_on_shutdown() {
 
 #[tokio::test]
 async fn metrics_endpoint_serves_the_shared_registry() {
-    let epp = epp(basic_config(1, ""), endpoints(1)).start().await;
-    // "m" was served before, so it is a label value of its own (llmsched_core::labels).
-    epp.director.metrics().known.learn("m");
-    let mut client = epp.client().await;
-    let mut c = Conv::open(&mut client).await;
-    c.send(headers_msg(&post(&[]), false)).await;
-    c.send_body(&completion_body("m", "p", false), 1).await;
-    let _ = c.next().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve_metrics(
-        listener,
-        epp.registry.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(serve_metrics(listener, registry(), shutdown.clone()));
     let get = |path: &'static str| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
@@ -212,8 +218,11 @@ async fn metrics_endpoint_serves_the_shared_registry() {
     let page = get("/metrics").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("application/openmetrics-text"));
-    assert!(page.contains("inference_objective_request_total{model_name=\"m\",target_model_name=\"m\",priority=\"0\"} 1"), "{page}");
-    assert!(page.contains("inference_extension_info{commit=\"test\",build_ref=\"test\"} 1"));
+    assert!(
+        page.contains("inference_extension_test_requests_total 3"),
+        "{page}"
+    );
+    assert!(page.contains("# EOF"), "{page}");
     assert!(get("/other").await.starts_with("HTTP/1.1 404"));
     shutdown.cancel();
 }
@@ -254,7 +263,6 @@ impl MetricsAuthorizer for TableAuth {
 
 #[tokio::test]
 async fn metrics_auth_answers_401_403_500_or_the_page() {
-    let epp = epp(basic_config(1, ""), endpoints(1)).start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -263,7 +271,7 @@ async fn metrics_auth_answers_401_403_500_or_the_page() {
     });
     tokio::spawn(serve_metrics_with_auth(
         listener,
-        epp.registry.clone(),
+        registry(),
         Some(auth.clone()),
         shutdown.clone(),
     ));
@@ -314,7 +322,7 @@ async fn metrics_auth_answers_401_403_500_or_the_page() {
             "GET",
             Some("bearer prometheus"),
             "HTTP/1.1 200",
-            "inference_extension_info",
+            "inference_extension_test_requests_total 3",
         ),
     ];
     for (method, authz, status, body) in cases {
@@ -335,58 +343,5 @@ async fn metrics_auth_answers_401_403_500_or_the_page() {
     );
     // Other paths are reviewed first, then not found.
     assert!(get("GET", "/other", None).await.starts_with("HTTP/1.1 401"));
-    shutdown.cancel();
-}
-
-#[tokio::test]
-async fn cert_dir_is_loaded_and_reloaded() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c1, k1) = generate_self_signed().unwrap();
-    std::fs::write(dir.path().join(CERT_FILE), &c1).unwrap();
-    std::fs::write(dir.path().join(KEY_FILE), &k1).unwrap();
-    let tls = TlsConfig::from_cert_dir(dir.path(), true).unwrap();
-    assert_eq!(tls.certificate_pem(), c1.as_bytes());
-    let director =
-        Arc::new(llmsched_director::Director::builder(basic_config(1, ""), endpoints(1)).build());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(serve_ext_proc(
-        listener,
-        director,
-        Some(tls),
-        None,
-        ExtProcOptions::default(),
-        shutdown.clone(),
-    ));
-    let connect = |ca: String| async move {
-        let ep =
-            tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-                .unwrap()
-                .tls_config(
-                    tonic::transport::ClientTlsConfig::new()
-                        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                        .domain_name("localhost"),
-                )
-                .unwrap();
-        ep.connect().await.is_ok()
-    };
-    assert!(connect(c1.clone()).await);
-    // Replace the pair; new connections get the new certificate.
-    let (c2, k2) = generate_self_signed().unwrap();
-    std::fs::write(dir.path().join(CERT_FILE), &c2).unwrap();
-    std::fs::write(dir.path().join(KEY_FILE), &k2).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if connect(c2.clone()).await {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "certificate never reloaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!connect(c1).await, "old certificate no longer served");
     shutdown.cancel();
 }

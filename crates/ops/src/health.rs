@@ -37,7 +37,8 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use llmsched_listener::Listener;
 
-use crate::server::{ServeError, default_listener, tcp_incoming};
+use crate::ServeError;
+use crate::accept::{default_listener, tcp_incoming};
 
 /// Liveness service name (the multi-replica chart's liveness probe).
 pub const LIVENESS: &str = "liveness";
