@@ -74,9 +74,22 @@ async fn route(epp: &EppHandle, prompt: &str) -> String {
     conv.send_body(&body, 1).await;
     let first = conv.next().await;
     let (_, headers) = headers_of(&first).expect("routed");
-    get(&headers, "x-gateway-destination-endpoint")
+    let destination = get(&headers, "x-gateway-destination-endpoint")
         .expect("destination")
-        .to_string()
+        .to_string();
+    // The stream ends here: wait until the EPP released the request (it does so as it sees
+    // the stream close), so the next request does not see this one's in-flight load.
+    drop(conv);
+    eventually("the request released", || {
+        use llmsched_core::endpoint::EndpointSource;
+        epp.store()
+            .snapshot()
+            .endpoints
+            .iter()
+            .all(|e| e.inflight_requests() == 0)
+    })
+    .await;
+    destination
 }
 
 async fn metrics_text(epp: &EppHandle) -> String {
@@ -158,18 +171,45 @@ async fn replicas_route_as_one_and_a_newcomer_is_warm_before_it_is_ready() {
     // From now on, each learns the other's decisions as they are made.
     wait_metric(&a, "llmsched_ha_peers{state=\"connected\"}", |v| v == 1.0).await;
     wait_metric(&b, "llmsched_ha_peers{state=\"connected\"}", |v| v == 1.0).await;
+    // Both replicas hold the same index once every decision reached the other one: sizes
+    // (`inference_extension_prefix_indexer_size`) equal. Counting sent and applied keys
+    // instead would not do: a replica counts its keys as its sync task sends them, which may
+    // be after the next round started.
+    let size = |t: &str| metric(t, "inference_extension_prefix_indexer_size");
     for i in 0..6 {
         let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let p = long_prompt(&format!("live{i}"));
-        let learned = metric(
-            &metrics_text(second).await,
-            "llmsched_ha_entries_total{origin=\"peer\"}",
-        );
+        let before = size(&metrics_text(first).await);
         let d = route(first, &p).await;
-        // The peer follows once the batch arrived (soft state: wait for it, without routing
-        // on the peer meanwhile, which would record its own decision).
-        wait_metric(second, "llmsched_ha_entries_total{origin=\"peer\"}", |v| {
-            v > learned
+        // The peer follows once it holds what the first replica holds (soft state: wait for
+        // it, without routing on the peer meanwhile, which would record its own decision).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (mine, theirs) = (
+                size(&metrics_text(first).await),
+                size(&metrics_text(second).await),
+            );
+            if mine > before && theirs == mine {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "live{i}: index sizes {mine} here, {theirs} on the peer (before: {before})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The peer also learns the first replica's in-flight load (absolute gauges, sent when
+        // they change): the request above was charged and released, and a peer that still
+        // counts it would rightly weigh that load against the prefix match. Wait until the
+        // release arrived too.
+        eventually("the peer saw the request released", || {
+            use llmsched_core::endpoint::EndpointSource;
+            second
+                .store()
+                .snapshot()
+                .endpoints
+                .iter()
+                .all(|e| e.peer_inflight_requests() == 0)
         })
         .await;
         assert_eq!(
@@ -267,7 +307,20 @@ async fn route_tls(epp: &EppHandle, prompt: &str) -> String {
     conv.send_body(&body, 1).await;
     let first = conv.next().await;
     let (_, headers) = headers_of(&first).expect("routed");
-    get(&headers, "x-gateway-destination-endpoint")
+    let destination = get(&headers, "x-gateway-destination-endpoint")
         .expect("destination")
-        .to_string()
+        .to_string();
+    // The stream ends here: wait until the EPP released the request (it does so as it sees
+    // the stream close), so the next request does not see this one's in-flight load.
+    drop(conv);
+    eventually("the request released", || {
+        use llmsched_core::endpoint::EndpointSource;
+        epp.store()
+            .snapshot()
+            .endpoints
+            .iter()
+            .all(|e| e.inflight_requests() == 0)
+    })
+    .await;
+    destination
 }
