@@ -103,6 +103,16 @@ pub struct SchedulerMetrics {
     pub known: KnownNames,
     /// P/D disaggregation decisions.
     pub disagg: DisaggMetrics,
+    /// Profiles scheduled over endpoints held back as unhealthy, because none of the
+    /// healthy candidates passed the profile's filters (see [`crate::scheduler::Scheduler`]).
+    pub profile_fail_open: Family<ProfileLabel, Counter>,
+}
+
+/// `profile` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabel {
+    /// Scheduling profile name.
+    pub profile: String,
 }
 
 impl std::fmt::Debug for SchedulerMetrics {
@@ -120,6 +130,7 @@ impl Default for SchedulerMetrics {
             prefix: PrefixIndexerMetrics::default(),
             known: KnownNames::default(),
             disagg: DisaggMetrics::default(),
+            profile_fail_open: Family::default(),
         }
     }
 }
@@ -142,6 +153,11 @@ impl SchedulerMetrics {
             "inference_extension_plugin_duration_seconds",
             "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name",
             m.plugin_duration.clone(),
+        );
+        registry.register(
+            "llmsched_endpoint_health_profile_fail_open",
+            "Scheduling profiles run over endpoints held back as unhealthy because no healthy candidate passed the profile's filters",
+            m.profile_fail_open.clone(),
         );
         m.prefix.register(registry);
         m.disagg.register(registry);

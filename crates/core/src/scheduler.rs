@@ -18,7 +18,7 @@ use smallvec::SmallVec;
 use crate::cycle::CycleState;
 use crate::endpoint::Endpoint;
 use crate::error::InferenceError;
-use crate::metrics::{AttemptLabels, PluginTimer, SchedulerMetrics, point};
+use crate::metrics::{AttemptLabels, PluginTimer, ProfileLabel, SchedulerMetrics, point};
 use crate::plugin::{
     Candidate, Filter, Picker, ProfileHandler, SchedulingContext, ScoredEndpoint, Scorer,
 };
@@ -382,13 +382,29 @@ impl Scheduler {
         cycle: &CycleState,
         candidates: &[Candidate<'_>],
     ) -> Result<SchedulingResult, InferenceError> {
+        self.schedule_with_held_back(request, cycle, candidates, &[])
+    }
+
+    /// [`Self::schedule`] with the endpoints the caller held back as unhealthy. A profile
+    /// whose filters leave none of `candidates` runs again over `candidates` and `held_back`
+    /// together (fail-open per profile): when one role's endpoints are all held back (P/D
+    /// decoders not scraped yet while the prefillers are), that profile still finds them, as
+    /// the whole request fails open when no endpoint at all is healthy. Counted in
+    /// `llmsched_endpoint_health_profile_fail_open_total{profile}`.
+    pub fn schedule_with_held_back(
+        &self,
+        request: &InferenceRequest,
+        cycle: &CycleState,
+        candidates: &[Candidate<'_>],
+        held_back: &[Candidate<'_>],
+    ) -> Result<SchedulingResult, InferenceError> {
         let start = Instant::now();
         let cx = SchedulingContext {
             request,
             cycle,
             now: start,
         };
-        let outcome = self.run_profiles(&cx, candidates);
+        let outcome = self.run_profiles(&cx, candidates, held_back);
         if let Some(m) = &self.metrics {
             m.e2e.observe(start.elapsed().as_secs_f64());
             let labels = match &outcome {
@@ -421,6 +437,7 @@ impl Scheduler {
         &self,
         cx: &SchedulingContext<'_>,
         candidates: &[Candidate<'_>],
+        held_back: &[Candidate<'_>],
     ) -> Result<SchedulingResult, SchedulingError> {
         let mut results = ProfileResults::default();
         for _ in 0..MAX_PROFILE_ROUNDS {
@@ -438,7 +455,7 @@ impl Scheduler {
                 if results.has_run(idx) {
                     continue;
                 }
-                let r = match profile.run(cx, candidates) {
+                let r = match self.run_profile(profile, cx, candidates, held_back) {
                     Ok(r) => Some(r),
                     Err(e) => {
                         tracing::debug!(profile = profile.name(), error = %e, "profile failed");
@@ -461,5 +478,36 @@ impl Scheduler {
             return Err(SchedulingError::EmptyPrimary(out.primary_profile));
         }
         Ok(out)
+    }
+
+    /// One profile over the candidates, or over the held-back endpoints too when its filters
+    /// leave no candidate (see [`Self::schedule_with_held_back`]).
+    fn run_profile(
+        &self,
+        profile: &SchedulerProfile,
+        cx: &SchedulingContext<'_>,
+        candidates: &[Candidate<'_>],
+        held_back: &[Candidate<'_>],
+    ) -> Result<ProfileRunResult, SchedulingError> {
+        match profile.run(cx, candidates) {
+            Err(SchedulingError::NoEndpoints) if !held_back.is_empty() => {
+                let all: Vec<Candidate<'_>> = candidates.iter().chain(held_back).copied().collect();
+                let r = profile.run(cx, &all)?;
+                tracing::debug!(
+                    profile = profile.name(),
+                    held_back = held_back.len(),
+                    "no healthy endpoint passed the profile's filters: scheduled over the unhealthy ones too (fail-open)"
+                );
+                if let Some(m) = &self.metrics {
+                    m.profile_fail_open
+                        .get_or_create(&ProfileLabel {
+                            profile: profile.name().to_string(),
+                        })
+                        .inc();
+                }
+                Ok(r)
+            }
+            r => r,
+        }
     }
 }

@@ -625,6 +625,58 @@ fn scheduler_picks_by_weighted_clamped_sum() {
     assert_eq!(r.targets()[0].hostport(), "127.0.0.3:8000");
 }
 
+/// A profile whose filters leave none of the candidates runs again over the held-back
+/// (unhealthy) endpoints, and that is counted per profile; a profile that finds candidates
+/// never looks at the held-back ones.
+#[test]
+fn a_profile_left_without_candidates_falls_back_on_the_held_back_endpoints() {
+    let text = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: drop-filter\n- type: queue-scorer\n";
+    let handle = PluginHandle::default();
+    let c = load(text, ConfigSource::Text, &registry(), &handle).unwrap();
+    let set = StaticEndpoints::from_addrs(&[
+        "127.0.0.2:9999".parse().unwrap(),
+        "127.0.0.3:8000".parse().unwrap(),
+        "127.0.0.4:8000".parse().unwrap(),
+    ]);
+    set_queue(&set.0.endpoints[1], 5);
+    set_queue(&set.0.endpoints[2], 1);
+    let req = InferenceRequest::new("r1", Headers::new(), None);
+    let routable = [&set.0.endpoints[0]];
+    let held_back = [&set.0.endpoints[1], &set.0.endpoints[2]];
+    let counted = || {
+        handle
+            .metrics
+            .profile_fail_open
+            .get_or_create(&crate::metrics::ProfileLabel {
+                profile: "default".into(),
+            })
+            .get()
+    };
+    // Without held-back endpoints: the reference's 429.
+    assert!(
+        c.scheduler
+            .schedule(&req, &CycleState::new(), &routable)
+            .is_err()
+    );
+    assert_eq!(counted(), 0);
+    // With them: the profile's usual scoring over the held-back ones.
+    let r = c
+        .scheduler
+        .schedule_with_held_back(&req, &CycleState::new(), &routable, &held_back)
+        .unwrap();
+    assert_eq!(r.targets()[0].hostport(), "127.0.0.4:8000");
+    assert_eq!(counted(), 1);
+    // A candidate that passes the filters wins over any held-back endpoint.
+    let routable = [&set.0.endpoints[1]];
+    let held_back = [&set.0.endpoints[2]];
+    let r = c
+        .scheduler
+        .schedule_with_held_back(&req, &CycleState::new(), &routable, &held_back)
+        .unwrap();
+    assert_eq!(r.targets()[0].hostport(), "127.0.0.3:8000");
+    assert_eq!(counted(), 1);
+}
+
 #[test]
 fn filters_removing_everything_give_the_reference_429() {
     let text = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: drop-filter\n- type: queue-scorer\n";

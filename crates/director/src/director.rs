@@ -41,12 +41,12 @@ use rand::Rng;
 
 use crate::flow::{DEFAULT_TICK, FlowController, FlowRequest, FlowTicket, SaturationProbe};
 use crate::headers::{ensure_request_id, parse_ms};
-use crate::health::{CandidateFilter, HealthMetrics, now_ms};
+use crate::health::{CandidateFilter, Candidates, HealthMetrics, now_ms};
 use crate::metrics::{
     EppMetrics, ModelLabels, ModelNameLabel, Phase, PriorityLabels, ProfilePickLabels,
     RewriteLabels,
 };
-use crate::routed::{RouteKind, Routed, RoutedParts};
+use crate::routed::{Retarget, RouteKind, Routed, RoutedParts};
 
 /// Message of a request rejected because its body names no model.
 pub const MSG_MODEL_NOT_FOUND: &str = "model not found in request body";
@@ -61,6 +61,14 @@ pub const MSG_SHED: &str = "system saturated, sheddable request dropped";
 const MODEL_OPTIONAL_PARSERS: [&str; 2] = ["passthrough-parser", "vllmgrpc-parser"];
 
 /// What the scheduling step decided for a request.
+/// Whether [`Director::decide`] runs the admission plugins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Run,
+    Skip,
+}
+
+/// What [`Director::decide`] decided for a request.
 struct Decision {
     cycle: CycleState,
     result: SchedulingResult,
@@ -375,7 +383,9 @@ impl Director {
 
     /// A random candidate (healthy ones first, see [`Self::candidates`]).
     fn random_endpoint(&self, snap: &EndpointSet, exclude: &[EndpointId]) -> Option<Arc<Endpoint>> {
-        let cands = self.candidates(snap, None, exclude, Instant::now());
+        let cands = self
+            .candidates(snap, None, exclude, Instant::now())
+            .routable;
         if cands.is_empty() {
             return None;
         }
@@ -478,16 +488,16 @@ impl Director {
         })?;
         let snap = self.endpoints.snapshot();
         let candidates = self.candidates(&snap, subset_hint.as_deref(), &[], t);
-        let kept = self.shed_when_saturated(&active, &request, &candidates);
+        let kept = self.shed_when_saturated(&active, &request, &candidates.routable);
         metrics.observe_phase(Phase::Admission, t.elapsed());
         kept.map_err(fail)?;
-        if candidates.is_empty() {
+        if candidates.routable.is_empty() {
             return Err(fail(InferenceError::service_unavailable(MSG_NO_CANDIDATES)));
         }
 
         // The decision: producers → admitters → scheduler → pre-request hooks.
         let t = Instant::now();
-        let decided = self.decide(&active.config, &request, &candidates);
+        let decided = self.decide(&active.config, &request, &candidates, Admission::Run);
         metrics.observe_phase(Phase::Scheduling, t.elapsed());
         let Decision {
             cycle,
@@ -637,30 +647,41 @@ impl Director {
         Ok(())
     }
 
-    /// Data producers, admission plugins, the scheduler, then the pre-request hooks.
+    /// Data producers, admission plugins (unless `admission` skips them: a reroute was
+    /// admitted already), the scheduler (over the routable candidates, a profile falling back
+    /// on the held-back ones when it finds none), then the pre-request hooks.
     fn decide(
         &self,
         config: &LoadedConfig,
         request: &InferenceRequest,
-        candidates: &[Candidate<'_>],
+        candidates: &Candidates<'_>,
+        admission: Admission,
     ) -> Result<Decision, InferenceError> {
+        let routable = &candidates.routable;
         let mut cycle = CycleState::new();
         for (p, timer) in &config.data_producers {
             let t0 = Instant::now();
-            p.produce(request, &mut cycle, candidates);
+            p.produce(request, &mut cycle, routable);
             timer.record(t0.elapsed());
         }
-        let now = Instant::now();
-        for (a, timer) in &config.admitters {
-            let t0 = Instant::now();
-            let r = a.admit(request, candidates, now);
-            timer.record(t0.elapsed());
-            if let Err(e) = r {
-                tracing::debug!(plugin = a.name(), error = %e, "admission plugin rejected the request");
-                return Err(e);
+        if admission == Admission::Run {
+            let now = Instant::now();
+            for (a, timer) in &config.admitters {
+                let t0 = Instant::now();
+                let r = a.admit(request, routable, now);
+                timer.record(t0.elapsed());
+                if let Err(e) = r {
+                    tracing::debug!(plugin = a.name(), error = %e, "admission plugin rejected the request");
+                    return Err(e);
+                }
             }
         }
-        let result = config.scheduler.schedule(request, &cycle, candidates)?;
+        let result = config.scheduler.schedule_with_held_back(
+            request,
+            &cycle,
+            routable,
+            &candidates.held_back,
+        )?;
         let mut headers_to_set = Vec::new();
         for (h, timer) in &config.pre_request {
             let t0 = Instant::now();
@@ -735,7 +756,7 @@ impl Director {
         hint: Option<&[String]>,
         exclude: &[EndpointId],
         now: Instant,
-    ) -> Vec<Candidate<'a>> {
+    ) -> Candidates<'a> {
         let ips: Option<Vec<std::net::IpAddr>> = match hint {
             Some(list) if !self.options.disable_endpoint_subset_filter => {
                 Some(list.iter().filter_map(|s| hint_ip(s)).collect())
@@ -773,36 +794,38 @@ impl Director {
     ) -> Result<(), InferenceError> {
         let snap = self.endpoints.snapshot();
         let candidates = self.candidates(&snap, routed.subset_hint(), failed, Instant::now());
-        if candidates.is_empty() {
+        if candidates.routable.is_empty() {
             return Err(InferenceError::service_unavailable(MSG_NO_CANDIDATES));
         }
         self.shared.health_metrics.reroutes.inc();
         if routed.kind() == RouteKind::Fallback {
-            let i = rand::rng().random_range(0..candidates.len());
-            let target = candidates[i].clone();
+            let routable = &candidates.routable;
+            let target = routable[rand::rng().random_range(0..routable.len())].clone();
             drop(candidates);
-            routed.retarget(CycleState::new(), None, vec![target], Vec::new());
+            routed.retarget(Retarget {
+                cycle: CycleState::new(),
+                result: None,
+                destination: join_hostports(std::slice::from_ref(&target)),
+                targets: vec![target],
+                headers_to_set: Vec::new(),
+            });
             return Ok(());
         }
         let config = routed.config().clone();
-        let mut cycle = CycleState::new();
-        for (p, timer) in &config.data_producers {
-            let t0 = Instant::now();
-            p.produce(routed.request(), &mut cycle, &candidates);
-            timer.record(t0.elapsed());
-        }
-        let result = config
-            .scheduler
-            .schedule(routed.request(), &cycle, &candidates)?;
+        let Decision {
+            cycle,
+            result,
+            destination,
+            headers_to_set,
+        } = self.decide(&config, routed.request(), &candidates, Admission::Skip)?;
         drop(candidates);
-        let mut headers_to_set = Vec::new();
-        for (h, timer) in &config.pre_request {
-            let t0 = Instant::now();
-            h.pre_request(routed.request(), &cycle, &result, &mut headers_to_set);
-            timer.record(t0.elapsed());
-        }
-        let targets = result.targets().to_vec();
-        routed.retarget(cycle, Some(result), targets, headers_to_set);
+        routed.retarget(Retarget {
+            cycle,
+            targets: result.targets().to_vec(),
+            result: Some(result),
+            destination,
+            headers_to_set,
+        });
         Ok(())
     }
 }

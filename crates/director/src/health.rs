@@ -77,37 +77,54 @@ pub(crate) struct CandidateFilter<'p> {
     pub(crate) last_fail_open_log: &'p AtomicU64,
 }
 
+/// A request's candidates: the routable endpoints, and those the subset hint allows but that
+/// are held back as unhealthy (the scheduler falls back on them per profile, see
+/// [`llmsched_core::scheduler::Scheduler::schedule_with_held_back`]).
+pub(crate) struct Candidates<'a> {
+    pub(crate) routable: Vec<Candidate<'a>>,
+    pub(crate) held_back: Vec<Candidate<'a>>,
+}
+
 impl CandidateFilter<'_> {
-    /// Endpoints of `snap` whose IP is in `hint_ips` (all when `None`), not in `exclude`,
-    /// and routable at `now_ms`; all of the allowed ones when none is routable.
+    /// Endpoints of `snap` whose IP is in `hint_ips` (all when `None`) and not in `exclude`:
+    /// those routable at `now_ms` as candidates, the others held back; all of them as
+    /// candidates when none is routable (fail-open).
     pub(crate) fn candidates<'a>(
         &self,
         snap: &'a EndpointSet,
         hint_ips: Option<&[IpAddr]>,
         exclude: &[EndpointId],
         now_ms: u64,
-    ) -> Vec<Candidate<'a>> {
+    ) -> Candidates<'a> {
         let allowed = |e: &Endpoint| {
             hint_ips.is_none_or(|ips| ips.contains(&e.meta().address)) && !exclude.contains(&e.id())
         };
+        let everything = || Candidates {
+            routable: snap.endpoints.iter().filter(|e| allowed(e)).collect(),
+            held_back: Vec::new(),
+        };
         if !self.policy.enabled {
-            return snap.endpoints.iter().filter(|e| allowed(e)).collect();
+            return everything();
         }
-        let mut out = Vec::with_capacity(snap.endpoints.len());
-        let mut any_allowed = false;
+        let mut routable = Vec::with_capacity(snap.endpoints.len());
+        let mut held_back = Vec::new();
         for e in &snap.endpoints {
             if allowed(e) {
-                any_allowed = true;
                 if e.is_routable_at(now_ms, self.policy) {
-                    out.push(e);
+                    routable.push(e);
+                } else {
+                    held_back.push(e);
                 }
             }
         }
-        if out.is_empty() && any_allowed {
+        if routable.is_empty() && !held_back.is_empty() {
             self.fail_open(snap, now_ms);
-            return snap.endpoints.iter().filter(|e| allowed(e)).collect();
+            return everything();
         }
-        out
+        Candidates {
+            routable,
+            held_back,
+        }
     }
 
     fn fail_open(&self, snap: &EndpointSet, now_ms: u64) {
@@ -171,7 +188,10 @@ mod tests {
         let names =
             |c: &[Candidate<'_>]| c.iter().map(|e| e.name().to_string()).collect::<Vec<_>>();
         // Nothing scraped yet: fail open.
-        assert_eq!(f.candidates(&snap, None, &[], now_ms(now)).len(), 3);
+        assert_eq!(
+            f.candidates(&snap, None, &[], now_ms(now)).routable.len(),
+            3
+        );
         assert_eq!(metrics.fail_open.get(), 1);
         for e in &snap.endpoints[..2] {
             e.set_metrics(EndpointMetrics {
@@ -180,22 +200,31 @@ mod tests {
             });
         }
         assert_eq!(
-            names(&f.candidates(&snap, None, &[], now_ms(now))),
+            names(&f.candidates(&snap, None, &[], now_ms(now)).routable),
             ["10.0.0.1:8000", "10.0.0.2:8000"]
         );
         snap.endpoints[0].record_failure(FailureKind::Connect, now, &policy);
+        let c = f.candidates(&snap, None, &[], now_ms(now));
+        assert_eq!(names(&c.routable), ["10.0.0.2:8000"]);
         assert_eq!(
-            names(&f.candidates(&snap, None, &[], now_ms(now))),
-            ["10.0.0.2:8000"]
+            names(&c.held_back),
+            ["10.0.0.1:8000", "10.0.0.3:8000"],
+            "unhealthy ones are held back for the profiles' fail-open"
         );
         // Exclusions and hints narrow first; fail-open never brings back an exclusion.
         let ip2: [IpAddr; 1] = ["10.0.0.2".parse().unwrap()];
         assert_eq!(
-            names(&f.candidates(&snap, Some(&ip2), &[snap.endpoints[1].id()], now_ms(now))),
+            names(
+                &f.candidates(&snap, Some(&ip2), &[snap.endpoints[1].id()], now_ms(now))
+                    .routable
+            ),
             Vec::<String>::new()
         );
         assert_eq!(
-            names(&f.candidates(&snap, None, &[snap.endpoints[1].id()], now_ms(now))),
+            names(
+                &f.candidates(&snap, None, &[snap.endpoints[1].id()], now_ms(now))
+                    .routable
+            ),
             ["10.0.0.1:8000", "10.0.0.3:8000"],
             "no healthy one left: fail open over the rest"
         );
@@ -206,7 +235,10 @@ mod tests {
             ..policy.clone()
         };
         let f = CandidateFilter { policy: &off, ..f };
-        assert_eq!(f.candidates(&snap, None, &[], now_ms(now)).len(), 3);
+        assert_eq!(
+            f.candidates(&snap, None, &[], now_ms(now)).routable.len(),
+            3
+        );
     }
 
     fn req(prompt: &str) -> crate::IncomingRequest {

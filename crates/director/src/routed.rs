@@ -46,7 +46,7 @@ use llmsched_core::health::FailureKind;
 use llmsched_core::request::{Headers, InferenceRequest, ResponseInfo, Usage};
 use llmsched_core::{CycleState, SchedulingResult};
 
-use crate::director::{ActiveConfig, Shared, join_hostports};
+use crate::director::{ActiveConfig, Shared};
 use crate::flow::FlowTicket;
 use crate::headers::is_event_stream;
 use crate::health::is_gateway_failure;
@@ -199,6 +199,42 @@ impl std::fmt::Debug for Routed {
     }
 }
 
+/// A new decision for a request whose targets could not be reached (see
+/// [`crate::Director::reroute`]).
+pub(crate) struct Retarget {
+    pub(crate) cycle: CycleState,
+    pub(crate) result: Option<SchedulingResult>,
+    pub(crate) targets: Vec<Arc<Endpoint>>,
+    pub(crate) destination: String,
+    pub(crate) headers_to_set: Vec<(String, String)>,
+}
+
+/// Charges (in flight) the first pick of every profile other than the primary one (P/D's
+/// prefill endpoint), once per endpoint and never the primary target again; released when
+/// the response headers arrive.
+fn charge_stages(
+    result: &SchedulingResult,
+    charged: Option<&Arc<Endpoint>>,
+    request: &InferenceRequest,
+) -> Vec<(Arc<Endpoint>, u64)> {
+    let mut stage_charges: Vec<(Arc<Endpoint>, u64)> = Vec::new();
+    let prompt_tokens = crate::director::estimate_prompt_tokens(request);
+    for (name, r) in &result.profiles {
+        let Some(first) = r.targets.first() else {
+            continue;
+        };
+        if *name == result.primary_profile
+            || charged.is_some_and(|c| c.id() == first.id())
+            || stage_charges.iter().any(|(e, _)| e.id() == first.id())
+        {
+            continue;
+        }
+        first.dispatch(prompt_tokens);
+        stage_charges.push((first.clone(), prompt_tokens));
+    }
+    stage_charges
+}
+
 impl Routed {
     pub(crate) fn new(p: RoutedParts) -> Self {
         let charged = match p.kind {
@@ -208,25 +244,12 @@ impl Routed {
         if let Some(e) = &charged {
             e.dispatch(p.tokens);
         }
-        let mut stage_charges = Vec::new();
-        if let (RouteKind::Scheduled, Some(result)) = (p.kind, &p.result) {
-            let prompt_tokens = crate::director::estimate_prompt_tokens(&p.request);
-            for (name, r) in &result.profiles {
-                let Some(first) = r.targets.first() else {
-                    continue;
-                };
-                if *name == result.primary_profile
-                    || charged.as_ref().is_some_and(|c| c.id() == first.id())
-                    || stage_charges
-                        .iter()
-                        .any(|(e, _): &(Arc<Endpoint>, u64)| e.id() == first.id())
-                {
-                    continue;
-                }
-                first.dispatch(prompt_tokens);
-                stage_charges.push((first.clone(), prompt_tokens));
+        let stage_charges = match (p.kind, &p.result) {
+            (RouteKind::Scheduled, Some(result)) => {
+                charge_stages(result, charged.as_ref(), &p.request)
             }
-        }
+            _ => Vec::new(),
+        };
         let rewriter = ModelNameRewriter::new(&p.request.target_model, &p.request.incoming_model);
         let streaming = p.request.is_streaming();
         // Without a scheduling result (fallbacks) there is no hook work to defer.
@@ -278,19 +301,24 @@ impl Routed {
     /// New targets after [`crate::Director::reroute`]: the in-flight charge moves to the new
     /// primary, the destination, hook headers and cycle data are replaced, and the hooks'
     /// deferred bookkeeping is due again (for the new result).
-    pub(crate) fn retarget(
-        &mut self,
-        cycle: CycleState,
-        result: Option<SchedulingResult>,
-        targets: Vec<Arc<Endpoint>>,
-        headers_to_set: Vec<(String, String)>,
-    ) {
+    pub(crate) fn retarget(&mut self, decision: Retarget) {
+        let Retarget {
+            cycle,
+            result,
+            targets,
+            destination,
+            headers_to_set,
+        } = decision;
         if let (Some(old), Some(new)) = (self.charged.take(), targets.first()) {
             old.complete(self.tokens);
             new.dispatch(self.tokens);
             self.charged = Some(new.clone());
         }
-        self.destination = join_hostports(&targets);
+        self.release_stage_charges();
+        if let Some(r) = &result {
+            self.stage_charges = charge_stages(r, self.charged.as_ref(), &self.request);
+        }
+        self.destination = destination;
         self.targets = targets;
         self.dispatched = result.is_none();
         self.result = result;

@@ -985,6 +985,107 @@ async fn pd_decode_is_the_destination_and_prefill_is_charged_until_the_response_
     assert!(pods.iter().all(|p| role(p).as_deref() == Some("decode")));
 }
 
+/// Decoders not scraped yet while the prefillers are (a P/D pool starting up): the healthy
+/// candidates are all prefillers, so the decode profile falls back on the held-back decoders
+/// instead of failing with "failed to find available decode workers"; the whole request does
+/// not fail open (the prefill profile still sees only healthy prefillers).
+#[tokio::test]
+async fn pd_decoders_not_yet_scraped_are_used_by_the_decode_profile_alone() {
+    let eps = pd_endpoints();
+    for e in &eps.0.endpoints[2..] {
+        e.set_metrics(EndpointMetrics::default());
+    }
+    let handle = llmsched_core::registry::PluginHandle::default();
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-filter\n- type: decode-filter\n- type: prefix-cache-scorer\n- type: always-disagg-pd-decider\n- type: disagg-profile-handler\n  parameters: {deciders: {prefill: always-disagg-pd-decider}}\nschedulingProfiles:\n- name: prefill\n  plugins:\n  - pluginRef: prefill-filter\n  - pluginRef: prefix-cache-scorer\n- name: decode\n  plugins:\n  - pluginRef: decode-filter\n  - pluginRef: prefix-cache-scorer\n";
+    let config = load_config_with(yaml, &handle).unwrap();
+    let health = crate::HealthMetrics::default();
+    let d = Director::builder(config, eps.clone())
+        .health_metrics(health.clone())
+        .build();
+    let routed = d
+        .route(req(completion_body("m", "a long prompt", false)))
+        .await
+        .unwrap();
+    assert_eq!(routed.targets()[0].label("llm-d.ai/role"), Some("decode"));
+    let prefill: Vec<_> = routed.stage_endpoints().cloned().collect();
+    assert_eq!(prefill.len(), 1);
+    assert_eq!(prefill[0].label("llm-d.ai/role"), Some("prefill"));
+    assert_eq!(health.fail_open.get(), 0, "the request did not fail open");
+    let fail_open = |profile: &str| {
+        handle
+            .metrics
+            .profile_fail_open
+            .get_or_create(&llmsched_core::metrics::ProfileLabel {
+                profile: profile.into(),
+            })
+            .get()
+    };
+    assert_eq!(fail_open("decode"), 1);
+    assert_eq!(fail_open("prefill"), 0);
+    routed.finish();
+    // Once the decoders are scraped, the decode profile stays on the healthy candidates.
+    for e in &eps.0.endpoints[2..] {
+        e.set_metrics(EndpointMetrics {
+            updated_at: Some(std::time::Instant::now()),
+            ..Default::default()
+        });
+    }
+    d.route(req(completion_body("m", "another prompt", false)))
+        .await
+        .unwrap()
+        .finish();
+    assert_eq!(fail_open("decode"), 1);
+}
+
+/// A reroute after the decode pick could not be reached keeps P/D's accounting and headers:
+/// the prefill charge moves to the new decision's prefill pick, `x-prefiller-host-port` names
+/// it, and `primaryPort` still redirects the destination.
+#[tokio::test]
+async fn pd_reroute_moves_the_prefill_charge_and_keeps_the_destination_override() {
+    let eps = pd_endpoints();
+    let d = director(
+        pd_config("{deciders: {prefill: always-disagg-pd-decider}, primaryPort: 8200}"),
+        eps.clone(),
+    );
+    let mut routed = d
+        .route(req(completion_body("m", "hello there", false)))
+        .await
+        .unwrap();
+    let first_decode = routed.targets()[0].clone();
+    let first_prefill: Vec<_> = routed.stage_endpoints().cloned().collect();
+    assert_eq!(first_prefill[0].inflight_requests(), 1);
+    d.reroute(&mut routed, &[first_decode.id(), first_prefill[0].id()])
+        .unwrap();
+    let decode = routed.targets()[0].clone();
+    assert_ne!(decode.id(), first_decode.id());
+    assert_eq!(decode.label("llm-d.ai/role"), Some("decode"));
+    assert_eq!(
+        routed.destination(),
+        format!("{}:8200", decode.meta().address)
+    );
+    let prefill: Vec<_> = routed.stage_endpoints().cloned().collect();
+    assert_eq!(prefill.len(), 1);
+    assert_ne!(prefill[0].id(), first_prefill[0].id());
+    assert_eq!(
+        first_prefill[0].inflight_requests(),
+        0,
+        "old prefill released"
+    );
+    assert_eq!(prefill[0].inflight_requests(), 1);
+    assert_eq!(first_decode.inflight_requests(), 0);
+    assert_eq!(decode.inflight_requests(), 1);
+    assert!(
+        routed
+            .headers_to_set()
+            .iter()
+            .any(|(k, v)| k == "x-prefiller-host-port" && *v == prefill[0].hostport()),
+        "{:?}",
+        routed.headers_to_set()
+    );
+    routed.finish();
+    assert!(eps.0.endpoints.iter().all(|e| e.inflight_requests() == 0));
+}
+
 /// `primaryPort`: Envoy (and the proxy) go to the decode pick's address on the sidecar's
 /// port; the accounting stays with the pick.
 #[tokio::test]
