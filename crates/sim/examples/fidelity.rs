@@ -29,9 +29,16 @@
 //!   concurrency 50. Its FLOP and byte budget per token is close to Qwen3-32B BF16 (0.93×
 //!   the FLOP per token), so it stands in where no Qwen3-32B figure is published; the cold
 //!   7,200-token reference is 406.77 ms × 7,200 / 5,000 × 0.93 ≈ 545 ms.
+//!
+//! `--pd` runs the prefill/decode part instead (`fidelity_pd/mod.rs`: profile
+//! `llama3.1-8b-h100`, one prefill and one decode replica, against published P/D figures);
+//! `--pd-requests N` (200) and `--pd-time-scale F` (1) size its loaded run.
 
 #[path = "util/mod.rs"]
 mod util;
+
+#[path = "fidelity_pd/mod.rs"]
+mod fidelity_pd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +50,9 @@ struct Opts {
     time_scale: f64,
     rounds: usize,
     samples: usize,
+    pd: bool,
+    pd_requests: usize,
+    pd_time_scale: f64,
 }
 
 fn opts() -> Opts {
@@ -50,15 +60,25 @@ fn opts() -> Opts {
         time_scale: 10.0,
         rounds: 3,
         samples: 5,
+        pd: false,
+        pd_requests: 200,
+        pd_time_scale: 1.0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
+        if args[i] == "--pd" {
+            o.pd = true;
+            i += 1;
+            continue;
+        }
         match args[i].as_str() {
             "--time-scale" => o.time_scale = v.parse().unwrap_or(o.time_scale),
             "--rounds" => o.rounds = v.parse().unwrap_or(o.rounds).max(2),
             "--samples" => o.samples = v.parse().unwrap_or(o.samples).max(1),
+            "--pd-requests" => o.pd_requests = v.parse().unwrap_or(o.pd_requests).max(1),
+            "--pd-time-scale" => o.pd_time_scale = v.parse().unwrap_or(o.pd_time_scale),
             other => eprintln!("ignoring unknown argument {other}"),
         }
         i += 2;
@@ -118,7 +138,42 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(o));
+    if o.pd {
+        rt.block_on(run_pd(&o));
+    } else {
+        rt.block_on(run(o));
+    }
+}
+
+async fn run_pd(o: &Opts) {
+    let rows = fidelity_pd::run(&fidelity_pd::PdOpts {
+        requests: o.pd_requests,
+        samples: o.samples,
+        time_scale: o.pd_time_scale,
+    })
+    .await;
+    println!();
+    println!(
+        "P/D fidelity: profile llama3.1-8b-h100, link nvlink-h100, 1 prefill + 1 decode replica (loaded run at time scale {}):",
+        o.pd_time_scale
+    );
+    println!();
+    println!("| measure | simulated | published | diff | source |");
+    println!("| --- | ---: | ---: | ---: | --- |");
+    for r in rows {
+        let (reference, diff) = match r.reference {
+            Some(v) => (ms(v), format!("{:+.1} %", pct_diff(r.sim, v))),
+            None => ("—".into(), "—".into()),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.measure,
+            ms(r.sim),
+            reference,
+            diff,
+            r.source
+        );
+    }
 }
 
 struct Row {
