@@ -737,6 +737,7 @@ impl Loader<'_> {
         if let Some(p) = self
             .previous
             .and_then(|prev| prev.reusable(name, type_name, parameters))
+            .filter(|p| !p.holds_references())
         {
             return Ok(p);
         }

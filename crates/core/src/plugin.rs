@@ -111,6 +111,13 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
+    /// True when this instance holds other instances it resolved in
+    /// [`Self::resolve_references`]. A configuration reload never carries such an instance
+    /// over (what it holds may have been rebuilt); it is built anew and resolves again.
+    fn holds_references(&self) -> bool {
+        false
+    }
+
     /// This plugin's state shared with the EPP's other replicas (see [`crate::replica`]).
     fn as_replicated(self: Arc<Self>) -> Option<Arc<dyn ReplicatedState>> {
         None

@@ -9,7 +9,8 @@
 //!    the request path, by the same loader as at start ([`config::load_reusing`]), so a
 //!    broken file fails with the error a start would print; plugin instances whose name, type
 //!    and parameters are unchanged are carried over with their state (the prefix indexes, the
-//!    precise scorer's index and KV-event subscriptions), everything else is built anew;
+//!    precise scorer's index and KV-event subscriptions), except those holding other
+//!    instances (a P/D handler's decider); everything else is built anew;
 //! 3. the data layer must not change (`dataLayer`, `metrics-data-source`,
 //!    `core-metrics-extractor` parameters): the scraper keeps running with its settings, so
 //!    such an edit is refused as a whole with the reason (restart to apply it);

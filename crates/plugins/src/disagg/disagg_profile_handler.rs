@@ -243,6 +243,10 @@ impl Plugin for DisaggProfileHandler {
     fn resolve_references(&self, plugins: PluginLookup<'_>) -> Result<(), PluginError> {
         self.stages.resolve(plugins)
     }
+
+    fn holds_references(&self) -> bool {
+        self.stages.gate.names_a_decider()
+    }
 }
 
 impl ProfileHandler for DisaggProfileHandler {

@@ -251,6 +251,11 @@ impl Gate {
         }
     }
 
+    /// True when a decider is named (resolved to another plugin instance).
+    pub(crate) fn names_a_decider(&self) -> bool {
+        self.decider_name.is_some()
+    }
+
     /// True when the prefill stage may ever run.
     pub(crate) fn enabled(&self) -> bool {
         self.decider_name.is_some() || self.threshold.is_some()

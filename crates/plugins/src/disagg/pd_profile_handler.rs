@@ -167,6 +167,10 @@ impl Plugin for PdProfileHandler {
     fn resolve_references(&self, plugins: PluginLookup<'_>) -> Result<(), PluginError> {
         self.stages.resolve(plugins)
     }
+
+    fn holds_references(&self) -> bool {
+        self.stages.gate.names_a_decider()
+    }
 }
 
 impl ProfileHandler for PdProfileHandler {

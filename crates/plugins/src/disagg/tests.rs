@@ -225,6 +225,64 @@ fn prefix_based_decider_skips_the_prefill_hop_for_cached_prompts() {
     assert_eq!(get(DECISION_DECODE_ONLY), 2);
 }
 
+/// A reload that changes the decider's parameters takes effect: the handler that names the
+/// decider is built anew and resolves the new instance (carrying it over would keep the old
+/// decider), while plugins without references are still carried over with their state.
+#[test]
+fn a_reload_that_rebuilds_the_decider_rebuilds_the_handler_that_holds_it() {
+    let handle = PluginHandle::default();
+    let text = shipped("pd-epp-config.yaml", &[]);
+    let c = load_with(&text, &handle).unwrap();
+    let eps = pool();
+    assert!(route(&c, &eps, &prompt("doc", 400)).prefill.is_some());
+    let reloaded = |text: &str, previous: &LoadedConfig| {
+        llmsched_core::config::load_reusing(
+            text,
+            ConfigSource::Text,
+            &crate::default_registry(),
+            &handle,
+            previous,
+        )
+        .unwrap()
+    };
+    let instance = |c: &LoadedConfig, name: &str| {
+        c.plugins
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .unwrap()
+    };
+    // Unchanged text: the handler is rebuilt all the same (it holds the decider), the
+    // others are the same instances.
+    let same = reloaded(&text, &c);
+    assert!(!Arc::ptr_eq(
+        &instance(&c, "disagg-profile-handler"),
+        &instance(&same, "disagg-profile-handler")
+    ));
+    for name in [
+        "prefix-based-pd-decider",
+        "prefix-cache-scorer",
+        "decode-filter",
+    ] {
+        assert!(
+            Arc::ptr_eq(&instance(&c, name), &instance(&same, name)),
+            "{name} carried over"
+        );
+    }
+    // The decider's threshold raised beyond any prompt: nothing is disaggregated any more.
+    let raised = reloaded(
+        &text.replace("{nonCachedTokens: 16}", "{nonCachedTokens: 1000000}"),
+        &same,
+    );
+    assert!(!Arc::ptr_eq(
+        &instance(&same, "prefix-based-pd-decider"),
+        &instance(&raised, "prefix-based-pd-decider")
+    ));
+    assert_eq!(route(&raised, &eps, &prompt("other", 400)).prefill, None);
+    // The configuration it replaced keeps its own decider.
+    assert!(route(&same, &eps, &prompt("third", 400)).prefill.is_some());
+}
+
 /// The prefix index records the prompt on the decode endpoint and, when disaggregated, on the
 /// prefill endpoint — and only there.
 #[test]
