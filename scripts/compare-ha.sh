@@ -4,6 +4,8 @@
 #   one        1 `llmsched epp`
 #   sync       3 `llmsched epp --ha-mode=active-active` sharing their state (--ha-peers)
 #   nosync     3 `llmsched epp` routing independently (no --ha-mode)
+#   syncfast   as sync with --ha-sync-interval FAST (default 2ms instead of 10ms): do the
+#              replicas route better when they see each other's decisions sooner?
 #   sync1      control: 3 synced EPPs running, but Envoy sends every request to the first
 #              (the CPU cost of the extra processes and of applying the sync, without
 #              several replicas deciding at once)
@@ -15,8 +17,8 @@
 # evenly the simulated replicas were loaded (requests and mean queue time of the busiest
 # replica vs the mean) and the CPU seconds the EPPs, Envoy and the simulator used.
 #
-# Usage: scripts/compare-ha.sh [--setups one,sync,nosync] [--workload FILE]
-#          [--time-scale F] [--repeat N] [--ports BASE] [-o DIR]
+# Usage: scripts/compare-ha.sh [--setups one,sync,nosync,syncfast,sync1] [--workload FILE]
+#          [--time-scale F] [--repeat N] [--ports BASE] [--fast-interval D] [-o DIR]
 #        --ports: the simulated replicas listen on BASE..BASE+3 (default 8000), Envoy on
 #        BASE+80 (admin BASE+81), EPP i on BASE+1000+100*i (grpc; +1 health, +2 sync,
 #        +3 metrics)
@@ -29,6 +31,7 @@ workload="config/workloads/guide-mini-heavy.yaml"
 scale=1
 repeat=1
 ports=8000
+fast=2ms
 out="ha-$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,13 +40,14 @@ while [ $# -gt 0 ]; do
     --time-scale) scale="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
     --ports) ports="$2"; shift 2 ;;
+    --fast-interval) fast="$2"; shift 2 ;;
     -o|--output) out="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 IFS=',' read -r -a list <<<"$setups"
 for s in "${list[@]}"; do
-  case "$s" in one|sync|nosync|sync1) ;; *) echo "unknown setup '$s' (one, sync, nosync, sync1)" >&2; exit 2 ;; esac
+  case "$s" in one|sync|nosync|syncfast|sync1) ;; *) echo "unknown setup '$s' (one, sync, nosync, syncfast, sync1)" >&2; exit 2 ;; esac
 done
 [ -f "$workload" ] || { echo "--workload: no such file: $workload" >&2; exit 2; }
 case "$ports" in ''|*[!0-9]*) echo "--ports must be a port number" >&2; exit 2 ;; esac
@@ -98,6 +102,7 @@ run_one() { # setup dir
     local base=$((epp_base + 100 * i))
     ha=()
     [ "$setup" = sync ] || [ "$setup" = sync1 ] && ha=(--ha-mode=active-active --ha-port "$((base + 2))" --ha-peers "$peers")
+    [ "$setup" = syncfast ] && ha=(--ha-mode=active-active --ha-port "$((base + 2))" --ha-peers "$peers" --ha-sync-interval "$fast")
     "$bin" epp --secure-serving=false --bind-address 127.0.0.1 --endpoints "$eps" \
       --grpc-port "$base" --grpc-health-port "$((base + 1))" --metrics-port "$((base + 3))" \
       --refresh-metrics-interval "${refresh_ms}ms" ${ha[@]+"${ha[@]}"} \
@@ -158,11 +163,12 @@ done
 {
   echo "# EPP replicas on $(basename "$workload"), one Envoy, 4 simulated replicas, time scale $scale"
   echo
-  python3 - "${#runs[@]}" "${runs[@]}" "${list[@]}" <<'PY'
+  FAST="$fast" python3 - "${#runs[@]}" "${runs[@]}" "${list[@]}" <<'PY'
 import json, os, re, sys
 n = int(sys.argv[1]); runs, setups = sys.argv[2:2 + n], sys.argv[2 + n:]
 names = {"one": "1 EPP", "sync": "3 EPPs, active-active (sync on)", "nosync": "3 EPPs, sync off",
-         "sync1": "3 EPPs synced, Envoy uses 1 (control)"}
+         "sync1": "3 EPPs synced, Envoy uses 1 (control)",
+         "syncfast": f"3 EPPs, active-active, sync every {os.environ.get('FAST', '2ms')}"}
 
 def sim_balance(run, s):
     """(busiest replica's requests / mean, busiest replica's mean queue time / fleet mean)."""
@@ -220,7 +226,7 @@ for s in setups:
             resyncs = open(os.path.join(d, "sim_resyncs")).read().strip()
         except OSError:
             resyncs = "?"
-        per = f"{sent / reqs:.0f}" if s in ("sync", "sync1") and reqs else "-"
+        per = f"{sent / reqs:.0f}" if s in ("sync", "sync1", "syncfast") and reqs else "-"
         b = sim_balance(runs[k], s)
         bal = f"{b[0]:.2f} / {b[1]:.2f} ({b[2]:.3f})" if b else "?"
         print(f"| {names[s]} | {k + 1} | {cached:.1f} | {t.get('mean', float('nan')):.3f} | {t.get('p90', float('nan')):.3f} | "

@@ -125,7 +125,11 @@ fn words(mut seed: u64, bytes: usize) -> String {
 
 fn body(o: &Opts, prefixes: &[String], n: u64) -> Vec<u8> {
     let g = (n % prefixes.len() as u64) as usize;
-    let prompt = format!("{}{}", prefixes[g], words(n.wrapping_mul(0x9E37_79B9) + 7, 1200));
+    let prompt = format!(
+        "{}{}",
+        prefixes[g],
+        words(n.wrapping_mul(0x9E37_79B9) + 7, 1200)
+    );
     serde_json::json!({
         "model": o.model,
         "prompt": prompt,
@@ -220,7 +224,12 @@ fn process_cpu() -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
         return f64::NAN;
     };
-    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     // After the comm field: state is index 0, utime 11, stime 12.
     (ticks(11) + ticks(12)) / 100.0
