@@ -4,14 +4,21 @@
 #   one        1 `llmsched epp`
 #   sync       3 `llmsched epp --ha-mode=active-active` sharing their state (--ha-peers)
 #   nosync     3 `llmsched epp` routing independently (no --ha-mode)
+#   syncfast   as sync with --ha-sync-interval FAST (default 2ms instead of 10ms): do the
+#              replicas route better when they see each other's decisions sooner?
+#   sync1      control: 3 synced EPPs running, but Envoy sends every request to the first
+#              (the CPU cost of the extra processes and of applying the sync, without
+#              several replicas deciding at once)
 # each on a cold cluster of 4 simulated replicas (`llmsched sim`), the workload driven by
 # `llmsched bench`. Envoy spreads the ext_proc streams over the EPPs (LEAST_REQUEST), so
 # each of the 3 replicas sees about a third of the requests. Prints the fleet prefix-cache
 # hit rate (cached prompt tokens), TTFT mean/p90 and throughput per setup, and writes
-# comparison.md and the bench result folders under the output folder.
+# comparison.md and the bench result folders under the output folder. Also per setup: how
+# evenly the simulated replicas were loaded (requests and mean queue time of the busiest
+# replica vs the mean) and the CPU seconds the EPPs, Envoy and the simulator used.
 #
-# Usage: scripts/compare-ha.sh [--setups one,sync,nosync] [--workload FILE]
-#          [--time-scale F] [--repeat N] [--ports BASE] [-o DIR]
+# Usage: scripts/compare-ha.sh [--setups one,sync,nosync,syncfast,sync1] [--workload FILE]
+#          [--time-scale F] [--repeat N] [--ports BASE] [--fast-interval D] [-o DIR]
 #        --ports: the simulated replicas listen on BASE..BASE+3 (default 8000), Envoy on
 #        BASE+80 (admin BASE+81), EPP i on BASE+1000+100*i (grpc; +1 health, +2 sync,
 #        +3 metrics)
@@ -24,6 +31,7 @@ workload="config/workloads/guide-mini-heavy.yaml"
 scale=1
 repeat=1
 ports=8000
+fast=2ms
 out="ha-$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,13 +40,14 @@ while [ $# -gt 0 ]; do
     --time-scale) scale="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
     --ports) ports="$2"; shift 2 ;;
+    --fast-interval) fast="$2"; shift 2 ;;
     -o|--output) out="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 IFS=',' read -r -a list <<<"$setups"
 for s in "${list[@]}"; do
-  case "$s" in one|sync|nosync) ;; *) echo "unknown setup '$s' (one, sync, nosync)" >&2; exit 2 ;; esac
+  case "$s" in one|sync|nosync|syncfast|sync1) ;; *) echo "unknown setup '$s' (one, sync, nosync, syncfast, sync1)" >&2; exit 2 ;; esac
 done
 [ -f "$workload" ] || { echo "--workload: no such file: $workload" >&2; exit 2; }
 case "$ports" in ''|*[!0-9]*) echo "--ports must be a port number" >&2; exit 2 ;; esac
@@ -92,13 +101,16 @@ run_one() { # setup dir
   for i in $(seq 0 $((n - 1))); do
     local base=$((epp_base + 100 * i))
     ha=()
-    [ "$setup" = sync ] && ha=(--ha-mode=active-active --ha-port "$((base + 2))" --ha-peers "$peers")
+    [ "$setup" = sync ] || [ "$setup" = sync1 ] && ha=(--ha-mode=active-active --ha-port "$((base + 2))" --ha-peers "$peers")
+    [ "$setup" = syncfast ] && ha=(--ha-mode=active-active --ha-port "$((base + 2))" --ha-peers "$peers" --ha-sync-interval "$fast")
     "$bin" epp --secure-serving=false --bind-address 127.0.0.1 --endpoints "$eps" \
       --grpc-port "$base" --grpc-health-port "$((base + 1))" --metrics-port "$((base + 3))" \
       --refresh-metrics-interval "${refresh_ms}ms" ${ha[@]+"${ha[@]}"} \
       >"$dir/$setup.epp$i.log" 2>&1 &
     epps+=("$!"); pids+=("$!")
-    epp_list+="${epp_list:+,}127.0.0.1:$base"; health_list+="${health_list:+,}$((base + 1))"
+    if [ "$setup" != sync1 ] || [ "$i" = 0 ]; then
+      epp_list+="${epp_list:+,}127.0.0.1:$base"; health_list+="${health_list:+,}$((base + 1))"
+    fi
   done
   for i in $(seq 0 $((n - 1))); do wait_ready "$((epp_base + 3 + 100 * i))" 60; done
   "$bin" envoy-config --mode epp --listen-address 127.0.0.1 --listen-port "$envoy_port" \
@@ -110,7 +122,7 @@ run_one() { # setup dir
   wait_http "http://127.0.0.1:$envoy_port/v1/models" 60
   # Every EPP healthy in Envoy's view before the load starts.
   for _ in $(seq 1 300); do
-    [ "$(curl -fsS "http://127.0.0.1:$envoy_admin/clusters" | grep -c '^llmsched_epp::.*::health_flags::healthy$')" = "$n" ] && break
+    [ "$(curl -fsS "http://127.0.0.1:$envoy_admin/clusters" | grep -c '^llmsched_epp::.*::health_flags::healthy$')" = "$(tr ',' '\n' <<<"$epp_list" | wc -l)" ] && break
     sleep 0.1
   done
   "$bin" bench --config "$workload" --base-url "http://127.0.0.1:$envoy_port" --time-scale "$scale" \
@@ -122,6 +134,16 @@ run_one() { # setup dir
     r=${r%.*}; resyncs=$(( resyncs + ${r:-0} ))
   done
   echo "$resyncs" >"$dir/$setup/sim_resyncs"
+  # How evenly the simulated replicas were loaded.
+  for i in 0 1 2 3; do
+    curl -fsS "${workers[$i]}/metrics" >"$dir/$setup.sim$i.metrics" 2>/dev/null || true
+  done
+  # CPU seconds per process (utime + stime from /proc, in clock ticks).
+  local tck; tck=$(getconf CLK_TCK)
+  { for p in "${epps[@]}"; do echo "epp $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)"; done
+    echo "envoy $(awk '{print $14 + $15}' "/proc/$envoy/stat" 2>/dev/null || echo 0)"
+    echo "sim $(awk '{print $14 + $15}' "/proc/$sim/stat" 2>/dev/null || echo 0)"
+    echo "ticks $tck"; } >"$dir/$setup/cpu_ticks"
   # The sync's own figures (sync setup): what each replica sent and learned.
   for i in $(seq 0 $((n - 1))); do
     curl -fsS "http://127.0.0.1:$((epp_base + 3 + 100 * i))/metrics" >"$dir/$setup.epp$i.metrics" 2>/dev/null || true
@@ -141,12 +163,48 @@ done
 {
   echo "# EPP replicas on $(basename "$workload"), one Envoy, 4 simulated replicas, time scale $scale"
   echo
-  python3 - "${#runs[@]}" "${runs[@]}" "${list[@]}" <<'PY'
+  FAST="$fast" python3 - "${#runs[@]}" "${runs[@]}" "${list[@]}" <<'PY'
 import json, os, re, sys
 n = int(sys.argv[1]); runs, setups = sys.argv[2:2 + n], sys.argv[2 + n:]
-names = {"one": "1 EPP", "sync": "3 EPPs, active-active (sync on)", "nosync": "3 EPPs, sync off"}
-print("| setup | run | cached % (hit rate) | TTFT mean (s) | TTFT p90 (s) | req/s | failures | sim resyncs | sync bytes sent/request |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+names = {"one": "1 EPP", "sync": "3 EPPs, active-active (sync on)", "nosync": "3 EPPs, sync off",
+         "sync1": "3 EPPs synced, Envoy uses 1 (control)",
+         "syncfast": f"3 EPPs, active-active, sync every {os.environ.get('FAST', '2ms')}"}
+
+def sim_balance(run, s):
+    """(busiest replica's requests / mean, busiest replica's mean queue time / fleet mean)."""
+    reqs, qsum, qcnt = [], [], []
+    for i in range(4):
+        p = os.path.join(run, f"{s}.sim{i}.metrics")
+        if not os.path.exists(p):
+            return None
+        r = q = c = 0.0
+        for line in open(p):
+            if line.startswith("vllm:request_success_total"):
+                r += float(line.split()[-1])
+            elif line.startswith("vllm:request_queue_time_seconds_sum"):
+                q += float(line.split()[-1])
+            elif line.startswith("vllm:request_queue_time_seconds_count"):
+                c += float(line.split()[-1])
+        reqs.append(r); qsum.append(q); qcnt.append(c)
+    if not sum(reqs) or not sum(qcnt):
+        return None
+    mean_q = sum(qsum) / sum(qcnt)
+    worst_q = max(q / c for q, c in zip(qsum, qcnt) if c)
+    return max(reqs) / (sum(reqs) / 4), (worst_q / mean_q if mean_q else float("nan")), mean_q
+
+def cpu(d):
+    try:
+        rows = [l.split() for l in open(os.path.join(d, "cpu_ticks"))]
+    except OSError:
+        return "?"
+    tck = float(dict((r[0], r[1]) for r in rows if r[0] == "ticks").get("ticks", 100))
+    epp = sum(float(r[1]) for r in rows if r[0] == "epp") / tck
+    env = sum(float(r[1]) for r in rows if r[0] == "envoy") / tck
+    sim = sum(float(r[1]) for r in rows if r[0] == "sim") / tck
+    return f"{epp:.0f} / {env:.0f} / {sim:.0f}"
+
+print("| setup | run | cached % (hit rate) | TTFT mean (s) | TTFT p90 (s) | req/s | failures | sim resyncs | sync bytes sent/request | busiest replica: requests / queue time vs mean (mean queue s) | CPU s: EPPs / Envoy / sim |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in setups:
     for k in range(n):
         d = os.path.join(runs[k], s)
@@ -168,9 +226,11 @@ for s in setups:
             resyncs = open(os.path.join(d, "sim_resyncs")).read().strip()
         except OSError:
             resyncs = "?"
-        per = f"{sent / reqs:.0f}" if s == "sync" and reqs else "-"
+        per = f"{sent / reqs:.0f}" if s in ("sync", "sync1", "syncfast") and reqs else "-"
+        b = sim_balance(runs[k], s)
+        bal = f"{b[0]:.2f} / {b[1]:.2f} ({b[2]:.3f})" if b else "?"
         print(f"| {names[s]} | {k + 1} | {cached:.1f} | {t.get('mean', float('nan')):.3f} | {t.get('p90', float('nan')):.3f} | "
-              f"{m['successes']['throughput']['requests_per_sec']:.2f} | {m['failures']['count']} | {resyncs} | {per} |")
+              f"{m['successes']['throughput']['requests_per_sec']:.2f} | {m['failures']['count']} | {resyncs} | {per} | {bal} | {cpu(d)} |")
 PY
 } | tee "$out/comparison.md"
 echo "results in $out (comparison.md)" >&2
