@@ -22,7 +22,8 @@ while [ $# -gt 0 ]; do
     --prefix-kb) kb="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
     --ports) ports="$2"; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 IFS=',' read -r -a list <<<"$setups"

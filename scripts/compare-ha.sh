@@ -42,7 +42,8 @@ while [ $# -gt 0 ]; do
     --ports) ports="$2"; shift 2 ;;
     --fast-interval) fast="$2"; shift 2 ;;
     -o|--output) out="$2"; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 IFS=',' read -r -a list <<<"$setups"
