@@ -329,6 +329,8 @@ async fn run_publisher(
     while socket.queued() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Closed before `shutdown` returns: a publisher started again on the same port binds.
+    socket.close().await;
 }
 
 async fn serve_replay(mut router: RouterSocket, buffer: ReplayBuffer, stats: Arc<PublisherStats>) {

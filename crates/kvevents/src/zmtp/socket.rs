@@ -32,6 +32,17 @@ impl Drop for Tasks {
     }
 }
 
+impl Tasks {
+    /// Aborts the tasks and waits until they are gone (an aborted task is dropped by the
+    /// runtime later; waiting makes sure its listener is closed when this returns).
+    async fn close(mut self) {
+        for t in std::mem::take(&mut self.0) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
 /// Binds a listener to a `tcp://host:port` endpoint.
 async fn listen(endpoint: &str) -> Result<TcpListener, ZmqError> {
     let (host, port) = parse_endpoint(endpoint)?;
@@ -302,6 +313,12 @@ impl std::fmt::Debug for PubSocket {
 }
 
 impl PubSocket {
+    /// Closes the socket and waits until its listener and connections are closed, so its
+    /// port can be bound again at once.
+    pub async fn close(self) {
+        self.tasks.close().await;
+    }
+
     /// A socket with no connections yet; errors are counted in `stats`.
     pub fn new(limits: Limits, stats: Arc<TransportStats>) -> Self {
         Self {
