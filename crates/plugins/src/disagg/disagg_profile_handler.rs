@@ -45,14 +45,11 @@ use std::sync::Arc;
 
 use llmsched_core::Plugin;
 use llmsched_core::cycle::CycleState;
-use llmsched_core::plugin::{PluginLookup, PreRequest, ProfileHandler, SchedulingContext};
+use llmsched_core::plugin::{PluginLookup, PreRequest, ProfileHandler};
 use llmsched_core::registry::{FactoryInput, PluginError};
 use llmsched_core::request::InferenceRequest;
-use llmsched_core::scheduler::{
-    ProfileResults, SchedulerProfile, SchedulingError, SchedulingResult,
-};
+use llmsched_core::scheduler::SchedulingResult;
 use serde::Deserialize;
-use smallvec::SmallVec;
 
 use super::{
     DEFAULT_DECODE_PROFILE, DEFAULT_ENCODE_PROFILE, DEFAULT_PREFILL_PROFILE, ENCODE_UNSUPPORTED,
@@ -249,28 +246,7 @@ impl Plugin for DisaggProfileHandler {
     }
 }
 
-impl ProfileHandler for DisaggProfileHandler {
-    fn pick_profiles(
-        &self,
-        cx: &SchedulingContext<'_>,
-        profiles: &[Arc<SchedulerProfile>],
-        results: &ProfileResults,
-    ) -> SmallVec<[usize; 2]> {
-        self.stages.pick(cx, profiles, results)
-    }
-
-    fn process_results(
-        &self,
-        _cx: &SchedulingContext<'_>,
-        results: ProfileResults,
-    ) -> Result<SchedulingResult, SchedulingError> {
-        self.stages.process(results)
-    }
-
-    fn check_profiles(&self, profiles: &[&str]) -> Result<(), PluginError> {
-        self.stages.check_profiles(profiles)
-    }
-}
+super::profile_handler_via_stages!(DisaggProfileHandler);
 
 impl PreRequest for DisaggProfileHandler {
     fn pre_request(

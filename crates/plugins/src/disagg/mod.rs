@@ -269,6 +269,43 @@ impl Gate {
     }
 }
 
+/// Implements `ProfileHandler` for a P/D handler type by forwarding to its `stages` field:
+/// `disagg-profile-handler` and `pd-profile-handler` differ only in how they read their
+/// parameters into [`Stages`].
+macro_rules! profile_handler_via_stages {
+    ($ty:ty) => {
+        impl llmsched_core::plugin::ProfileHandler for $ty {
+            fn pick_profiles(
+                &self,
+                cx: &llmsched_core::plugin::SchedulingContext<'_>,
+                profiles: &[std::sync::Arc<llmsched_core::scheduler::SchedulerProfile>],
+                results: &llmsched_core::scheduler::ProfileResults,
+            ) -> smallvec::SmallVec<[usize; 2]> {
+                self.stages.pick(cx, profiles, results)
+            }
+
+            fn process_results(
+                &self,
+                _cx: &llmsched_core::plugin::SchedulingContext<'_>,
+                results: llmsched_core::scheduler::ProfileResults,
+            ) -> Result<
+                llmsched_core::scheduler::SchedulingResult,
+                llmsched_core::scheduler::SchedulingError,
+            > {
+                self.stages.process(results)
+            }
+
+            fn check_profiles(
+                &self,
+                profiles: &[&str],
+            ) -> Result<(), llmsched_core::registry::PluginError> {
+                self.stages.check_profiles(profiles)
+            }
+        }
+    };
+}
+pub(crate) use profile_handler_via_stages;
+
 /// The state machine shared by `disagg-profile-handler` and `pd-profile-handler`.
 #[derive(Debug)]
 pub(crate) struct Stages {
