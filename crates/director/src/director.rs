@@ -60,7 +60,6 @@ pub const MSG_SHED: &str = "system saturated, sheddable request dropped";
 /// Parsers whose output is not an OpenAI JSON body: no model is required from them.
 const MODEL_OPTIONAL_PARSERS: [&str; 2] = ["passthrough-parser", "vllmgrpc-parser"];
 
-/// What the scheduling step decided for a request.
 /// Whether [`Director::decide`] runs the admission plugins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {

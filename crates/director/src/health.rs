@@ -99,12 +99,11 @@ impl CandidateFilter<'_> {
         let allowed = |e: &Endpoint| {
             hint_ips.is_none_or(|ips| ips.contains(&e.meta().address)) && !exclude.contains(&e.id())
         };
-        let everything = || Candidates {
-            routable: snap.endpoints.iter().filter(|e| allowed(e)).collect(),
-            held_back: Vec::new(),
-        };
         if !self.policy.enabled {
-            return everything();
+            return Candidates {
+                routable: snap.endpoints.iter().filter(|e| allowed(e)).collect(),
+                held_back: Vec::new(),
+            };
         }
         let mut routable = Vec::with_capacity(snap.endpoints.len());
         let mut held_back = Vec::new();
@@ -118,8 +117,12 @@ impl CandidateFilter<'_> {
             }
         }
         if routable.is_empty() && !held_back.is_empty() {
+            // Every allowed endpoint is held back: they are all candidates.
             self.fail_open(snap, now_ms);
-            return everything();
+            return Candidates {
+                routable: held_back,
+                held_back: Vec::new(),
+            };
         }
         Candidates {
             routable,
